@@ -1,0 +1,56 @@
+"""The `nanoseek` command line: one subcommand per job, each a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .summary import run_inspect
+
+    return run_inspect(args.model, as_json=args.json)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import run_convert
+
+    return run_convert(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 models: inspect, convert, train, serve.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="parameters, KV-cache bytes and FLOPs of a preset or checkpoint directory")
+    s.add_argument("model", help="preset name (tiny, bench, deepseek-v3, ...) or model directory")
+    s.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("convert", help="convert a checkpoint: to FP8 (block-quantized), to BF16/FP32")
+    s.add_argument("src", help="source model directory (Hugging Face layout)")
+    s.add_argument("dst", help="destination directory (created; must not already hold a model)")
+    s.add_argument("--to", required=True, choices=["fp8", "bf16", "fp16", "fp32"], help="target weight format")
+    s.add_argument("--shard-size", default="5GB", help="max size per output shard, e.g. 5GB, 500MB")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing model in DST")
+    s.set_defaults(func=_cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .checkpoint import CheckpointError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nanoseek {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

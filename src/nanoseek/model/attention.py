@@ -1,0 +1,138 @@
+"""Multi-head Latent Attention (MLA), with its two equivalent computation paths.
+
+Per token, keys and values come from one small latent c_kv (kv_lora_rank numbers, RMS-normed)
+plus one rope key k_pe shared by all heads (qk_rope_head_dim numbers):
+
+    k_h = [W_UK[h] c_kv ; k_pe],   v_h = W_UV[h] c_kv,   q_h = [q_nope_h ; q_pe_h]
+
+* Expanded path (training, prefill): materialize k_h, v_h for every head and run standard
+  causal attention (SDPA).
+* Absorbed path (decode): since q_nope_h . (W_UK[h] c) = (W_UK[h]^T q_nope_h) . c, fold W_UK into
+  the query and attend directly over the cached latents; fold W_UV in after attention. The cache
+  then holds only kv_lora_rank + qk_rope_head_dim numbers per token per layer -- DeepSeek-V3's
+  70,272 bytes/token in bf16 instead of 61 x 128 heads x (192 + 128) x 2 bytes expanded.
+
+Both paths give the same scores up to float rounding; tests check that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope, softmax_scale
+
+
+class LatentCache:
+    """Preallocated latent KV cache: one [batch, max_len, kv_lora_rank + qk_rope_head_dim] tensor per layer.
+
+    Row t of a layer holds [normalized c_kv_t | rotated k_pe_t] of the token at position t.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, n_layers: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers if n_layers is None else n_layers
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.max_len = max_len
+        self.layers = [torch.zeros(batch_size, max_len, cfg.kv_cache_dim, dtype=dtype, device=device)
+                       for _ in range(n_layers)]
+
+    def nbytes_per_token(self) -> int:
+        return sum(t.shape[-1] * t.element_size() for t in self.layers)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.interleaved = cfg.rope_interleave
+        self.scale = softmax_scale(cfg)
+        H, bias = cfg.hidden_size, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, self.n_heads * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, H, bias=bias)
+
+    # -- shared pieces ----------------------------------------------------------------------
+    def _query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2), self.interleaved)
+        return q_nope, q_pe  # [B, T, H, nope], [B, T, H, rope]
+
+    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[normalized c_kv | rotated k_pe] for each token: [B, T, kv_lora_rank + rope_dim]."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return torch.cat((self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleaved)), dim=-1)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """x: [B, T, hidden]; cos/sin: [B or 1, T, rope_dim/2] for positions start_pos..start_pos+T-1.
+
+        Without a cache, or when filling an empty cache (start_pos == 0), the expanded path runs;
+        with tokens already cached, the absorbed path attends over the cache.
+        """
+        q_nope, q_pe = self._query(x, cos, sin)
+        latent = self._latent(x, cos, sin)
+        if cache is not None:
+            T = x.shape[1]
+            if start_pos + T > cache.max_len:
+                raise ValueError(f"cache holds {cache.max_len} positions; cannot write {start_pos}..{start_pos + T - 1}")
+            cache.layers[self.layer_idx][:, start_pos:start_pos + T] = latent
+            if start_pos > 0:
+                return self.forward_absorbed(q_nope, q_pe, cache.layers[self.layer_idx][:, :start_pos + T], start_pos)
+        return self.forward_expanded(q_nope, q_pe, latent)
+
+    def forward_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        B, T, Hh, _ = q_nope.shape
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, T, Hh, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, T, Hh, self.rope_dim)), dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        # CPU SDPA has a fast fused kernel only when q/k and v head sizes agree: pad v, then slice.
+        pad = self.qk_dim - self.v_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+        o = o[..., : self.v_dim].transpose(1, 2).reshape(B, T, Hh * self.v_dim)
+        return self.o_proj(o)
+
+    def forward_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                         start_pos: int) -> torch.Tensor:
+        """Attention of T new queries over S = start_pos + T cached latents, never expanding K or V."""
+        B, T, Hh, _ = q_nope.shape
+        S = cached.shape[1]
+        w = self.kv_b_proj.weight.view(Hh, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        q_full = torch.cat((q_lat, q_pe), dim=-1).reshape(B, T * Hh, self.kv_lora_rank + self.rope_dim)
+        scores = torch.bmm(q_full, cached.transpose(1, 2)).float() * self.scale  # [B, T*H, S]
+        if T > 1:
+            q_pos = torch.arange(start_pos, start_pos + T, device=scores.device)
+            future = torch.arange(S, device=scores.device)[None, :] > q_pos[:, None]  # [T, S]
+            scores = scores.view(B, T, Hh, S).masked_fill(future[None, :, None, :], float("-inf")).view(B, T * Hh, S)
+        probs = scores.softmax(dim=-1).to(cached.dtype)
+        o_lat = torch.bmm(probs, cached[..., : self.kv_lora_rank]).view(B, T, Hh, self.kv_lora_rank)
+        o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv).reshape(B, T, Hh * self.v_dim)
+        return self.o_proj(o)

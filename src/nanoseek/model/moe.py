@@ -1,0 +1,149 @@
+"""DeepSeekMoE: a few shared experts every token uses, plus many fine-grained routed experts.
+
+Routing (`route`) is a pure function of the router logits:
+
+1. affinities s = sigmoid(logits) (V3, Moonlight) or softmax(logits) (V2 family);
+2. for selection only, V3's `noaux_tc` adds the load-balancing correction bias b: s_b = s + b
+   (the bias is learned outside autograd, see the training docs);
+3. group limiting: experts form `n_group` groups; keep the `topk_group` groups with the best
+   group score (sum of the two best s_b for noaux_tc, the max for group_limited_greedy) and mask
+   the rest with -inf (the official code's choice; some transformers versions wrote 0.0, which
+   differs when biased scores in kept groups are <= 0);
+4. top-k experts by the masked s_b; gate weights come from the *unbiased* s, optionally
+   renormalized (`norm_topk_prob`), times `routed_scaling_factor`.
+
+The router runs in fp32 whatever the model dtype (transformers does; DeepSeek's inference script
+uses bf16 logits, which can flip near-ties in bf16 runs).
+
+Experts are stored stacked ([E, 2I, H] gate|up and [E, H, I] down) so that the expert compute
+groups tokens by expert and touches only the experts some token chose; the checkpoint code maps
+them to and from the official per-expert tensor names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [N, E] (fp32) -> (weights [N, k] fp32, expert indices [N, k], affinities s [N, E])."""
+    if cfg.scoring_func == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        scores = logits.softmax(dim=-1)
+    choice = scores + bias if (bias is not None and cfg.topk_method == "noaux_tc") else scores
+    if cfg.topk_method != "greedy" and cfg.n_group > 1:
+        N, E = choice.shape
+        grouped = choice.view(N, cfg.n_group, E // cfg.n_group)
+        if cfg.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(N, E)
+    idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, idx)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, idx, scores
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        return route(logits, self.e_score_correction_bias, self.cfg)
+
+    def _apply(self, fn, recurse=True):
+        # The correction bias stays fp32 under model.to(bf16): its +-0.001 steps vanish in bf16.
+        bias = self._buffers.pop("e_score_correction_bias", None)
+        super()._apply(fn, recurse)
+        if bias is not None:
+            moved = fn(bias)
+            if moved.dtype != torch.float32:
+                moved = moved.float() if bias.is_meta else bias.to(device=moved.device, dtype=torch.float32)
+            self._buffers["e_score_correction_bias"] = moved
+        return self
+
+
+class Experts(nn.Module):
+    """n_routed_experts SwiGLU experts, weights stacked for grouped computation."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts, self.inter = E, I
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H], idx/weights [N, k] -> (output [N, H], tokens per expert [E])."""
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        token_of = order // k
+        xs = x[token_of]
+        outs = []
+        start = 0
+        # Loop only over experts that received tokens: with top-k routing at decode that is <= N*k.
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            seg = xs[start:start + n]
+            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            start += n
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[-1])
+        ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of, ys)
+        return out, counts
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts > 0 else None
+        )
+        # Tokens routed to each expert in the last forward (detached); the trainer's balancer reads it.
+        self.last_expert_counts: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx, _ = self.gate(flat)
+        routed, counts = self.experts(flat, idx, weights)
+        self.last_expert_counts = counts.detach()
+        out = routed.view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
