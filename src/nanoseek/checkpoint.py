@@ -1,0 +1,555 @@
+"""Checkpoints in the official Hugging Face layout, read and written tensor by tensor.
+
+A model directory holds `config.json` and either one `model.safetensors` or shards
+`model-00001-of-000NN.safetensors` listed in `model.safetensors.index.json`. Tensor names are
+DeepSeek's (`model.layers.3.mlp.experts.17.up_proj.weight`, `...gate.e_score_correction_bias`),
+the MTP block sits at layer index `num_hidden_layers + k` with stored copies of the embedding and
+output head, and FP8 checkpoints carry `float8_e4m3fn` weights with a float32 `weight_scale_inv`
+per 128x128 block.
+
+Loading builds the model on the meta device, allocates it once in the target dtype and copies
+each tensor in from the memory-mapped files (dequantizing FP8 blocks on the way), so peak memory
+stays near the final model size. Only safetensors and JSON are read: pickle files (`.bin`, `.pt`)
+can execute code when loaded and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelConfig, preset, PRESETS
+from .fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
+from .io_utils import atomic_write, atomic_write_text
+from .model import DeepseekV3ForCausalLM
+
+log = logging.getLogger(__name__)
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Linear layers DeepSeek-V3 stores in FP8; embeddings, heads, router, norms, eh_proj stay bf16.
+FP8_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+               "gate_proj", "up_proj", "down_proj")
+_FP8_NAME = re.compile(r"\.(" + "|".join(FP8_LINEARS) + r")\.weight$")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A model directory or weight file that does not match what the config describes."""
+
+
+def is_fp8_weight_name(name: str) -> bool:
+    """True for the tensors the official FP8 checkpoints store as float8 with block scales."""
+    return bool(_FP8_NAME.search(name))
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# ---- name mapping: module parameters <-> checkpoint tensors ------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One checkpoint tensor and where it lives in the model: `param[expert][rows]` (both optional)."""
+
+    name: str
+    param: str
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+    shared_copy_of: str | None = None  # MTP's stored copies of the embedding / head
+
+
+def checkpoint_entries(cfg: ModelConfig) -> list[Entry]:
+    """Every tensor an official-layout checkpoint of `cfg` holds (excluding FP8 scales), in order."""
+    model = _meta_model(cfg)
+    L = cfg.num_hidden_layers
+    I = cfg.moe_intermediate_size
+    out: list[Entry] = []
+    seen: set[int] = set()
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    # lm_head last, so that with tied embeddings the embedding is the name that gets stored.
+    items = sorted(state.items(), key=lambda kv: kv[0].startswith("lm_head"))
+    first_name: dict[int, str] = {}
+    for pname, t in items:
+        if pname.endswith("experts.gate_up_proj"):
+            base = pname[: -len("gate_up_proj")]
+            for e in range(cfg.n_routed_experts):
+                out.append(Entry(f"{base}{e}.gate_proj.weight", pname, e, (0, I)))
+                out.append(Entry(f"{base}{e}.up_proj.weight", pname, e, (I, 2 * I)))
+            continue
+        if pname.endswith("experts.down_proj"):
+            base = pname[: -len("down_proj")]
+            out.extend(Entry(f"{base}{e}.down_proj.weight", pname, e) for e in range(cfg.n_routed_experts))
+            continue
+        key = id(t)
+        if key in seen:
+            # A shared module reached under a second name: the MTP block's embedding / head copies
+            # (the official layout stores them), or lm_head when tied (HF omits it).
+            if pname.startswith("model.layers.") and int(pname.split(".")[2]) >= L:
+                out.append(Entry(pname, pname, shared_copy_of=first_name[key]))
+            continue
+        seen.add(key)
+        first_name[key] = pname
+        out.append(Entry(pname, pname))
+    return out
+
+
+def _meta_model(cfg: ModelConfig) -> DeepseekV3ForCausalLM:
+    with torch.device("meta"):
+        return DeepseekV3ForCausalLM(cfg)
+
+
+def _expected_shape(model_state: dict[str, torch.Tensor], e: Entry) -> tuple[int, ...]:
+    t = model_state[e.param]
+    shape = tuple(t.shape)
+    if e.expert is not None:
+        shape = shape[1:]
+    if e.rows is not None:
+        shape = (e.rows[1] - e.rows[0],) + shape[1:]
+    return shape
+
+
+_SHAPE_FIELDS = [
+    (r"embed_tokens\.weight$|lm_head\.weight$|shared_head\.head\.weight$", "`vocab_size` x `hidden_size`"),
+    (r"q_a_proj\.weight$", "`q_lora_rank` x `hidden_size`"),
+    (r"q_b_proj\.weight$", "`num_attention_heads`*(`qk_nope_head_dim`+`qk_rope_head_dim`) x `q_lora_rank`"),
+    (r"q_proj\.weight$", "`num_attention_heads`*(`qk_nope_head_dim`+`qk_rope_head_dim`) x `hidden_size`"),
+    (r"q_a_layernorm\.weight$", "`q_lora_rank`"),
+    (r"kv_a_proj_with_mqa\.weight$", "(`kv_lora_rank`+`qk_rope_head_dim`) x `hidden_size`"),
+    (r"kv_a_layernorm\.weight$", "`kv_lora_rank`"),
+    (r"kv_b_proj\.weight$", "`num_attention_heads`*(`qk_nope_head_dim`+`v_head_dim`) x `kv_lora_rank`"),
+    (r"o_proj\.weight$", "`hidden_size` x `num_attention_heads`*`v_head_dim`"),
+    (r"experts\.\d+\.(gate|up)_proj\.weight$", "`moe_intermediate_size` x `hidden_size`"),
+    (r"experts\.\d+\.down_proj\.weight$", "`hidden_size` x `moe_intermediate_size`"),
+    (r"shared_experts\.(gate|up)_proj\.weight$", "`n_shared_experts`*`moe_intermediate_size` x `hidden_size`"),
+    (r"shared_experts\.down_proj\.weight$", "`hidden_size` x `n_shared_experts`*`moe_intermediate_size`"),
+    (r"mlp\.(gate|up)_proj\.weight$", "`intermediate_size` x `hidden_size`"),
+    (r"mlp\.down_proj\.weight$", "`hidden_size` x `intermediate_size`"),
+    (r"gate\.weight$", "`n_routed_experts` x `hidden_size`"),
+    (r"e_score_correction_bias$", "`n_routed_experts`"),
+    (r"eh_proj\.weight$", "`hidden_size` x 2*`hidden_size`"),
+    (r"norm\.weight$|layernorm\.weight$", "`hidden_size`"),
+]
+
+
+def _shape_fields(name: str) -> str:
+    for pattern, fields in _SHAPE_FIELDS:
+        if re.search(pattern, name):
+            return fields
+    return "the config"
+
+
+# ---- reading a directory -----------------------------------------------------------------------
+
+def resolve_model_dir(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a Hugging Face Hub id, downloaded (safetensors + JSON only)."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_id)
+    if p.exists():
+        raise CheckpointError(f"{p} is a file; expected a model directory holding config.json")
+    if re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", s) and not s.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = snapshot_download(s, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+        except Exception as e:  # network, auth, missing repo: one clear message
+            raise CheckpointError(f"cannot download {s!r} from the Hugging Face Hub: {e}") from e
+        return Path(local)
+    raise FileNotFoundError(f"no model directory {s!r} (and it is not a preset: {', '.join(PRESETS)})")
+
+
+def _refuse_pickles(directory: Path) -> None:
+    pickles = sorted(f.name for f in directory.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickle weight files ({', '.join(pickles[:3])}). nanoseek refuses to load "
+            "pickles: unpickling can run arbitrary code. Convert them to safetensors with a tool you trust "
+            "(e.g. transformers' `save_pretrained(..., safe_serialization=True)`)."
+        )
+
+
+def weight_map(directory: Path) -> dict[str, str]:
+    """tensor name -> safetensors file name (relative to `directory`)."""
+    index = directory / SAFE_INDEX
+    if index.exists():
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            wm = data["weight_map"]
+            if not isinstance(wm, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is malformed: {e}") from e
+        missing = sorted({f for f in wm.values() if not (directory / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index} lists shard files that do not exist: {', '.join(missing[:5])}")
+        return wm
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        _refuse_pickles(directory)
+        raise CheckpointError(f"no weights in {directory}: expected {SAFE_SINGLE} or {SAFE_INDEX}")
+    wm = {}
+    for f in files:
+        for name in _open(f).keys():
+            wm[name] = f.name
+    return wm
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+class TensorReader:
+    """Lazy access to the tensors of a model directory, one memory-mapped shard handle each."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.map = weight_map(directory)
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = _open(self.directory / file)
+        return self._handles[file]
+
+    def names(self) -> set[str]:
+        return set(self.map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.map[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle(self.map[name]).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name!r} from {self.map[name]}: {e}") from e
+
+    def get_dequantized(self, name: str, dtype: torch.dtype, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+        """The tensor in `dtype`; FP8 weights are multiplied by their per-block `weight_scale_inv`."""
+        t = self.get(name)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name + "_scale_inv"
+            if scale_name not in self.map:
+                raise CheckpointError(f"{name} is stored in FP8 but {scale_name} is missing")
+            if block[0] != block[1]:
+                raise CheckpointError(f"only square FP8 blocks are supported, got weight_block_size {list(block)}")
+            try:
+                return dequantize_weight_blockwise(t, self.get(scale_name), block_size=block[0], dtype=dtype)
+            except ValueError as e:
+                raise CheckpointError(f"{name}: {e}") from e
+        return t.to(dtype)
+
+
+# ---- load ----------------------------------------------------------------------------------------
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json")
+    return ModelConfig.from_json_file(path)
+
+
+def default_dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.quantization_config is not None:
+        return torch.bfloat16
+    return DTYPES.get(str(cfg.torch_dtype), torch.float32)
+
+
+def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", seed: int = 0, strict: bool = True) -> DeepseekV3ForCausalLM:
+    """Load a model directory (official HF layout, FP8 included), a Hub id, or a preset (random init).
+
+    dtype defaults to the checkpoint's `torch_dtype` (bf16 for FP8 checkpoints, fp32 for presets).
+    """
+    dtype = parse_dtype(dtype)
+    if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not Path(path_or_preset).exists():
+        cfg = preset(path_or_preset)
+        model = DeepseekV3ForCausalLM(cfg)
+        model.init_weights(generator=torch.Generator().manual_seed(seed))
+        return model.to(device=device, dtype=dtype or torch.float32).eval()
+    directory = resolve_model_dir(path_or_preset)
+    cfg = load_config(directory)
+    reader = TensorReader(directory)
+    return load_weights(cfg, reader, dtype=dtype or default_dtype(cfg), device=device, strict=strict)
+
+
+def _layer_indices(names: set[str]) -> set[int]:
+    out = set()
+    for n in names:
+        m = re.match(r"model\.layers\.(\d+)\.", n)
+        if m:
+            out.add(int(m.group(1)))
+    return out
+
+
+def load_weights(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", strict: bool = True) -> DeepseekV3ForCausalLM:
+    present = reader.names()
+    L = cfg.num_hidden_layers
+    if cfg.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{L}.") for n in present):
+        # transformers writes `num_nextn_predict_layers` but no MTP weights: load without MTP.
+        log.warning("config has num_nextn_predict_layers=%d but the checkpoint holds no MTP weights "
+                    "(model.layers.%d.*); loading without MTP", cfg.num_nextn_predict_layers, L)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    entries = checkpoint_entries(cfg)
+    block = tuple((cfg.quantization_config or {}).get("weight_block_size", [128, 128]))
+
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg)
+    meta_state = dict(model.named_parameters(remove_duplicate=False))
+    meta_state.update(dict(model.named_buffers(remove_duplicate=False)))
+
+    # Check everything before allocating anything, and report all problems at once.
+    expected = {e.name for e in entries}
+    optional = {e.name for e in entries if e.shared_copy_of}
+    if cfg.tie_word_embeddings:
+        optional.add("lm_head.weight")
+    missing = sorted(expected - present - optional)
+    scales = {n for n in present if n.endswith("_scale_inv") and n[: -len("_scale_inv")] in present}
+    unexpected = sorted(present - expected - scales)
+    misshaped = []
+    for e in entries:
+        if e.name in present:
+            want = _expected_shape(meta_state, e)
+            got = reader.shape(e.name)
+            if got != want:
+                misshaped.append(f"{e.name}: checkpoint {list(got)} vs config {list(want)} "
+                                 f"({_shape_fields(e.name)})")
+    if strict and (missing or unexpected or misshaped):
+        raise CheckpointError(_mismatch_report(cfg, reader.directory, missing, unexpected, misshaped, present))
+
+    model = model.to_empty(device=device)
+    model = model.to(dtype)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    copies = []
+    with torch.no_grad():
+        for e in entries:
+            if e.name not in present:
+                continue
+            if e.shared_copy_of:
+                copies.append(e)
+                continue
+            target = state[e.param]
+            t = reader.get_dequantized(e.name, torch.float32 if target.dtype == torch.float32 else dtype, block)
+            if e.expert is not None:
+                target = target[e.expert]
+            if e.rows is not None:
+                target = target[e.rows[0]: e.rows[1]]
+            target.copy_(t)
+        for e in copies:
+            _load_shared_copy(model, e, reader.get_dequantized(e.name, dtype, block))
+    if not strict and missing:
+        log.warning("missing tensors left uninitialized: %s", ", ".join(missing[:10]))
+    model.config = cfg
+    return model.eval()
+
+
+def _load_shared_copy(model: DeepseekV3ForCausalLM, e: Entry, t: torch.Tensor) -> None:
+    """MTP's stored embedding/head copy: keep sharing when equal to the main tensor, else untie."""
+    main = dict(model.named_parameters())[e.shared_copy_of]
+    if torch.equal(main.to(t.dtype), t.to(main.device)):
+        return
+    log.warning("%s differs from %s; giving the MTP block its own copy", e.name, e.shared_copy_of)
+    layer_idx = int(e.name.split(".")[2])
+    mtp = model.model.layers[layer_idx]
+    if e.name.endswith("embed_tokens.weight"):
+        emb = torch.nn.Embedding(*t.shape, device=main.device, dtype=main.dtype)
+        emb.weight.data.copy_(t)
+        mtp.embed_tokens = emb
+    else:
+        head = torch.nn.Linear(t.shape[1], t.shape[0], bias=False, device=main.device, dtype=main.dtype)
+        head.weight.data.copy_(t)
+        mtp.shared_head.head = head
+
+
+def _mismatch_report(cfg: ModelConfig, directory: Path, missing: list[str], unexpected: list[str],
+                     misshaped: list[str], present: set[str]) -> str:
+    def listing(title: str, items: list[str], limit: int = 25) -> str:
+        more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+        return f"  {title} ({len(items)}):\n" + "\n".join(f"    {x}" for x in items[:limit]) + more
+
+    parts = [f"checkpoint {directory} does not match its config:"]
+    hints = []
+    ckpt_layers = _layer_indices(present)
+    n_expected = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    if ckpt_layers and max(ckpt_layers) + 1 != n_expected:
+        hints.append(f"the checkpoint has layers 0..{max(ckpt_layers)} but the config expects "
+                     f"{n_expected} (`num_hidden_layers`={cfg.num_hidden_layers} + "
+                     f"`num_nextn_predict_layers`={cfg.num_nextn_predict_layers})")
+    experts = {int(m.group(1)) for n in present if (m := re.search(r"\.experts\.(\d+)\.", n))}
+    if experts and max(experts) + 1 != cfg.n_routed_experts:
+        hints.append(f"the checkpoint has {max(experts) + 1} routed experts per layer; config "
+                     f"`n_routed_experts`={cfg.n_routed_experts}")
+    dense = {i for i in _layer_indices(present) if f"model.layers.{i}.mlp.gate_proj.weight" in present}
+    if dense and any(cfg.is_moe_layer(i) for i in dense):
+        hints.append(f"the checkpoint has dense MLPs in layers {sorted(dense)}; config "
+                     f"`first_k_dense_replace`={cfg.first_k_dense_replace}")
+    if any(n.endswith("q_proj.weight") for n in present) and cfg.q_lora_rank is not None:
+        hints.append(f"the checkpoint has q_proj (no q-LoRA) but config `q_lora_rank`={cfg.q_lora_rank}")
+    if any(n.endswith("q_a_proj.weight") for n in present) and cfg.q_lora_rank is None:
+        hints.append("the checkpoint has q_a_proj/q_b_proj but config `q_lora_rank` is null")
+    for h in hints:
+        parts.append(f"  hint: {h}")
+    if missing:
+        parts.append(listing("missing tensors", missing))
+    if unexpected:
+        parts.append(listing("unexpected tensors", unexpected))
+    if misshaped:
+        parts.append(listing("tensors with the wrong shape", misshaped))
+    return "\n".join(parts)
+
+
+# ---- save ----------------------------------------------------------------------------------------
+
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", size, flags=re.I)
+    if not m:
+        raise ConfigError(f"cannot parse size {size!r}; write e.g. 5GB or 500MB")
+    unit = m.group(2).upper().rstrip("B").rstrip("I")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+class ShardWriter:
+    """Streams (name, tensor) pairs into safetensors shards of at most `max_shard_bytes`.
+
+    Shards are written under temporary names and renamed into the official scheme once their total
+    count is known; the index is written last, so an interrupted save never looks complete.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_shard_bytes: int = 5 * 10**9) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._ptrs: set[int] = set()
+        self._shards: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        t = tensor.detach().to("cpu")
+        # safetensors refuses tensors sharing storage (expert slices, MTP's copy of the embedding).
+        ptr = t.untyped_storage().data_ptr()
+        if t.untyped_storage().nbytes() != nbytes or not t.is_contiguous() or ptr in self._ptrs:
+            t = t.clone(memory_format=torch.contiguous_format)
+        self._ptrs.add(t.untyped_storage().data_ptr())
+        self._pending[name] = t
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        tmp_name = f".shard-{len(self._shards):05d}.safetensors.partial"
+        tensors = self._pending
+        atomic_write(self.directory / tmp_name, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        self._shards.append((tmp_name, list(tensors)))
+        self._pending, self._pending_bytes, self._ptrs = {}, 0, set()
+
+    def close(self) -> list[Path]:
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        for f in [SAFE_SINGLE, SAFE_INDEX, *[p.name for p in self.directory.glob("model-*-of-*.safetensors")]]:
+            (self.directory / f).unlink(missing_ok=True)
+        if n == 1:
+            os.replace(self.directory / self._shards[0][0], self.directory / SAFE_SINGLE)
+            return [self.directory / SAFE_SINGLE]
+        width = max(5, len(str(n)))
+        wm, paths = {}, []
+        for i, (tmp, names) in enumerate(self._shards, start=1):
+            final = f"model-{i:0{width}d}-of-{n:0{width}d}.safetensors"
+            os.replace(self.directory / tmp, self.directory / final)
+            paths.append(self.directory / final)
+            wm.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(wm.items()))}
+        atomic_write_text(self.directory / SAFE_INDEX, json.dumps(index, indent=2) + "\n")
+        return paths
+
+
+def iter_state_tensors(model: DeepseekV3ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """(official name, tensor) for every checkpoint tensor of the model, in layout order."""
+    cfg = model.config
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    for e in checkpoint_entries(cfg):
+        t = state[e.param]
+        if e.expert is not None:
+            t = t[e.expert]
+        if e.rows is not None:
+            t = t[e.rows[0]: e.rows[1]]
+        yield e.name, t
+
+
+def save_model(model: DeepseekV3ForCausalLM, directory: str | os.PathLike, dtype: str | torch.dtype | None = None,
+               fp8: bool = False, max_shard_size: str | int = "5GB", extra_files: dict[str, str] | None = None) -> Path:
+    """Write config.json + safetensors in the official layout (sharded with an index when large).
+
+    fp8=True stores the Linear weights as float8_e4m3fn with 128x128 `weight_scale_inv` blocks,
+    exactly as DeepSeek's released checkpoints, and adds `quantization_config` to config.json.
+    """
+    directory = Path(directory)
+    dtype = parse_dtype(dtype) or model.lm_head.weight.dtype
+    cfg = model.config
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    quant = ({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+             if fp8 else None)
+    out_cfg = cfg.replace(torch_dtype=name, quantization_config=quant)
+    writer = ShardWriter(directory, parse_size(max_shard_size))
+    with torch.no_grad():
+        for tname, t in iter_state_tensors(model):
+            if fp8 and is_fp8_weight_name(tname):
+                q, s = quantize_weight_blockwise(t.float())
+                writer.add(tname, q)
+                writer.add(tname + "_scale_inv", s)
+            elif tname.endswith("e_score_correction_bias"):
+                writer.add(tname, t.float())
+            else:
+                writer.add(tname, t.to(dtype))
+    writer.close()
+    out_cfg.save(directory)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
+           "temperature": 0.6, "top_p": 0.95}
+    atomic_write_text(directory / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    for fname, text in (extra_files or {}).items():
+        atomic_write_text(directory / fname, text)
+    return directory
+
+
+def checkpoint_nbytes(cfg: ModelConfig, bytes_per_param: float = 2.0) -> int:
+    n = 0
+    state = {}
+    model = _meta_model(cfg)
+    state.update(dict(model.named_parameters(remove_duplicate=False)))
+    for e in checkpoint_entries(cfg):
+        n += math.prod(_expected_shape(state, e)) if e.param in state else 0
+    return int(n * bytes_per_param)
