@@ -24,7 +24,7 @@ CASES = {
     "no_q_lora": dict(q_lora_rank=None),
     "three_dense_layers": dict(num_hidden_layers=4, first_k_dense_replace=3),
     "two_shared_top3": dict(n_shared_experts=2, num_experts_per_tok=3, topk_group=2),
-    "untied_rope_theta_50000": dict(rope_theta=50000.0, rms_norm_eps=1e-5, routed_scaling_factor=2.446),
+    "moonlight_like_theta_50000_eps_1e-5": dict(rope_theta=50000.0, rms_norm_eps=1e-5, routed_scaling_factor=2.446),
 }
 
 

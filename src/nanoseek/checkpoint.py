@@ -85,8 +85,14 @@ def checkpoint_entries(cfg: ModelConfig) -> list[Entry]:
     seen: set[int] = set()
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(dict(model.named_buffers(remove_duplicate=False)))
-    # lm_head last, so that with tied embeddings the embedding is the name that gets stored.
-    items = sorted(state.items(), key=lambda kv: kv[0].startswith("lm_head"))
+    # Order: main model, then lm_head (so a tied head is the duplicate, as HF omits it), then the
+    # MTP blocks (so their embedding/head are recognised as copies of the main ones).
+    def rank(name: str) -> int:
+        if name.startswith("model.layers.") and int(name.split(".")[2]) >= L:
+            return 2
+        return 1 if name.startswith("lm_head") else 0
+
+    items = sorted(state.items(), key=lambda kv: rank(kv[0]))
     first_name: dict[int, str] = {}
     for pname, t in items:
         if pname.endswith("experts.gate_up_proj"):

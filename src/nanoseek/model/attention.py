@@ -26,6 +26,12 @@ from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 
 
+# The latent norms use a fixed eps in DeepSeek's inference code, its Hugging Face code and
+# transformers alike; `rms_norm_eps` only reaches the block and final norms (it matters for
+# Moonlight, whose config says 1e-5).
+LATENT_NORM_EPS = 1e-6
+
+
 class LatentCache:
     """Preallocated latent KV cache: one [batch, max_len, kv_lora_rank + qk_rope_head_dim] tensor per layer.
 
@@ -62,10 +68,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(H, self.n_heads * self.qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, H, bias=bias)
 
