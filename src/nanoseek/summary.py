@@ -19,7 +19,7 @@ Definitions (also written into the JSON under "definitions"):
   experts it was not sent to (k of E per MoE layer), with the *whole* embedding matrix and head
   counted. DeepSeek-V3: 37.55B (the paper's "37B").
 * **activated_excl_embedding** -- the same without the embedding matrix (a lookup reads one row of
-  hidden_size numbers, which is not a matmul). DeepSeek-V3: 36.62B; README_WEIGHTS says 36.7B while
+  hidden_size numbers, which is not a matmul). DeepSeek-V3: 36.63B; README_WEIGHTS says 36.7B while
   claiming to include both embedding and head -- our arithmetic cannot reproduce that combination.
 * **KV cache** (bytes per token, BF16 = 2 bytes): latent cache num_hidden_layers x (kv_lora_rank +
   qk_rope_head_dim) x 2 (70,272 for V3); expanded MHA-style cache num_hidden_layers x heads x
@@ -29,7 +29,8 @@ Definitions (also written into the JSON under "definitions"):
   (activated_excl_embedding minus the norm vectors) and A = causal attention, expanded (training)
   form: per layer 2 x heads x (qk_head_dim + v_head_dim) x (S + 1) / 2 (QK^T and PV over the mean
   causal context). The MTP module is excluded (reported separately). For DeepSeek-V3 this gives
-  250.4 GFLOPs/token for training at S = 4096, matching the 250 of the ISCA '25 paper (Table 2).
+  250.5 GFLOPs/token for training at S = 4096, matching the 250 of the ISCA '25 paper (Table 2);
+  DeepSeek-V2 gives 155.3 against the same table's 155.
 """
 
 from __future__ import annotations
@@ -175,11 +176,12 @@ def summarize(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> dict[str, Any
     mtp_matmul_active = 0
     mtp_active = 0
     stored_copies = 0
-    n_norm_vectors = 0
+    n_norm_vectors = n_experts = 0
     seen: set[int] = set()
     # Official-layout checkpoint bookkeeping (experts split per expert, FP8 + scales where stored so).
     ckpt_tensors = ckpt_elems = ckpt_bytes = 0
-    wdtype_bytes = torch.empty(0, dtype=getattr(torch, cfg.torch_dtype or "bfloat16", torch.bfloat16)).element_size()
+    wdtype = getattr(torch, cfg.torch_dtype or "bfloat16", None)
+    wdtype_bytes = wdtype.itemsize if isinstance(wdtype, torch.dtype) else BF16_BYTES
     block = (cfg.quantization_config or {}).get("weight_block_size", [128, 128])
 
     for name, p in named:
@@ -187,7 +189,9 @@ def summarize(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> dict[str, Any
         comp, idx = _component(name, cfg)
         duplicate = id(p) in seen
         seen.add(id(p))
-        # -- checkpoint layout (every name is a stored tensor, duplicates included)
+        if duplicate and comp != "mtp":
+            continue  # a tied lm_head: one tensor, stored once
+        # -- checkpoint layout (MTP modules store their own copies of the shared embedding and head)
         if p.dim() == 3:  # stacked experts [E, out, in] -> E tensors [out, in]
             per, shape = p.shape[0], tuple(p.shape[1:])
             if name.endswith("gate_up_proj"):  # gate and up are separate tensors on disk
@@ -204,8 +208,7 @@ def summarize(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> dict[str, Any
         else:
             ckpt_bytes += n * wdtype_bytes
         if duplicate:
-            if comp == "mtp":
-                stored_copies += n
+            stored_copies += n
             continue
         # -- parameter accounting
         is_norm = p.dim() == 1
@@ -219,27 +222,29 @@ def summarize(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> dict[str, Any
         comp_total[comp] += n
         if idx is not None:
             comp_layers[comp].add(idx)
-        if is_norm:
+        if comp == "routed_experts" and name.endswith("gate_up_proj"):
+            n_experts += p.shape[0]
+        if comp == "norms":
             n_norm_vectors += 1
-        elif comp != "embedding":
+        if not is_norm and comp != "embedding":
             comp_matmul[comp] += active
 
-    for buf_name, b in model.named_buffers():  # router correction bias: stored in fp32, not a parameter
+    for _, b in model.named_buffers():  # router correction bias: stored in fp32, not a parameter
         ckpt_tensors += 1
         ckpt_elems += b.numel()
         ckpt_bytes += b.numel() * 4
 
     total = sum(comp_total.values())
     mtp_unique = sum(mtp_parts.values())
-    n_moe = sum(1 for i in range(L) if cfg.is_moe_layer(i))
-    n_dense = L - n_moe
+    n_moe = len(comp_layers["router"])
+    n_dense = len(comp_layers["dense_mlp"])
 
     def activated_of(c: str) -> int:
         return round(comp_total[c] * route_frac) if c == "routed_experts" else comp_total[c]
 
-    counts = {"embedding": 1, "attention": L, "dense_mlp": n_dense, "routed_experts": n_moe * E,
-              "shared_experts": n_moe if cfg.n_shared_experts else 0, "router": n_moe, "norms": n_norm_vectors,
-              "lm_head": 1, "other": 0}
+    counts = {"embedding": 1, "attention": len(comp_layers["attention"]), "dense_mlp": n_dense,
+              "routed_experts": n_experts, "shared_experts": len(comp_layers["shared_experts"]), "router": n_moe,
+              "norms": n_norm_vectors, "lm_head": 1 if comp_total["lm_head"] else 0, "other": len(comp_layers["other"])}
     units = {"embedding": "matrix", "attention": "layer", "dense_mlp": "layer", "routed_experts": "expert",
              "shared_experts": "layer", "router": "layer", "norms": "vector", "lm_head": "matrix", "other": "-"}
     components = []
@@ -280,8 +285,8 @@ def summarize(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> dict[str, Any
     attn_fwd = L * attn_fwd_layer
     fwd = 2 * matmul_active + attn_fwd
     # An MTP module multiplies by its own weights and by lm_head again, and attends over one more layer.
-    mtp_matmul = round(mtp_matmul_active) + comp_total["lm_head"] if D else 0
-    mtp_fwd = D * attn_fwd_layer + 2 * mtp_matmul * (1 if D else 0)
+    mtp_matmul = round(mtp_matmul_active) + D * comp_total["lm_head"]
+    mtp_fwd = D * attn_fwd_layer + 2 * mtp_matmul
     flops = {
         "seq_len": seq_len,
         "matmul_params_per_token": matmul_active,
@@ -425,7 +430,7 @@ def format_summary(s: dict[str, Any], title: str = "") -> str:
         ["expanded MHA (heads x (qk_head_dim + v_head_dim))", f"{kv['expanded_mha_bytes_per_token']:,} B",
          f"{kv['expanded_over_latent']}x latent"],
         [f"FLOPs per token (seq {fl['seq_len']:,})", "", ""],
-        ["N = matmul params/token", _fmt(fl["matmul_params_per_token"]), "params"],
+        ["N = matmul params/token", _fmt(fl["matmul_params_per_token"]), "activated excl. embedding and norms"],
         ["A = attention scores + values (forward, causal)", _fmt_flops(fl["attention_forward_per_token"]), ""],
         ["forward 2N + A", _fmt_flops(fl["forward_per_token"]), ""],
         ["training 6N + 3A", _fmt_flops(fl["training_per_token"]), ""],
