@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig, preset, PRESETS
@@ -221,22 +220,107 @@ def weight_map(directory: Path) -> dict[str, str]:
     return wm
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    def get_shape(self) -> list[int]:  # the safetensors slice API, for callers written against it
+        return list(self.shape)
+
+    def get_dtype(self) -> str:
+        return self.dtype
+
+
+class SafetensorsFile:
+    """A safetensors file read with plain `readinto` calls straight into the destination tensor.
+
+    Reading instead of memory-mapping keeps the file's pages out of this process's resident set
+    and avoids an intermediate copy: loading costs the model's own memory plus one tensor at most.
+    The header is validated up front so a truncated or corrupt file fails with its name.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError("file shorter than the 8-byte header length")
+                n = int.from_bytes(head, "little")
+                if n <= 0 or n > min(size - 8, 100 * 2**20):
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} is not a readable safetensors file: header is not an object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, TensorInfo] = {}
+        data_start = 8 + n
+        for name, info in header.items():
+            try:
+                dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+                if dtype not in _ST_DTYPES:
+                    raise ValueError(f"unsupported dtype {dtype}")
+                expect = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+                if b - a != expect or a < 0 or data_start + b > size:
+                    raise ValueError(f"byte range {a}..{b} does not hold {dtype}{list(shape)} within the file")
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}: {e}") from e
+            self.tensors[name] = TensorInfo(dtype, shape, data_start + a, b - a)
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def get_slice(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill the contiguous CPU tensor `out` (same dtype and element count) from the file."""
+        info = self.tensors[name]
+        if out.dtype != _ST_DTYPES[info.dtype] or out.numel() * out.element_size() != info.nbytes:
+            raise ValueError(f"{name}: cannot read {info.dtype}{list(info.shape)} into {out.dtype}{list(out.shape)}")
+        if not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"{name}: read target must be a contiguous CPU tensor")
+        if info.nbytes == 0:
+            return out
+        buf = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        with open(self.path, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(buf)
+        if got != info.nbytes:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is truncated ({got} of {info.nbytes} bytes)")
+        return out
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        return self.read_into(name, torch.empty(info.shape, dtype=_ST_DTYPES[info.dtype]))
+
+
+def _open(path: Path) -> SafetensorsFile:
+    return SafetensorsFile(path)
 
 
 class TensorReader:
-    """Lazy access to the tensors of a model directory, one memory-mapped shard handle each."""
+    """Access to the tensors of a model directory, one parsed header per shard file."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.map = weight_map(directory)
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, SafetensorsFile] = {}
 
-    def _handle(self, file: str):
+    def _handle(self, file: str) -> SafetensorsFile:
         if file not in self._handles:
             self._handles[file] = _open(self.directory / file)
         return self._handles[file]
@@ -244,14 +328,24 @@ class TensorReader:
     def names(self) -> set[str]:
         return set(self.map)
 
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._handle(self.map[name]).tensors[name]
+        except KeyError:
+            raise CheckpointError(f"the index maps {name!r} to {self.map[name]}, which does not contain it") from None
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.map[name]).get_slice(name).get_shape())
+        return self.info(name).shape
+
+    def nbytes(self, name: str) -> int:
+        return self.info(name).nbytes
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _ST_DTYPES[self.info(name).dtype]
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._handle(self.map[name]).get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {self.map[name]}: {e}") from e
+        self.info(name)
+        return self._handle(self.map[name]).get_tensor(name)
 
     def get_dequantized(self, name: str, dtype: torch.dtype, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
         """The tensor in `dtype`; FP8 weights are multiplied by their per-block `weight_scale_inv`."""
@@ -267,6 +361,13 @@ class TensorReader:
             except ValueError as e:
                 raise CheckpointError(f"{name}: {e}") from e
         return t.to(dtype)
+
+    def load_into(self, name: str, target: torch.Tensor, block: tuple[int, int] = (128, 128)) -> None:
+        """Copy a checkpoint tensor into `target`, reading in place when dtype and layout allow."""
+        if self.dtype(name) == target.dtype and target.is_contiguous() and target.device.type == "cpu":
+            self._handle(self.map[name]).read_into(name, target)
+        else:
+            target.copy_(self.get_dequantized(name, target.dtype, block).reshape(target.shape))
 
 
 # ---- load ----------------------------------------------------------------------------------------
@@ -361,12 +462,11 @@ def load_weights(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype = to
                 copies.append(e)
                 continue
             target = state[e.param]
-            t = reader.get_dequantized(e.name, torch.float32 if target.dtype == torch.float32 else dtype, block)
             if e.expert is not None:
                 target = target[e.expert]
             if e.rows is not None:
                 target = target[e.rows[0]: e.rows[1]]
-            target.copy_(t)
+            reader.load_into(e.name, target, block)
         for e in copies:
             _load_shared_copy(model, e, reader.get_dequantized(e.name, dtype, block))
     if not strict and missing:

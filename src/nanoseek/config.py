@@ -78,6 +78,10 @@ class ModelConfig:
     # Keys we do not interpret but carry through a load/save round trip (auto_map, ...).
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+
     # ---- derived quantities -------------------------------------------------------------
     @property
     def qk_head_dim(self) -> int:
@@ -266,7 +270,6 @@ class ModelConfig:
         """The official dialect plus what transformers >= 5 needs (`rope_interleave`, routing keys)."""
         d = asdict(self)
         extra = d.pop("extra")
-        d["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
         arch = "DeepseekV2ForCausalLM" if self.model_type == "deepseek_v2" else "DeepseekV3ForCausalLM"
         out: dict[str, Any] = {"architectures": [arch], **d}
         if self.quantization_config is None:

@@ -1,0 +1,129 @@
+"""Every way a checkpoint can be wrong gives one clear error that says what and where."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nanoseek
+from nanoseek.checkpoint import CheckpointError, save_model
+from nanoseek.config import ConfigError
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = nanoseek.load_model("tiny")
+    save_model(model, tmp_path)
+    return tmp_path
+
+
+def _edit(path, fn):
+    tensors = load_file(path / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_unexpected_and_misshaped_are_listed_together(saved):
+    def fn(t):
+        del t["model.layers.0.self_attn.kv_b_proj.weight"]
+        del t["model.layers.2.mlp.experts.5.up_proj.weight"]
+        t["model.layers.1.self_attn.surprise.weight"] = torch.zeros(2)
+        t["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(128, 63)
+
+    _edit(saved, fn)
+    with pytest.raises(CheckpointError) as e:
+        nanoseek.load_model(saved)
+    msg = str(e.value)
+    assert "missing tensors (2)" in msg
+    assert "model.layers.0.self_attn.kv_b_proj.weight" in msg and "model.layers.2.mlp.experts.5.up_proj.weight" in msg
+    assert "unexpected tensors (1)" in msg and "surprise" in msg
+    assert "model.layers.0.self_attn.o_proj.weight: checkpoint [128, 63] vs config [128, 64]" in msg
+    assert "`num_attention_heads`*`v_head_dim`" in msg
+
+
+def test_config_weights_mismatch_names_the_field(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["hidden_size"] = 96
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"`vocab_size` x `hidden_size`"):
+        nanoseek.load_model(saved)
+
+
+def test_layer_and_expert_count_mismatch_hints(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["num_hidden_layers"] = 2
+    cfg["n_routed_experts"] = 4
+    cfg["n_group"] = 2
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        nanoseek.load_model(saved)
+    assert "`num_hidden_layers`=2" in str(e.value)
+    assert "`n_routed_experts`=4" in str(e.value)
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    model = nanoseek.load_model("tiny")
+    model.config.save(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match="refuses to load pickles: unpickling can run arbitrary code"):
+        nanoseek.load_model(tmp_path)
+
+
+def test_truncated_safetensors_file(saved):
+    data = (saved / "model.safetensors").read_bytes()
+    (saved / "model.safetensors").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        nanoseek.load_model(saved)
+
+
+def test_index_pointing_to_missing_shard(saved):
+    (saved / "model.safetensors").rename(saved / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors",
+                                            "model.norm.weight": "model-00001-of-00002.safetensors"}}
+    (saved / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        nanoseek.load_model(saved)
+
+
+def test_malformed_index(saved):
+    (saved / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="malformed"):
+        nanoseek.load_model(saved)
+
+
+def test_no_config(tmp_path):
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        nanoseek.load_model(tmp_path)
+
+
+def test_malformed_config_json(saved):
+    (saved / "config.json").write_text('{"hidden_size": 128,')
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        nanoseek.load_model(saved)
+
+
+def test_fp8_weight_without_scale(saved):
+    def fn(t):
+        t["model.layers.0.self_attn.o_proj.weight"] = t["model.layers.0.self_attn.o_proj.weight"].to(torch.float8_e4m3fn)
+
+    _edit(saved, fn)
+    with pytest.raises(CheckpointError, match="o_proj.weight is stored in FP8 but .*weight_scale_inv is missing"):
+        nanoseek.load_model(saved)
+
+
+def test_unknown_path_is_not_found():
+    with pytest.raises(FileNotFoundError, match="not a preset"):
+        nanoseek.load_model("./no/such/dir")
+
+
+def test_cli_reports_errors_without_a_traceback(saved, capsys):
+    from nanoseek.cli import main
+
+    (saved / "config.json").write_text('{"n_routed_experts": 10, "n_group": 4}')
+    assert main(["inspect", str(saved)]) == 2
+    err = capsys.readouterr().err
+    assert "`n_routed_experts` (10) must be divisible by `n_group` (4)" in err
+    assert "Traceback" not in err

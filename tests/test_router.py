@@ -1,0 +1,70 @@
+"""Routing as a pure function, including the one place transformers and DeepSeek's code disagreed."""
+
+from __future__ import annotations
+
+import torch
+
+from nanoseek import preset
+from nanoseek.model.moe import route
+
+
+def _zero_fill_reference(logits, bias, cfg):
+    """transformers' older DeepseekV3TopkRouter: dropped groups filled with 0.0 instead of -inf."""
+    s = logits.sigmoid()
+    sb = s + bias
+    N, E = sb.shape
+    g = sb.view(N, cfg.n_group, -1).topk(2, dim=-1).values.sum(-1)
+    keep = g.topk(cfg.topk_group, dim=-1).indices
+    mask = torch.zeros_like(g).scatter_(1, keep, 1).bool()
+    masked = sb.masked_fill(~mask.repeat_interleave(E // cfg.n_group, 1), 0.0)
+    return masked.topk(cfg.num_experts_per_tok, dim=-1).indices
+
+
+def test_agrees_with_zero_fill_when_kept_scores_are_positive():
+    cfg = preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 16, generator=g)
+    bias = 0.1 * torch.randn(16, generator=g)  # sigmoid + small bias stays > 0
+    _, idx, _ = route(logits, bias, cfg)
+    ref = _zero_fill_reference(logits, bias, cfg)
+    assert torch.equal(idx.sort(-1).values, ref.sort(-1).values)
+
+
+def test_negative_biased_scores_show_the_difference():
+    """With biased scores <= 0 in kept groups, 0.0-filling picks experts from dropped groups; -inf never does."""
+    cfg = preset("tiny", n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2)
+    logits = torch.zeros(1, 8)
+    bias = torch.tensor([-0.6, -0.7, -0.8, -0.9, -1.0, -1.0, -1.0, -1.0])  # group 0 wins, all its s+b < 0
+    _, idx, _ = route(logits, bias, cfg)
+    assert set(idx[0].tolist()) <= {0, 1, 2, 3}
+    ref = _zero_fill_reference(logits, bias, cfg)
+    assert not set(ref[0].tolist()) <= {0, 1, 2, 3}
+
+
+def test_weights_use_unbiased_scores_normalized_and_scaled():
+    cfg = preset("tiny")
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    bias = torch.linspace(-0.3, 0.3, 8)
+    w, idx, s = route(logits, bias, cfg)
+    expected = s.gather(1, idx)
+    expected = expected / expected.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+    assert torch.allclose(w, expected)
+    assert torch.allclose(w.sum(-1), torch.full((5,), cfg.routed_scaling_factor))
+
+
+def test_softmax_greedy_without_renormalization():
+    cfg = preset("tiny", scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+                 routed_scaling_factor=1.0)
+    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    w, idx, s = route(logits, None, cfg)
+    top = logits.softmax(-1).topk(2, -1)
+    assert torch.equal(idx.sort(-1).values, top.indices.sort(-1).values)
+    assert torch.allclose(w.sort(-1).values, top.values.sort(-1).values)
+
+
+def test_group_limit_respected():
+    cfg = preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    logits = torch.randn(200, 16, generator=torch.Generator().manual_seed(3))
+    _, idx, _ = route(logits, torch.zeros(16), cfg)
+    groups_used = (idx // 4).unique(dim=None, sorted=False) if False else [set((row // 4).tolist()) for row in idx]
+    assert all(len(gs) <= 2 for gs in groups_used)
