@@ -451,8 +451,18 @@ def load_weights(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype = to
 
     model = model.to_empty(device=device)
     model = model.to(dtype)
+    _copy_weights(model, reader, entries, block)
+    if not strict and missing:
+        log.warning("missing tensors left uninitialized: %s", ", ".join(missing[:10]))
+    model.config = cfg
+    return model.eval()
+
+
+def _copy_weights(model: DeepseekV3ForCausalLM, reader: TensorReader, entries: list[Entry],
+                  block: tuple[int, int]) -> None:
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(dict(model.named_buffers(remove_duplicate=False)))
+    present = reader.names()
     copies = []
     with torch.no_grad():
         for e in entries:
@@ -468,11 +478,14 @@ def load_weights(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype = to
                 target = target[e.rows[0]: e.rows[1]]
             reader.load_into(e.name, target, block)
         for e in copies:
-            _load_shared_copy(model, e, reader.get_dequantized(e.name, dtype, block))
-    if not strict and missing:
-        log.warning("missing tensors left uninitialized: %s", ", ".join(missing[:10]))
-    model.config = cfg
-    return model.eval()
+            _load_shared_copy(model, e, reader.get_dequantized(e.name, state[e.shared_copy_of].dtype, block))
+
+
+def load_weights_into(model: DeepseekV3ForCausalLM, directory: str | os.PathLike) -> None:
+    """Overwrite an existing model's weights (same config) from a model directory, in place."""
+    reader = TensorReader(Path(directory))
+    block = tuple((model.config.quantization_config or {}).get("weight_block_size", [128, 128]))
+    _copy_weights(model, reader, checkpoint_entries(model.config), block)
 
 
 def _load_shared_copy(model: DeepseekV3ForCausalLM, e: Entry, t: torch.Tensor) -> None:
@@ -533,14 +546,18 @@ def _mismatch_report(cfg: ModelConfig, directory: Path, missing: list[str], unex
 # ---- save ----------------------------------------------------------------------------------------
 
 def parse_size(size: str | int) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, or an int (bytes). Must be positive."""
     if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", size, flags=re.I)
-    if not m:
-        raise ConfigError(f"cannot parse size {size!r}; write e.g. 5GB or 500MB")
-    unit = m.group(2).upper().rstrip("B").rstrip("I")
-    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
-    return int(float(m.group(1)) * mult)
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size, flags=re.I)
+        if not m:
+            raise ConfigError(f"cannot parse size {size!r}; write e.g. 5GB, 500MB or 2GiB")
+        base = 1024 if m.group(3) else 1000
+        value = int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+    if value <= 0:
+        raise ConfigError(f"size must be positive, got {size!r}")
+    return value
 
 
 class ShardWriter:
@@ -580,6 +597,12 @@ class ShardWriter:
         atomic_write(self.directory / tmp_name, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         self._shards.append((tmp_name, list(tensors)))
         self._pending, self._pending_bytes, self._ptrs = {}, 0, set()
+
+    def abort(self) -> None:
+        """Remove what an unfinished save wrote."""
+        for tmp, _ in self._shards:
+            (self.directory / tmp).unlink(missing_ok=True)
+        self._shards, self._pending = [], {}
 
     def close(self) -> list[Path]:
         if self._pending or not self._shards:
@@ -629,25 +652,33 @@ def save_model(model: DeepseekV3ForCausalLM, directory: str | os.PathLike, dtype
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     quant = ({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
              if fp8 else None)
+    if fp8:
+        dtype, name = torch.bfloat16, "bfloat16"  # the official FP8 layout keeps everything else in bf16
     out_cfg = cfg.replace(torch_dtype=name, quantization_config=quant)
+    # No config.json until the weights are complete: an interrupted save never looks loadable.
+    (directory / "config.json").unlink(missing_ok=True)
     writer = ShardWriter(directory, parse_size(max_shard_size))
-    with torch.no_grad():
-        for tname, t in iter_state_tensors(model):
-            if fp8 and is_fp8_weight_name(tname):
-                q, s = quantize_weight_blockwise(t.float())
-                writer.add(tname, q)
-                writer.add(tname + "_scale_inv", s)
-            elif tname.endswith("e_score_correction_bias"):
-                writer.add(tname, t.float())
-            else:
-                writer.add(tname, t.to(dtype))
-    writer.close()
-    out_cfg.save(directory)
+    try:
+        with torch.no_grad():
+            for tname, t in iter_state_tensors(model):
+                if fp8 and is_fp8_weight_name(tname):
+                    q, s = quantize_weight_blockwise(t.float())
+                    writer.add(tname, q)
+                    writer.add(tname + "_scale_inv", s)
+                elif tname.endswith("e_score_correction_bias"):
+                    writer.add(tname, t.float())
+                else:
+                    writer.add(tname, t.to(dtype))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
            "temperature": 0.6, "top_p": 0.95}
     atomic_write_text(directory / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     for fname, text in (extra_files or {}).items():
         atomic_write_text(directory / fname, text)
+    out_cfg.save(directory)  # last: its presence marks a complete model directory
     return directory
 
 
