@@ -1,0 +1,84 @@
+"""`nanoseek train` and `nanoseek plot`. Every TrainConfig field is a flag (`--seq-len`, `--lr`, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import TrainConfig
+
+ALIASES = {"out_dir": ["--out"], "max_steps": ["--steps"]}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name.replace('_', '-')}"] + ALIASES.get(f.name, [])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, bool):
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {default})")
+        elif isinstance(default, list):
+            p.add_argument(*flags, dest=f.name, nargs="*", default=None, metavar="PATH",
+                           help="files, directories or globs (.txt .jsonl .parquet .py .md); default: Python's stdlib")
+        else:
+            kind = float if isinstance(default, float) else int if isinstance(default, int) else str
+            p.add_argument(*flags, dest=f.name, type=kind, default=None, help=f"(default: {default})")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import Trainer
+
+    if args.config:
+        base = TrainConfig.load(args.config).to_dict()
+    elif args.resume and (Path(args.out_dir or TrainConfig.out_dir) / "train_config.json").exists():
+        base = TrainConfig.load(Path(args.out_dir or TrainConfig.out_dir) / "train_config.json").to_dict()
+    else:
+        base = TrainConfig().to_dict()
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            base[f.name] = value
+    cfg = TrainConfig.from_dict(base)
+    trainer = Trainer(cfg, resume=args.resume, show_progress=not args.quiet)
+    print(f"nanoseek train: {trainer.model.num_parameters(include_mtp=False) / 1e6:.2f}M parameters "
+          f"(+{(trainer.model.num_parameters() - trainer.model.num_parameters(include_mtp=False)) / 1e6:.2f}M MTP), "
+          f"{len(trainer.train_data.tokens) / 1e6:.1f}M training tokens, {trainer.precision} on {trainer.device}, "
+          f"run dir {trainer.run_dir}", file=sys.stderr)
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        return 130
+    if result:
+        print(f"final validation loss {result['val_loss']:.4f}"
+              + (f", {result['val_bpb']:.3f} bits/byte" if "val_bpb" in result else ""))
+    for prompt in args.sample_prompt or ["def ", "import "]:
+        print("-" * 60)
+        print(trainer.sample(prompt))
+    print("-" * 60)
+    print(f"model saved to {trainer.run_dir} (Hugging Face layout); plots: {trainer.run_dir}/loss.png, "
+          f"{trainer.run_dir}/expert_load.png")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="pretrain a DeepSeek-V3 model (default: `small` on Python's stdlib source)")
+    _add_config_flags(p)
+    p.add_argument("--config", help="a train_config.json to start from (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sample-prompt", action="append", help="prompt(s) to sample from at the end")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("plot", help="redraw a run's PNG plots (loss curves, expert load) from metrics.jsonl")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=_cmd_plot)

@@ -1,0 +1,33 @@
+"""Schedules as pure functions of the step: learning rate, MTP weight, bias-update speed."""
+
+from __future__ import annotations
+
+import math
+
+from .config import TrainConfig
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine to min_lr, or warmup-stable-decay (linear decay at the end)."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    total = max(cfg.max_steps, cfg.warmup_steps + 1)
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+    decay_start = total - int(cfg.wsd_decay_fraction * total)
+    if step < decay_start:
+        return peak
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    return peak + (floor - peak) * progress
+
+
+def mtp_weight(step: int, cfg: TrainConfig) -> float:
+    return cfg.mtp_lambda if step < cfg.mtp_lambda_switch * cfg.max_steps else cfg.mtp_lambda_late
+
+
+def bias_gamma(step: int, cfg: TrainConfig) -> float:
+    if cfg.balancing != "aux_free":
+        return 0.0
+    return cfg.bias_update_gamma if step < cfg.bias_update_stop * cfg.max_steps else 0.0

@@ -1,0 +1,362 @@
+"""The pretraining loop.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` sequences of `seq_len` tokens:
+
+    loss = CE(main) + lambda * mean_k CE(MTP depth k) + alpha * sequence-wise balance loss
+
+MTP depth k at position i reads token i+k and predicts token i+1+k; its loss is summed over the
+T-k positions that have a target and divided by T, as in DeepSeek-V3 eq. 24. After the optimizer
+step, every MoE layer's correction bias moves by gamma against its expert's load over the whole
+step (see `balance.py`).
+
+Everything a step computes is a function of (model weights, optimizer state, step index): the
+data sampler draws windows from a RNG seeded by (seed, step, micro-batch). That is what makes
+resume exact: reload the newest checkpoint and the next steps repeat bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError, ModelConfig, preset, PRESETS
+from ..model import DeepseekV3ForCausalLM
+from .balance import RoutingRecorder, balance_loss, max_violation, update_correction_bias
+from .config import TrainConfig
+from .metrics import MetricsLogger
+from .schedule import bias_gamma, learning_rate, mtp_weight
+from .state import list_checkpoints, load_trainer_state, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peaks, for the MFU estimate on known GPUs.
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                   "4090": 165.0, "3090": 71.0, "A10": 125.0, "L4": 121.0, "T4": 65.0, "V100": 125.0}
+
+
+def resolve_model_config(spec: str) -> ModelConfig:
+    """A preset name, a config.json file, or a directory holding one."""
+    if spec in PRESETS and not Path(spec).exists():
+        return preset(spec)
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ConfigError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json / model directory")
+    return ModelConfig.from_json_file(p)
+
+
+def measure_cpu_peak_tflops(n: int = 768, repeats: int = 3) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> None:
+        self.cfg = cfg.validate()
+        self.run_dir = Path(cfg.out_dir)
+        self.show_progress = show_progress
+        self.resume_from: Path | None = None
+        if resume:
+            ckpts = list_checkpoints(self.run_dir)
+            if not ckpts:
+                raise ConfigError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
+            self.resume_from = ckpts[-1][1]
+        elif list_checkpoints(self.run_dir):
+            raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
+                              "or choose another --out")
+        self._setup()
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda"
+                                           and torch.cuda.is_bf16_supported())
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+        self.precision = "bf16 autocast" if use_bf16 else "fp32"
+        torch.manual_seed(cfg.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        from ..data import BatchSampler, prepare_data
+        from ..tokenizer import Tokenizer, train_tokenizer
+
+        mcfg = resolve_model_config(str(self.resume_from) if self.resume_from else cfg.model)
+        tok_path = (self.resume_from / "tokenizer.json") if self.resume_from else cfg.tokenizer
+        if tok_path:
+            self.tokenizer = Tokenizer.from_file(tok_path)
+        else:
+            self.tokenizer = self._train_tokenizer(mcfg.vocab_size, train_tokenizer)
+        if self.tokenizer.vocab_size != mcfg.vocab_size:
+            if self.resume_from:
+                raise ConfigError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model {mcfg.vocab_size}")
+            mcfg = mcfg.replace(vocab_size=self.tokenizer.vocab_size)
+        mcfg = mcfg.replace(bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
+                            torch_dtype="float32", quantization_config=None)
+        self.model_config = mcfg
+
+        cache = Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek")) / "tokens"
+        self.train_data, self.val_data = prepare_data(cfg.data or None, self.tokenizer, cache,
+                                                      val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                                      text_field=cfg.text_field)
+        self.sampler = BatchSampler(self.train_data, cfg.seq_len, cfg.batch_size, extra=1, seed=cfg.seed)
+
+        self.model = DeepseekV3ForCausalLM(mcfg)
+        self.model.init_weights(std=cfg.init_std, generator=torch.Generator().manual_seed(cfg.seed))
+        self.model.to(self.device).train()
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.recorder = RoutingRecorder(self.model)
+        self.step = 0
+        if self.resume_from:
+            state = load_trainer_state(self.resume_from, self.model, self.optimizer)
+            self.step = state["step"]
+            log.info("resumed from %s (step %d)", self.resume_from, self.step)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+        from ..summary import summarize
+
+        flops = summarize(mcfg, seq_len=cfg.seq_len)["flops"]
+        self.flops_per_token = flops["training_per_token_with_mtp" if mcfg.num_nextn_predict_layers else "training_per_token"]
+        self.peak_tflops = cfg.peak_tflops or self._peak_tflops()
+        (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.metrics = MetricsLogger(self.run_dir, cfg.tensorboard, resume_step=self.step if self.resume_from else None)
+
+    def _train_tokenizer(self, vocab_size: int, train_tokenizer):
+        from ..data import read_documents, resolve_inputs, split_files
+
+        files, _ = split_files(resolve_inputs(self.cfg.data or None), self.cfg.val_fraction, self.cfg.seed)
+
+        def texts(limit: int = 12 * 2**20):
+            seen = 0
+            for f in files:
+                for doc in read_documents(f, self.cfg.text_field):
+                    yield doc
+                    seen += len(doc)
+                    if seen >= limit:  # a BPE needs a representative sample, not the whole corpus
+                        return
+
+        tok = train_tokenizer(texts(), vocab_size, show_progress=self.show_progress)
+        tok.save(self.run_dir)
+        return tok
+
+    def _peak_tflops(self) -> float:
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            for key, value in GPU_PEAK_TFLOPS.items():
+                if key in name:
+                    return value
+            return 0.0
+        return measure_cpu_peak_tflops()
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        step = self.step
+        lr = learning_rate(step, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        lam = mtp_weight(step, cfg)
+        T, B, K = cfg.seq_len, cfg.batch_size, self.model_config.num_experts_per_tok
+        alpha = cfg.seq_aux_alpha if cfg.balancing == "aux_free" else (cfg.aux_loss_alpha if cfg.balancing == "aux_loss" else 0.0)
+        per_sequence = cfg.balancing == "aux_free"
+        self.recorder.reset_step()
+        sums = {"loss": 0.0, "bal_loss": 0.0}
+        mtp_sums: dict[int, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = self.sampler.get(step, micro).to(self.device)
+            x, y = batch[:, :T], batch[:, 1:T + 1]
+            with self.autocast:
+                out = self.forward(x, return_mtp=self.model_config.num_nextn_predict_layers > 0)
+            main = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+            total = main
+            if out.mtp_logits:
+                mtp_terms = []
+                for k, logits in enumerate(out.mtp_logits, start=1):
+                    target = batch[:, 1 + k: T + 1]
+                    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                         reduction="sum") / (B * T)
+                    mtp_terms.append(ce)
+                    mtp_sums[k] = mtp_sums.get(k, 0.0) + ce.item() / cfg.grad_accum
+                total = total + lam * torch.stack(mtp_terms).mean()
+            routed = self.recorder.take_forward()
+            if alpha > 0 and routed:
+                bal = sum(balance_loss(s, i, B, K, per_sequence) for s, i in routed) / len(routed)
+                total = total + alpha * bal
+                sums["bal_loss"] += float(bal) / cfg.grad_accum
+            (total / cfg.grad_accum).backward()
+            sums["loss"] += main.item() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.recorder.step_counts)  # the balance rule needs global loads
+        gamma = bias_gamma(step, cfg)
+        update_correction_bias(self.recorder, gamma)
+        self.step += 1
+        rec = {"step": self.step, "loss": sums["loss"], "lr": lr, "grad_norm": float(grad_norm), "mtp_lambda": lam,
+               "gamma": gamma}
+        for k, v in mtp_sums.items():
+            rec[f"mtp_loss_{k}"] = v
+        if alpha > 0:
+            rec["bal_loss"] = sums["bal_loss"]
+        if self.recorder.layers:
+            vio = max_violation(self.recorder.step_counts)
+            rec["maxvio_batch"] = float(vio.mean())
+            rec["maxvio_batch_max"] = float(vio.max())
+        return rec
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        model.eval()
+        saved_step, saved_window = self.recorder.step_counts.clone(), self.recorder.window_counts.clone()
+        self.recorder.reset_step()
+        tokens = self.val_data.tokens
+        span = cfg.seq_len + 1
+        n_windows = min(len(tokens) // span, cfg.eval_batches * cfg.batch_size)
+        if n_windows == 0:
+            model.train()
+            return {}
+        total_loss, total_tokens = 0.0, 0
+        for start in range(0, n_windows, cfg.batch_size):
+            rows = [torch.from_numpy(tokens[i * span:(i + 1) * span].astype("int64")) for i in
+                    range(start, min(start + cfg.batch_size, n_windows))]
+            batch = torch.stack(rows).to(self.device)
+            with self.autocast:
+                logits = model(batch[:, :-1]).logits
+            total_loss += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                          reduction="sum").item()
+            total_tokens += batch[:, 1:].numel()
+            self.recorder.take_forward()
+        loss = total_loss / total_tokens
+        rec: dict[str, Any] = {"step": self.step, "val_loss": loss, "val_tokens": total_tokens}
+        bpt = getattr(self.val_data, "bytes_per_token", None)
+        if bpt:
+            rec["val_bpb"] = loss / math.log(2) / bpt
+        main_layers = [i for i, n in enumerate(self.recorder.names)
+                       if int(n.split(".")[2]) < self.model_config.num_hidden_layers]
+        if main_layers:
+            rec["maxvio_global"] = float(max_violation(self.recorder.step_counts[main_layers]).mean())
+        self.recorder.step_counts.copy_(saved_step)
+        self.recorder.window_counts.copy_(saved_window)
+        model.train()
+        return rec
+
+    @torch.no_grad()
+    def sample(self, prompt: str = "def ", max_new_tokens: int | None = None, temperature: float = 0.8,
+               top_k: int = 50) -> str:
+        """A short sample from the current model (greedy-ish top-k), for the log and the demo."""
+        n = self.cfg.sample_tokens if max_new_tokens is None else max_new_tokens
+        model = self.model
+        model.eval()
+        self.recorder.enabled = False
+        try:
+            ids = self.tokenizer.encode(prompt)
+            g = torch.Generator().manual_seed(self.cfg.seed)
+            cache = model.new_cache(1, len(ids) + n)
+            logits = model(torch.tensor([ids], device=self.device), cache=cache).logits[0, -1]
+            out = []
+            for t in range(n):
+                probs = torch.softmax(logits.float() / temperature, -1)
+                top = probs.topk(top_k)
+                tok = int(top.indices[torch.multinomial(top.values.cpu(), 1, generator=g)])
+                if tok == self.tokenizer.eos_id:
+                    break
+                out.append(tok)
+                logits = model(torch.tensor([[tok]], device=self.device), start_pos=len(ids) + t, cache=cache).logits[0, -1]
+            return prompt + self.tokenizer.decode(out)
+        finally:
+            self.recorder.enabled = True
+            model.train()
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _checkpoint(self) -> Path:
+        extra = {}
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            p = self.run_dir / name
+            if p.exists():
+                extra[name] = p.read_text(encoding="utf-8")
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+                               {"train_config": self.cfg.to_dict()}, extra, self.cfg.keep_checkpoints)
+
+    def fit(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.show_progress, unit="step",
+                   dynamic_ncols=True, desc="train")
+        last_eval: dict[str, Any] = {}
+        t_window, steps_window = time.perf_counter(), 0
+        try:
+            while self.step < cfg.max_steps:
+                rec = self.train_step()
+                steps_window += 1
+                if cfg.log_interval and (self.step % cfg.log_interval == 0 or self.step == cfg.max_steps):
+                    dt = time.perf_counter() - t_window
+                    tps = steps_window * tokens_per_step / dt
+                    rec["tokens_per_s"] = tps
+                    rec["tokens_seen"] = self.step * tokens_per_step
+                    if self.peak_tflops:
+                        rec["mfu"] = tps * self.flops_per_token / (self.peak_tflops * 1e12)
+                    rec["expert_load"] = self.recorder.window_counts.tolist()
+                    rec["expert_load_layers"] = [int(n.split(".")[2]) for n in self.recorder.names]
+                    self.recorder.reset_window()
+                    self.metrics.log(rec)
+                    t_window, steps_window = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                bar.update(1)
+                if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
+                    last_eval = self.evaluate()
+                    if last_eval:
+                        self.metrics.log(last_eval)
+                        bar.write(f"step {self.step}: val loss {last_eval['val_loss']:.4f}"
+                                  + (f", {last_eval['val_bpb']:.3f} bits/byte" if "val_bpb" in last_eval else ""))
+                if cfg.ckpt_interval and (self.step % cfg.ckpt_interval == 0 or self.step == cfg.max_steps):
+                    self._checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            path = self._checkpoint()
+            print(f"interrupted at step {self.step}; checkpoint saved to {path}. "
+                  f"Continue with: nanoseek train --out {self.run_dir} --resume")
+            raise
+        finally:
+            bar.close()
+            self.metrics.close()
+        if not list_checkpoints(self.run_dir) or list_checkpoints(self.run_dir)[-1][0] != self.step:
+            self._checkpoint()
+        try:
+            from .plots import plot_run
+
+            plot_run(self.run_dir)
+        except Exception as e:  # plotting must never lose a finished run
+            log.warning("could not draw plots: %s", e)
+        return last_eval
+
+
+def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> Trainer:
+    trainer = Trainer(cfg, resume=resume, show_progress=show_progress)
+    trainer.fit()
+    return trainer
