@@ -111,15 +111,13 @@ class Experts(nn.Module):
         token_of = order // k
         xs = x[token_of]
         outs = []
-        start = 0
-        # Loop only over experts that received tokens: with top-k routing at decode that is <= N*k.
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
+        # split(), not slicing: each slice's backward would materialize a zero tensor the size of xs.
+        # Only experts that received tokens are visited: with top-k routing at decode that is <= N*k.
+        for e, seg in enumerate(xs.split(counts.tolist())):
+            if seg.shape[0] == 0:
                 continue
-            seg = xs[start:start + n]
             gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
             outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-            start += n
         ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[-1])
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, ys)
