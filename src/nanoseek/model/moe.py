@@ -120,7 +120,8 @@ class Experts(nn.Module):
             outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
         ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[-1])
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of, ys)
+        # ys may be bf16 under autocast while x is the fp32 residual stream.
+        out = x.new_zeros(x.shape, dtype=ys.dtype).index_add_(0, token_of, ys)
         return out, counts
 
 

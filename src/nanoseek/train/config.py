@@ -28,7 +28,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1
-    max_steps: int = 600
+    max_steps: int = 300
     # optimizer and schedule
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
