@@ -1,0 +1,1 @@
+"""Post-training: SFT and GRPO with rule-checked rewards (DeepSeek-R1-Zero style)."""
