@@ -1,0 +1,131 @@
+"""End-to-end pretraining on tiny: learning happens, the run dir is a model dir, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.config import ConfigError
+from nanoseek.train import TrainConfig, Trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A few stdlib modules copied into a folder: real code, small enough to tokenize in a second."""
+    import sysconfig
+
+    src = Path(sysconfig.get_paths()["stdlib"])
+    d = tmp_path_factory.mktemp("corpus")
+    for name in ("textwrap.py", "colorsys.py", "bisect.py", "heapq.py", "shlex.py", "fnmatch.py", "glob.py",
+                 "string.py", "numbers.py", "keyword.py", "queue.py", "sched.py"):
+        (d / name).write_text((src / name).read_text(encoding="utf-8"), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny_cfg(corpus: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(model="tiny", data=[str(corpus)], out_dir=str(out), seq_len=32, batch_size=4, max_steps=30,
+                lr=3e-3, warmup_steps=5, log_interval=5, eval_interval=15, eval_batches=2, ckpt_interval=15,
+                tensorboard=False, sample_tokens=8, seed=0, val_fraction=0.2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_tiny_run_learns_and_writes_a_model_directory(corpus, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_cfg(corpus, out), show_progress=False)
+    result = trainer.fit()
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5, (train[0]["loss"], train[-1]["loss"])
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "maxvio_batch", "expert_load", "mtp_loss_1", "bal_loss"):
+        assert key in train[-1], key
+    assert len(train[-1]["expert_load"]) == 3  # two MoE layers + the MTP block's MoE
+    assert "val_loss" in result and "val_bpb" in result and "maxvio_global" in result
+    # the correction biases moved, in steps of gamma
+    bias = trainer.model.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.abs().max() > 0
+    assert torch.allclose(bias / 0.001, (bias / 0.001).round(), atol=1e-3)
+    # the run directory is a model directory: nanoseek and transformers load it
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "loss.png",
+                 "expert_load.png", "train_config.json"):
+        assert (out / name).exists(), name
+    loaded = nanoseek.load_model(out)
+    ids = torch.randint(0, loaded.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        ours = loaded(ids).logits
+        assert torch.allclose(ours, trainer.model.eval()(ids).logits, atol=1e-5)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - ours).abs().max() < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.encode("def f(x):\n    return x", add_special_tokens=False) == trainer.tokenizer.encode("def f(x):\n    return x")
+    assert len(trainer.sample("def ", max_new_tokens=4)) > 4
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        Trainer(tiny_cfg(corpus, out), resume=True, show_progress=False)
+    Trainer(tiny_cfg(corpus, out, max_steps=2, ckpt_interval=2, eval_interval=0), show_progress=False).fit()
+    with pytest.raises(ConfigError, match="pass --resume"):
+        Trainer(tiny_cfg(corpus, out, max_steps=2), show_progress=False)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path):
+    """Kill -9 a training process mid-run, resume it, and compare every later loss with a clean run."""
+    common = ["--model", "tiny", "--data", str(corpus), "--seq-len", "32", "--batch-size", "4", "--steps", "24",
+              "--warmup-steps", "3", "--log-interval", "1", "--eval-interval", "0", "--ckpt-interval", "4",
+              "--no-tensorboard", "--seed", "3", "--val-fraction", "0.2", "--threads", "1", "--quiet",
+              "--sample-tokens", "2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    clean = tmp_path / "clean"
+    subprocess.run([sys.executable, "-m", "nanoseek.cli", "train", *common, "--out", str(clean)], check=True,
+                   env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "train", *common, "--out", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (killed / "metrics.jsonl").exists() and max(_losses(killed), default=0) >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(_losses(killed)) < 24, "the run finished before it could be killed"
+    subprocess.run([sys.executable, "-m", "nanoseek.cli", "train", "--out", str(killed), "--resume", "--quiet",
+                    "--sample-tokens", "2"], check=True, env=env, capture_output=True)
+    a, b = _losses(clean), _losses(killed)
+    assert sorted(b) == list(range(1, 25))
+    assert a == b, {s: (a[s], b[s]) for s in a if a[s] != b.get(s)}
+
+
+def test_plot_command_redraws(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(tiny_cfg(corpus, out, max_steps=6, eval_interval=3, ckpt_interval=6), show_progress=False).fit()
+    (out / "loss.png").unlink()
+    from nanoseek.cli import main
+
+    assert main(["plot", str(out)]) == 0
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "expert_load.png").exists()
