@@ -203,7 +203,7 @@ class Trainer:
             if alpha > 0 and routed:
                 bal = sum(balance_loss(s, i, B, K, per_sequence) for s, i in routed) / len(routed)
                 total = total + alpha * bal
-                sums["bal_loss"] += float(bal) / cfg.grad_accum
+                sums["bal_loss"] += bal.item() / cfg.grad_accum
             (total / cfg.grad_accum).backward()
             sums["loss"] += main.item() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
