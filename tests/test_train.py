@@ -48,8 +48,9 @@ def tiny_cfg(corpus: Path, out: Path, **kw) -> TrainConfig:
 
 def test_tiny_run_learns_and_writes_a_model_directory(corpus, tmp_path):
     out = tmp_path / "run"
-    trainer = Trainer(tiny_cfg(corpus, out), show_progress=False)
+    trainer = Trainer(tiny_cfg(corpus, out, tensorboard=True), show_progress=False)
     result = trainer.fit()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5, (train[0]["loss"], train[-1]["loss"])
