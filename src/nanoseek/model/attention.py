@@ -91,21 +91,31 @@ class MLA(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """x: [B, T, hidden]; cos/sin: [B or 1, T, rope_dim/2] for positions start_pos..start_pos+T-1.
+                cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """x: [B, T, hidden]; cos/sin: [B or 1, T, rope_dim/2] for the tokens' positions.
 
+        `start_pos` is an int (every row starts there) or a LongTensor [B] of per-row start
+        positions (batched decode of sequences of different lengths, speculative verification).
         Without a cache, or when filling an empty cache (start_pos == 0), the expanded path runs;
-        with tokens already cached, the absorbed path attends over the cache.
+        with tokens already cached, or per-row positions, the absorbed path attends over the cache.
         """
         q_nope, q_pe = self._query(x, cos, sin)
         latent = self._latent(x, cos, sin)
         if cache is not None:
-            T = x.shape[1]
+            B, T = x.shape[:2]
+            layer = cache.layers[self.layer_idx]
+            if isinstance(start_pos, torch.Tensor):
+                pos = start_pos.view(-1, 1) + torch.arange(T, device=layer.device)  # [B, T]
+                end = int(pos.max()) + 1
+                if end > cache.max_len:
+                    raise ValueError(f"cache holds {cache.max_len} positions; cannot write position {end - 1}")
+                layer[torch.arange(B, device=layer.device)[:, None], pos] = latent
+                return self.forward_absorbed(q_nope, q_pe, layer[:, :end], pos)
             if start_pos + T > cache.max_len:
                 raise ValueError(f"cache holds {cache.max_len} positions; cannot write {start_pos}..{start_pos + T - 1}")
-            cache.layers[self.layer_idx][:, start_pos:start_pos + T] = latent
+            layer[:, start_pos:start_pos + T] = latent
             if start_pos > 0:
-                return self.forward_absorbed(q_nope, q_pe, cache.layers[self.layer_idx][:, :start_pos + T], start_pos)
+                return self.forward_absorbed(q_nope, q_pe, layer[:, :start_pos + T], start_pos)
         return self.forward_expanded(q_nope, q_pe, latent)
 
     def forward_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
@@ -125,8 +135,13 @@ class MLA(nn.Module):
         return self.o_proj(o)
 
     def forward_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
-                         start_pos: int) -> torch.Tensor:
-        """Attention of T new queries over S = start_pos + T cached latents, never expanding K or V."""
+                         start_pos: int | torch.Tensor) -> torch.Tensor:
+        """Attention of T new queries over the S cached latents, never expanding K or V.
+
+        start_pos: the int position of the first query (cache rows 0..S-1 = 0..start_pos+T-1), or a
+        LongTensor [B, T] of each query's position; cache slot s is visible to a query at position
+        p iff s <= p, so rows of different lengths (and stale slots past a row's end) are masked.
+        """
         B, T, Hh, _ = q_nope.shape
         S = cached.shape[1]
         w = self.kv_b_proj.weight.view(Hh, self.nope_dim + self.v_dim, self.kv_lora_rank)
@@ -134,10 +149,14 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
         q_full = torch.cat((q_lat, q_pe), dim=-1).reshape(B, T * Hh, self.kv_lora_rank + self.rope_dim)
         scores = torch.bmm(q_full, cached.transpose(1, 2)).float() * self.scale  # [B, T*H, S]
-        if T > 1:
+        future = None
+        if isinstance(start_pos, torch.Tensor):
+            future = torch.arange(S, device=scores.device)[None, None, :] > start_pos[:, :, None]  # [B, T, S]
+        elif T > 1:
             q_pos = torch.arange(start_pos, start_pos + T, device=scores.device)
-            future = torch.arange(S, device=scores.device)[None, :] > q_pos[:, None]  # [T, S]
-            scores = scores.view(B, T, Hh, S).masked_fill(future[None, :, None, :], float("-inf")).view(B, T * Hh, S)
+            future = (torch.arange(S, device=scores.device)[None, :] > q_pos[:, None])[None]  # [1, T, S]
+        if future is not None:
+            scores = scores.view(B, T, Hh, S).masked_fill(future[:, :, None, :], float("-inf")).view(B, T * Hh, S)
         probs = scores.softmax(dim=-1).to(cached.dtype)
         o_lat = torch.bmm(probs, cached[..., : self.kv_lora_rank]).view(B, T, Hh, self.kv_lora_rank)
         o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv).reshape(B, T, Hh * self.v_dim)

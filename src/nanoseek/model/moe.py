@@ -102,6 +102,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
+    def expert_ffn(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on its tokens x [n, H]. (The inference engine may swap in prepacked weights.)"""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], idx/weights [N, k] -> (output [N, H], tokens per expert [E])."""
         N, k = idx.shape
@@ -116,8 +121,7 @@ class Experts(nn.Module):
         for e, seg in enumerate(xs.split(counts.tolist())):
             if seg.shape[0] == 0:
                 continue
-            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            outs.append(self.expert_ffn(e, seg))
         ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[-1])
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         # ys may be bf16 under autocast while x is the fp32 residual stream.

@@ -38,7 +38,7 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -105,28 +105,58 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, *, start_pos: int = 0, cache: LatentCache | None = None,
-                return_mtp: bool = False, return_hidden: bool = False) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, *, start_pos: int | torch.Tensor = 0, cache: LatentCache | None = None,
+                return_mtp: bool = False, return_hidden: bool = False,
+                logits_at: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, T] at positions start_pos..start_pos+T-1.
 
-        With `cache`, the new tokens' latents are written to it and, when start_pos > 0, attention
-        runs on the absorbed path over everything cached. `return_mtp` adds the MTP logits, computed
-        over the same sequence (training): depth k predicts token i + 1 + k from position i.
+        `start_pos` is an int, or a LongTensor [B] of per-row start positions (rows of different
+        lengths in one cache; needs `cache`). With `cache`, the new tokens' latents are written to
+        it and, when start_pos > 0 (or per-row), attention runs on the absorbed path over
+        everything cached. `return_mtp` adds the MTP logits, computed over the same sequence
+        (training): depth k predicts token i + 1 + k from position i. `logits_at` (LongTensor [B]
+        or [B, K] of indices into T) computes the head only there: logits [B, vocab] or
+        [B, K, vocab]; `hidden_states` stays full.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if isinstance(start_pos, torch.Tensor) and cache is None:
+            raise ValueError("per-row start positions need a cache")
         cfg = self.config
         B, T = input_ids.shape
-        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)[None]
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary(positions, x.dtype)
+        cos, sin = self.model.rotary(self.positions(start_pos, T, input_ids.device), x.dtype)
         for layer in self.model.layers[: cfg.num_hidden_layers]:
             x = layer(x, cos, sin, cache, start_pos)
         h = self.model.norm(x)
-        out = CausalLMOutput(logits=self.lm_head(h), hidden_states=h if return_hidden else None)
+        out = CausalLMOutput(logits=self.lm_head(gather_positions(h, logits_at)),
+                             hidden_states=h if return_hidden else None)
         if return_mtp:
             out.mtp_logits = self.mtp_forward(input_ids, h, cos, sin)
         return out
+
+    @staticmethod
+    def positions(start_pos: int | torch.Tensor, T: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Token positions: [1, T] for an int start, [B, T] for per-row starts [B]."""
+        if isinstance(start_pos, torch.Tensor):
+            return start_pos.view(-1, 1) + torch.arange(T, device=start_pos.device)
+        return torch.arange(start_pos, start_pos + T, device=device)[None]
+
+    def mtp_step(self, depth: int, next_tokens: torch.Tensor, hidden: torch.Tensor, *, start_pos: int | torch.Tensor,
+                 cache: LatentCache | None = None,
+                 logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run MTP module `depth` (0-based) on the cache, for drafting: returns (hidden [B, T, H], logits).
+
+        Position i reads `hidden[:, i]` (the main model's final-normed state at position i, or the
+        previous MTP module's output when chaining) and the embedding of `next_tokens[:, i]` (the
+        token at position i + 1); the logits predict the token at position i + 2 + depth. The module
+        keeps its own latent cache (`cache.layers[num_hidden_layers + depth]`), like any layer.
+        """
+        mtp = self.model.mtp_layers[depth]
+        x = mtp.combine(next_tokens, hidden)
+        cos, sin = self.model.rotary(self.positions(start_pos, x.shape[1], x.device), x.dtype)
+        h = mtp(x, cos, sin, cache, start_pos)
+        return h, mtp.logits(gather_positions(h, logits_at))
 
     def mtp_forward(self, input_ids: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """Sequential MTP over a full sequence; module k sees positions 0..T-1-k."""
@@ -178,6 +208,15 @@ class DeepseekV3ForCausalLM(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
+
+
+def gather_positions(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, D] at per-row indices: [B] -> [B, D], [B, K] -> [B, K, D]; None -> x."""
+    if index is None:
+        return x
+    if index.dim() == 1:
+        return x[torch.arange(x.shape[0], device=x.device), index]
+    return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
