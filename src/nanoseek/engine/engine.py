@@ -1,0 +1,492 @@
+"""The inference engine: batched generation on the latent KV cache, streaming, MTP speculation.
+
+    engine = Engine("path/to/model")                       # or a preset, a Hub id, a model object
+    engine.generate("Once upon a time", max_tokens=50, temperature=0.8, seed=1)
+    engine.generate([[0, 5, 9], [0, 7]], max_tokens=20)    # token-id prompts, different lengths
+    for chunk in engine.stream("Hello", max_tokens=20):     # text and token deltas
+        print(chunk.text, end="")
+    engine.generate(prompt, speculative=True)              # draft with the MTP module
+
+How a batch runs:
+
+* **Prefill** (the expanded MLA path): the prompts, right-padded to the longest, run in one forward
+  that writes every layer's latent into a preallocated `LatentCache` ([batch, max_len,
+  kv_lora_rank + qk_rope_head_dim] per layer) and computes the head only at each row's last prompt
+  token. Padding sits after a row's tokens, so causal attention never lets a real token see it.
+* **Decode** (the absorbed MLA path): one token per row per forward, each row at its own position
+  (`start_pos` is a [B] tensor); attention masks cache slots past a row's position, so rows of
+  different lengths -- and the stale padding -- are invisible. Outputs equal one-by-one generation
+  (tokens exactly in fp32 greedy, logits to float rounding).
+* Finished rows leave the batch (their cache rows are dropped), so the rest run at the smaller size.
+* **Context policy**: a prompt of `max_position_embeddings` tokens or more (or the engine's
+  `max_context`) is an error; otherwise generation stops with finish_reason "length" when the
+  context is full, whatever max_tokens says.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..model import DeepseekV3ForCausalLM, LatentCache
+from .sampling import LogitsProcessor, SamplingError, SamplingParams, make_params, raw_logprobs
+from .speculative import mtp_next_tokens, speculative_accept
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None  # None without a tokenizer
+    finish_reason: str  # "stop" (eos, stop token or stop string) or "length"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[float] | None = None  # per generated token, under the raw model distribution
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class StreamChunk:
+    index: int  # which prompt
+    token_ids: list[int]  # new tokens (several per step with speculation)
+    text: str  # new text ("" without a tokenizer, or while a stop string might be forming)
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None  # set on the row's last chunk
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_forwards: int = 0  # main-model forwards after prefill
+    row_steps: int = 0  # sum over decode forwards of the rows in the batch
+    drafted: int = 0
+    accepted: int = 0
+    speculative: int = 0  # drafts per step (0: off)
+    decode_tokens: int = 0  # generated after the prefill forward (each row's first token comes with it)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens a row gains per main-model decode forward (1.0 without speculation)."""
+        return (self.accepted + self.row_steps) / self.row_steps if self.row_steps else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d.update(acceptance_rate=self.acceptance_rate, tokens_per_forward=self.tokens_per_forward,
+                 prefill_tok_s=self.prefill_tok_s, decode_tok_s=self.decode_tok_s)
+        return d
+
+
+# ---- one request's bookkeeping ----------------------------------------------------------------
+
+class _Request:
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, eos_ids: set[int],
+                 tokenizer, context: int) -> None:
+        self.index = index
+        self.prompt = prompt
+        self.params = params
+        self.tokenizer = tokenizer
+        self.max_tokens = min(params.max_tokens, context - len(prompt))
+        self.stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else eos_ids)
+        self.output: list[int] = []
+        self.logprobs: list[float] | None = [] if params.logprobs is not None else None
+        self.top_logprobs: list[dict[int, float]] | None = [] if params.logprobs else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.text = "" if tokenizer is not None else None
+        self.sent_text = 0
+        self.sent_tokens = 0
+        self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1
+        if self.max_tokens <= 0:
+            self.finish_reason = "length"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int, logprob: float | None = None, top: dict[int, float] | None = None) -> bool:
+        """Append one token; returns True when the request is finished."""
+        if self.finished:
+            return True
+        self.output.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(float(logprob) if logprob is not None else float("nan"))
+        if self.top_logprobs is not None:
+            self.top_logprobs.append(top or {})
+        if self.tokenizer is not None:
+            old_len = len(self.text)
+            self.text = self.tokenizer.decode(self.output, skip_special=self.params.skip_special_tokens)
+            if self.params.stop_strings:
+                start = max(0, min(old_len, len(self.text)) - self.holdback)
+                hits = [(self.text.find(s, start), s) for s in self.params.stop_strings]
+                hits = [(i, s) for i, s in hits if i >= 0]
+                if hits:
+                    i, s = min(hits)
+                    self.text = self.text[:i]
+                    self.finish_reason, self.stop_reason = "stop", s
+                    return True
+        if token in self.stop_ids:
+            self.finish_reason, self.stop_reason = "stop", token
+        elif len(self.output) >= self.max_tokens:
+            self.finish_reason = "length"
+        return self.finished
+
+    def chunk(self) -> StreamChunk | None:
+        """What is new since the last chunk (text held back while a stop string could be forming)."""
+        new_tokens = self.output[self.sent_tokens:]
+        text = ""
+        if self.text is not None:
+            visible = self.text
+            if not self.finished:
+                if self.holdback:
+                    visible = visible[: max(0, len(visible) - self.holdback)]
+                while visible.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+                    visible = visible[:-1]
+            if len(visible) > self.sent_text:
+                text = visible[self.sent_text:]
+                self.sent_text = len(visible)
+        if not new_tokens and not text and not self.finished:
+            return None
+        lps = self.logprobs[self.sent_tokens:] if self.logprobs is not None else None
+        self.sent_tokens = len(self.output)
+        return StreamChunk(self.index, new_tokens, text, lps, self.finish_reason, self.stop_reason)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(list(self.prompt), list(self.output), self.text, self.finish_reason or "length",
+                                self.stop_reason, self.logprobs, self.top_logprobs)
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+class Engine:
+    """Generation on one `DeepseekV3ForCausalLM` (the same model object training uses).
+
+    model: a model object, a preset name, a model directory (Hugging Face layout, FP8 included) or
+    a Hub id. tokenizer: "auto" (the directory's tokenizer.json, if any), None, a path, or an object
+    with encode/decode/eos_id. fast: use oneDNN-prepacked weights on CPU (see fastpath.py).
+    compile: torch.compile the decode pieces (experimental, see docs/engine.md).
+    """
+
+    def __init__(self, model: DeepseekV3ForCausalLM | str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+                 device: str | torch.device | None = None, tokenizer="auto", fast: bool = True,
+                 compile: bool = False, seed: int | None = None, max_context: int | None = None) -> None:
+        self.model_dir: Path | None = None
+        if isinstance(model, DeepseekV3ForCausalLM):
+            self.model = model
+            if dtype is not None or device is not None:
+                from ..checkpoint import parse_dtype
+
+                self.model.to(device=device, dtype=parse_dtype(dtype))
+        else:
+            from ..checkpoint import load_model, resolve_model_dir
+            from ..config import PRESETS
+
+            name = str(model)
+            if not (name in PRESETS and not Path(name).exists()):
+                self.model_dir = resolve_model_dir(name)
+                model = self.model_dir
+            self.model = load_model(model, dtype=dtype, device=device or "cpu")
+        self.model.eval()
+        self.config = self.model.config
+        p = self.model.lm_head.weight
+        self.device, self.dtype = p.device, p.dtype
+        self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        self.tokenizer = self._load_tokenizer(tokenizer)
+        eos = self.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        tok_eos = getattr(self.tokenizer, "eos_id", None)
+        if tok_eos is not None:
+            self.eos_ids.add(int(tok_eos))
+        self._rng = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(6), "little"))
+        self.packed = None
+        if fast and self.device.type == "cpu":
+            from .fastpath import PackedModel
+
+            self.packed = PackedModel(self.model)
+        self.compiled = False
+        if compile:
+            from .compiled import compile_decode
+
+            self.compiled = compile_decode(self.model)
+        self.last_stats = GenerationStats()
+
+    # -- tokenizer ------------------------------------------------------------------------------
+    def _load_tokenizer(self, tokenizer):
+        if tokenizer is None or (tokenizer == "auto" and self.model_dir is None):
+            return None
+        if isinstance(tokenizer, (str, os.PathLike)):
+            path = self.model_dir if tokenizer == "auto" else Path(tokenizer)
+            file = path / "tokenizer.json" if path.is_dir() else path
+            if not file.exists():
+                if tokenizer == "auto":
+                    return None
+                raise FileNotFoundError(f"no tokenizer at {path}")
+            try:
+                from ..tokenizer import Tokenizer
+            except ImportError as e:  # the tokenizer module is another feature; token ids still work
+                raise ImportError(f"{file} exists but nanoseek.tokenizer is not available: {e}") from e
+            return Tokenizer.from_file(path)
+        return tokenizer
+
+    def encode(self, prompt: Prompt, add_bos: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise SamplingError("a string prompt needs a tokenizer, and this model has none "
+                                    "(no tokenizer.json in its directory): pass token ids, or tokenizer=PATH")
+            return list(self.tokenizer.encode(prompt, add_bos=add_bos and getattr(self.tokenizer, "bos_id", None)
+                                              is not None))
+        ids = [int(i) for i in prompt]
+        V = self.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < V]
+        if bad:
+            raise SamplingError(f"token ids must be in [0, {V}); got {bad[:5]}")
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        if self.tokenizer is None:
+            raise SamplingError("decoding text needs a tokenizer, and this model has none")
+        return self.tokenizer.decode(list(ids), skip_special=skip_special)
+
+    # -- public API -------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, speculative: bool | int = False, **kwargs) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (returns one result) or a list of prompts (returns a list).
+
+        A prompt is a string (needs a tokenizer; BOS is added when the tokenizer has one) or a list of
+        token ids. `params` is one SamplingParams for all, or one per prompt; keyword arguments
+        (max_tokens=, temperature=, top_p=, ...) override it. speculative: True or k >= 1 drafts per
+        step with the MTP module (k > number of MTP modules chains the module on itself).
+        """
+        single, reqs = self._requests(prompts, params, kwargs)
+        for _ in self._run(reqs, self._spec_k(speculative)):
+            pass
+        results = [r.result() for r in reqs]
+        return results[0] if single else results
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+               *, speculative: bool | int = False, **kwargs) -> Iterator[StreamChunk]:
+        """Like generate, but yields StreamChunks as tokens are produced (`index` tells the prompt)."""
+        _, reqs = self._requests(prompts, params, kwargs)
+        for step in self._run(reqs, self._spec_k(speculative)):
+            yield from step
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, *, stream: bool = False,
+             speculative: bool | int = False, thinking: bool = False, **kwargs):
+        """One assistant turn for a list of {"role", "content"} messages, with the model's chat template."""
+        ids = self.chat_prompt(messages, thinking=thinking)
+        if stream:
+            return self.stream([ids], params, speculative=speculative, **kwargs)
+        return self.generate([ids], params, speculative=speculative, **kwargs)[0]
+
+    def chat_prompt(self, messages: list[dict], thinking: bool = False) -> list[int]:
+        if self.tokenizer is None or not hasattr(self.tokenizer, "apply_chat_template"):
+            raise SamplingError("chat needs a tokenizer with a chat template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
+        return self.encode(text, add_bos=False)
+
+    def kv_cache_bytes_per_token(self, speculative: bool = False) -> int:
+        """Latent cache bytes per token: layers x (kv_lora_rank + qk_rope_head_dim) x element size."""
+        n = self.config.num_hidden_layers + (1 if speculative else 0)
+        return n * self.config.kv_cache_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _spec_k(self, speculative: bool | int) -> int:
+        k = int(speculative) if not isinstance(speculative, bool) else (1 if speculative else 0)
+        if k < 0:
+            raise SamplingError(f"speculative must be True/False or a number of drafts >= 1, got {speculative}")
+        if k and self.config.num_nextn_predict_layers < 1:
+            raise SamplingError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1); "
+                                "this model has none")
+        return k
+
+    def _requests(self, prompts, params, kwargs) -> tuple[bool, list[_Request]]:
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0
+                                               and all(isinstance(i, int) for i in prompts))
+        if isinstance(prompts, torch.Tensor):
+            single, prompts = prompts.dim() == 1, prompts.tolist()
+            if single:
+                prompts = [prompts]
+        elif single:
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise SamplingError("prompts must be a string, a list of token ids, or a non-empty list of those")
+        if params is None or isinstance(params, SamplingParams):
+            plist = [make_params(params, **kwargs)] * len(prompts)
+        else:
+            if len(params) != len(prompts):
+                raise SamplingError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+            plist = [make_params(p, **kwargs) for p in params]
+        reqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, plist)):
+            if p.stop_strings and self.tokenizer is None:
+                raise SamplingError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+            ids = self.encode(prompt)
+            if not ids:
+                raise SamplingError(f"prompt {i} is empty")
+            if len(ids) >= self.max_context:
+                raise SamplingError(f"prompt {i} has {len(ids)} tokens; the context holds {self.max_context} "
+                                    "(max_position_embeddings), so nothing could be generated: shorten it")
+            reqs.append(_Request(i, ids, p, self.eos_ids, self.tokenizer, self.max_context))
+        return single, reqs
+
+    def _generators(self, reqs: list[_Request]) -> list[torch.Generator | None]:
+        return [torch.Generator(device=self.device).manual_seed(r.params.seed) if r.params.seed is not None else None
+                for r in reqs]
+
+    @torch.inference_mode()
+    def _run(self, reqs: list[_Request], k: int) -> Iterator[list[StreamChunk]]:
+        model, cfg = self.model, self.config
+        stats = self.last_stats = GenerationStats(speculative=k)
+        if self.packed is not None:
+            self.packed.refresh()
+        done = [r.chunk() for r in reqs if r.finished]  # max_tokens 0
+        if done:
+            yield [c for c in done if c is not None]
+        live = [r for r in reqs if not r.finished]
+        if not live:
+            return
+        shared = torch.Generator(device=self.device).manual_seed(int(torch.randint(0, 2**62, (), generator=self._rng)))
+        proc = LogitsProcessor([r.params for r in live], [r.prompt for r in live], cfg.vocab_size, self.device,
+                               self._generators(live), shared)
+        want_lp = max((r.params.logprobs for r in live if r.params.logprobs is not None), default=None)
+        lens = [len(r.prompt) for r in live]
+        B, T = len(live), max(lens)
+        max_len = max(n + r.max_tokens for n, r in zip(lens, live)) + 2 * k + 2
+        n_layers = cfg.num_hidden_layers + (1 if k else 0)
+        cache = LatentCache(cfg, B, max_len, n_layers=n_layers, dtype=self.dtype, device=self.device)
+        ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        for b, r in enumerate(live):
+            ids[b, : lens[b]] = torch.tensor(r.prompt)
+        n = torch.tensor(lens, device=self.device)
+        stats.prompt_tokens = sum(lens)
+
+        # -- prefill -------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        out = model(ids, cache=cache, return_hidden=bool(k), logits_at=n - 1)
+        logits = out.logits
+        tok = proc.sample(logits)
+        drafts = q = None
+        if k:
+            nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
+            nxt[torch.arange(B, device=self.device), n - 1] = tok
+            h_mtp, mtp_logits = model.mtp_step(0, nxt, out.hidden_states, start_pos=0, cache=cache, logits_at=n - 1)
+            drafts, q = self._draft(proc, h_mtp.gather(1, (n - 1).view(B, 1, 1).expand(B, 1, h_mtp.shape[-1])),
+                                    mtp_logits, n, cache, k)
+        stats.prefill_s = time.perf_counter() - t0
+        self._emit(live, proc, tok[:, None], torch.zeros(B, dtype=torch.long, device=self.device), logits[:, None],
+                   want_lp, stats, first=True)
+        last = tok
+        yield [c for c in (r.chunk() for r in live) if c is not None]
+
+        # -- decode --------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        while True:
+            keep = [b for b, r in enumerate(live) if not r.finished]
+            if not keep:
+                break
+            if len(keep) < len(live):
+                idx = torch.tensor(keep, device=self.device)
+                cache.layers = [layer.index_select(0, idx) for layer in cache.layers]
+                proc.select(keep)
+                live = [live[b] for b in keep]
+                n, last = n[idx], last[idx]
+                if k:
+                    drafts = drafts[idx]
+                    q = q[idx] if q is not None else None
+            B = len(live)
+            stats.decode_forwards += 1
+            stats.row_steps += B
+            if not k:
+                uniform = bool((n == n[0]).all())
+                start = int(n[0]) if uniform else n
+                logits = model(last[:, None], start_pos=start, cache=cache).logits[:, -1]
+                tok = proc.sample(logits)
+                self._emit(live, proc, tok[:, None], torch.zeros(B, dtype=torch.long, device=self.device),
+                           logits[:, None], want_lp, stats)
+                n, last = n + 1, tok
+            else:
+                inp = torch.cat((last[:, None], drafts), dim=1)
+                out = model(inp, start_pos=n, cache=cache, return_hidden=True)
+                n_acc, toks = speculative_accept(out.logits, drafts, q, proc)
+                stats.drafted += B * k
+                stats.accepted += int(n_acc.sum())
+                self._emit(live, proc, toks, n_acc, out.logits, want_lp, stats)
+                new_last = toks.gather(1, n_acc[:, None])[:, 0]
+                A = int(n_acc.max()) + 1
+                nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
+                h_mtp, mtp_logits = model.mtp_step(0, nt, out.hidden_states[:, :A], start_pos=n, cache=cache,
+                                                   logits_at=n_acc)
+                n = n + n_acc + 1
+                last = new_last
+                h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
+                drafts, q = self._draft(proc, h_last, mtp_logits, n, cache, k)
+            yield [c for c in (r.chunk() for r in live) if c is not None]
+        stats.decode_s = time.perf_counter() - t0
+
+    def _draft(self, proc: LogitsProcessor, h_last: torch.Tensor, mtp_logits: torch.Tensor, n_next: torch.Tensor,
+               cache: LatentCache, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k drafts per row: the first from `mtp_logits` (the MTP output at position n_next - 1); each
+        next one from the MTP module run on its own output and the previous draft at n_next + j."""
+        drafts, qs = [], []
+        logits = mtp_logits
+        h = h_last
+        for j in range(k):
+            if proc.all_greedy:
+                d = proc.penalized(logits.float()).argmax(dim=-1)
+            else:
+                qj = proc.probs(logits.float())
+                d = proc.draw(qj)
+                qs.append(qj)
+            drafts.append(d)
+            if j + 1 < k:
+                h, logits = self.model.mtp_step(0, d[:, None], h, start_pos=n_next + j, cache=cache)
+                logits = logits[:, -1]
+        q = torch.stack(qs, dim=1) if qs else None
+        return torch.stack(drafts, dim=1), q
+
+    def _emit(self, live: list[_Request], proc: LogitsProcessor, toks: torch.Tensor, n_acc: torch.Tensor,
+              logits: torch.Tensor, want_lp: int | None, stats: GenerationStats, first: bool = False) -> None:
+        """Give each row its new tokens toks[b, :n_acc[b] + 1] (logits[b, i] produced toks[b, i])."""
+        counts = (n_acc + 1).tolist()
+        toks_l = toks.tolist()
+        lps = tops = None
+        if want_lp is not None:
+            K = toks.shape[1]
+            flat_logits = logits[:, :K].reshape(-1, logits.shape[-1])
+            chosen, top = raw_logprobs(flat_logits, toks.clamp(min=0).reshape(-1), want_lp)
+            lps = chosen.view(len(live), K).tolist()
+            tops = [top[b * K:(b + 1) * K] for b in range(len(live))] if top is not None else None
+        committed = torch.full_like(toks, -1)
+        for b, r in enumerate(live):
+            for i in range(counts[b]):
+                before = len(r.output)
+                r.add(toks_l[b][i], lps[b][i] if lps else None, tops[b][i] if tops else None)
+                if len(r.output) > before:
+                    committed[b, i] = toks_l[b][i]
+                    stats.generated_tokens += 1
+                    if not first:
+                        stats.decode_tokens += 1
+                if r.finished:
+                    break
+        proc.update(committed)

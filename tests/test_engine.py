@@ -1,0 +1,291 @@
+"""The engine: latent-cache decode equals the full forward, batched equals one-by-one, speculative
+greedy equals plain greedy, the prepacked fast path equals the plain one, context and stop rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanoseek
+from conftest import randomize
+from nanoseek.engine import Engine, SamplingError, SamplingParams
+
+TOL = 1e-4
+
+
+def _model(seed: int = 1, **overrides):
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny", **overrides)).eval()
+    randomize(model, seed, bias_std=0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model, seed=0)
+
+
+PROMPTS = [[5, 17, 3, 99, 250, 7], [8, 1000], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [42]]
+
+
+# ---- the model's per-row positions (what batched decode runs on) -----------------------------------
+
+def test_per_row_decode_on_the_latent_cache_matches_full_forward(model):
+    """Rows of different lengths share one cache; each row's decode logits equal its own full forward."""
+    lens = [9, 4, 6]
+    total = 14
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 1024, (total,), generator=g) for _ in lens]
+    B, T = len(lens), max(lens)
+    with torch.no_grad():
+        cache = model.new_cache(B, total + 2)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, n in enumerate(lens):
+            ids[b, :n] = seqs[b][:n]
+        n = torch.tensor(lens)
+        steps = {b: [model(ids, cache=cache, logits_at=n - 1).logits[b]] for b in range(B)}
+        while int(n.min()) < total - 1:
+            step_ids = torch.stack([seqs[b][min(int(n[b]), total - 1)] for b in range(B)])[:, None]
+            logits = model(step_ids, start_pos=n, cache=cache).logits[:, -1]
+            for b in range(B):
+                if int(n[b]) < total - 1:
+                    steps[b].append(logits[b])
+            n = (n + 1).clamp(max=total - 1)
+        for b, ln in enumerate(lens):
+            full = model(seqs[b][None, :total - 1]).logits[0, ln - 1:]
+            got = torch.stack(steps[b])
+            assert got.shape == full.shape
+            diff = (got - full).abs().max().item()
+            assert diff <= TOL, (b, diff)
+
+
+def test_per_row_multi_token_blocks_are_causal(model):
+    """Speculative verification: blocks of several tokens at per-row positions equal the full forward."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 1024, (12,), generator=g), torch.randint(0, 1024, (12,), generator=g)
+    with torch.no_grad():
+        cache = model.new_cache(2, 16)
+        ids = torch.stack([a[:8], torch.cat([b[:5], torch.zeros(3, dtype=torch.long)])])
+        model(ids, cache=cache)
+        block = torch.stack([a[8:11], b[5:8]])
+        got = model(block, start_pos=torch.tensor([8, 5]), cache=cache).logits
+        ref_a = model(a[None, :11]).logits[0, 8:11]
+        ref_b = model(b[None, :8]).logits[0, 5:8]
+    assert (got[0] - ref_a).abs().max() <= TOL
+    assert (got[1] - ref_b).abs().max() <= TOL
+
+
+def test_logits_at_and_per_row_positions_need_a_cache(model):
+    ids = torch.randint(0, 1024, (2, 7))
+    with torch.no_grad():
+        full = model(ids).logits
+        at = model(ids, logits_at=torch.tensor([6, 2])).logits
+        at2 = model(ids, logits_at=torch.tensor([[0, 6], [1, 2]])).logits
+    assert torch.allclose(at, torch.stack([full[0, 6], full[1, 2]]), atol=1e-6)
+    assert torch.allclose(at2[1], full[1, 1:3], atol=1e-6)
+    with pytest.raises(ValueError, match="need a cache"):
+        model(ids, start_pos=torch.tensor([0, 0]))
+
+
+# ---- batching ------------------------------------------------------------------------------------
+
+def test_batched_generation_equals_one_by_one(engine):
+    batch = engine.generate(PROMPTS, max_tokens=10, temperature=0, logprobs=0, ignore_eos=True)
+    for prompt, r in zip(PROMPTS, batch):
+        alone = engine.generate(prompt, max_tokens=10, temperature=0, logprobs=0, ignore_eos=True)
+        assert r.token_ids == alone.token_ids
+        assert max(abs(x - y) for x, y in zip(r.logprobs, alone.logprobs)) <= TOL
+        assert r.prompt_token_ids == prompt and r.finish_reason == "length" and len(r.token_ids) == 10
+
+
+def test_seeded_sampling_is_batch_independent(engine):
+    kw = dict(max_tokens=8, temperature=0.9, top_k=50, top_p=0.95, seed=1234, ignore_eos=True)
+    batch = engine.generate(PROMPTS, **kw)
+    for prompt, r in zip(PROMPTS, batch):
+        assert engine.generate(prompt, **kw).token_ids == r.token_ids
+    assert engine.generate(PROMPTS[0], **{**kw, "seed": 99}).token_ids != batch[0].token_ids
+
+
+def test_logprobs_are_the_raw_model_distribution(engine, model):
+    r = engine.generate(PROMPTS[0], max_tokens=3, temperature=0, logprobs=3, ignore_eos=True)
+    seq = torch.tensor([PROMPTS[0] + r.token_ids[:-1]])
+    with torch.no_grad():
+        lp = model(seq).logits[0, len(PROMPTS[0]) - 1:].log_softmax(-1)
+    for i, t in enumerate(r.token_ids):
+        assert abs(lp[i, t].item() - r.logprobs[i]) <= TOL
+        assert len(r.top_logprobs[i]) == 3 and t in r.top_logprobs[i]  # greedy: the top token
+        assert max(r.top_logprobs[i].values()) == pytest.approx(r.logprobs[i], abs=1e-6)
+
+
+def test_streaming_yields_what_generate_returns(engine):
+    chunks = list(engine.stream(PROMPTS[:2], max_tokens=6, temperature=0, ignore_eos=True))
+    ref = engine.generate(PROMPTS[:2], max_tokens=6, temperature=0, ignore_eos=True)
+    for i in range(2):
+        mine = [c for c in chunks if c.index == i]
+        assert [t for c in mine for t in c.token_ids] == ref[i].token_ids
+        assert mine[-1].finish_reason == "length" and all(c.finish_reason is None for c in mine[:-1])
+
+
+# ---- the fast path -----------------------------------------------------------------------------
+
+def test_prepacked_fast_path_matches_plain_and_leaves_training_alone():
+    model = _model(seed=3)
+    plain = Engine(model, fast=False).generate(PROMPTS, max_tokens=8, temperature=0, logprobs=0, ignore_eos=True)
+    fast_engine = Engine(model, fast=True)
+    if fast_engine.packed is None or not fast_engine.packed.linears:
+        pytest.skip("oneDNN linear not available on this CPU/build")
+    fast = fast_engine.generate(PROMPTS, max_tokens=8, temperature=0, logprobs=0, ignore_eos=True)
+    for a, b in zip(plain, fast):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= TOL
+    # Training the same object: autograd takes the plain path, and an optimizer step is picked up.
+    ids = torch.randint(0, 1024, (2, 9))
+    loss = model(ids).logits.logsumexp(-1).mean()
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    before = fast_engine.generate(PROMPTS[0], max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # an "optimizer step" that changes the argmax
+    after = fast_engine.generate(PROMPTS[0], max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
+    ref = Engine(model, fast=False).generate(PROMPTS[0], max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
+    assert after.token_ids == ref.token_ids != before.token_ids
+
+
+# ---- speculative decoding -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_speculative_greedy_equals_plain_greedy(engine, k):
+    plain = engine.generate(PROMPTS, max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+    spec = engine.generate(PROMPTS, max_tokens=12, temperature=0, ignore_eos=True, logprobs=0, speculative=k)
+    for a, b in zip(plain, spec):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= TOL
+    s = engine.last_stats
+    assert s.speculative == k and s.drafted > 0 and 0 <= s.acceptance_rate <= 1
+
+
+def _oracle(engine, refs, wrong_every: int):
+    """Replace the MTP drafter with one that proposes the true continuation, wrong every so often,
+    so that acceptance paths (all / some / none accepted, different per row) all run."""
+    calls = [0]
+    real = engine._draft
+
+    def draft(proc, h_last, mtp_logits, n_next, cache, k):
+        real(proc, h_last, mtp_logits, n_next, cache, k)  # keep the MTP cache work identical
+        rows = []
+        for b in range(len(n_next)):
+            pos = int(n_next[b]) + 1
+            row = [refs[b][pos + j] if pos + j < len(refs[b]) else 0 for j in range(k)]
+            for j in range(k):
+                calls[0] += 1
+                if calls[0] % wrong_every == 0:
+                    row[j] = (row[j] + 1) % 1024
+            rows.append(row)
+        return torch.tensor(rows), None
+
+    engine._draft = draft
+    return calls
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_with_accepted_drafts(model, k):
+    engine = Engine(model, seed=0)
+    plain = engine.generate(PROMPTS, max_tokens=16, temperature=0, ignore_eos=True)
+    refs = [p + r.token_ids for p, r in zip(PROMPTS, plain)]
+    _oracle(engine, refs, wrong_every=3)
+    spec = engine.generate(PROMPTS, max_tokens=16, temperature=0, ignore_eos=True, speculative=k)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    s = engine.last_stats
+    assert 0.3 < s.acceptance_rate < 0.9 and s.tokens_per_forward > 1.3
+    assert s.decode_forwards < 15
+
+
+def test_speculative_with_penalties_and_stops_equals_plain(model):
+    engine = Engine(model, seed=0)
+    kw = dict(max_tokens=14, temperature=0, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.3)
+    plain = engine.generate(PROMPTS, **kw)
+    refs = [p + r.token_ids for p, r in zip(PROMPTS, plain)]
+    stop = plain[0].token_ids[5]
+    plain_stop = engine.generate(PROMPTS, stop_token_ids=[stop], **kw)
+    _oracle(engine, refs, wrong_every=4)
+    assert [r.token_ids for r in engine.generate(PROMPTS, speculative=2, **kw)] == [r.token_ids for r in plain]
+    spec_stop = engine.generate(PROMPTS, speculative=2, stop_token_ids=[stop], **kw)
+    assert [r.token_ids for r in spec_stop] == [r.token_ids for r in plain_stop]
+    assert spec_stop[0].finish_reason == "stop" and spec_stop[0].stop_reason == stop
+
+
+def test_speculative_needs_an_mtp_module():
+    engine = Engine(_model(num_nextn_predict_layers=0))
+    with pytest.raises(SamplingError, match="MTP"):
+        engine.generate([1, 2], max_tokens=2, speculative=True)
+
+
+# ---- limits and stops ------------------------------------------------------------------------------
+
+def test_context_policy(model):
+    engine = Engine(model, max_context=32)
+    with pytest.raises(SamplingError, match="context holds 32"):
+        engine.generate(list(range(32)), max_tokens=1)
+    r = engine.generate(list(range(1, 28)), max_tokens=50, temperature=0, ignore_eos=True)
+    assert len(r.token_ids) == 5 and r.finish_reason == "length"  # 27 + 5 = the context
+
+
+def test_stop_tokens_eos_and_max_tokens_zero(engine):
+    ref = engine.generate(PROMPTS[0], max_tokens=8, temperature=0, ignore_eos=True)
+    stop = ref.token_ids[3]
+    r = engine.generate(PROMPTS[0], max_tokens=8, temperature=0, stop_token_ids=[stop])
+    first = ref.token_ids.index(stop)
+    assert r.token_ids == ref.token_ids[:first + 1] and r.finish_reason == "stop" and r.stop_reason == stop
+    eos_engine = Engine(engine.model)
+    eos_engine.eos_ids = {stop}
+    assert eos_engine.generate(PROMPTS[0], max_tokens=8, temperature=0).token_ids == r.token_ids
+    assert eos_engine.generate(PROMPTS[0], max_tokens=8, temperature=0, ignore_eos=True).token_ids == ref.token_ids
+    z = engine.generate(PROMPTS[:2], max_tokens=0)
+    assert [x.token_ids for x in z] == [[], []] and z[0].finish_reason == "length"
+
+
+def test_token_id_prompts_only_without_tokenizer(engine):
+    with pytest.raises(SamplingError, match="needs a tokenizer"):
+        engine.generate("hello")
+    with pytest.raises(SamplingError, match="stop strings need a tokenizer"):
+        engine.generate([1, 2], stop="x")
+    with pytest.raises(SamplingError, match=r"token ids must be in \[0, 1024\)"):
+        engine.generate([1, 5000])
+    with pytest.raises(SamplingError, match="empty"):
+        engine.generate([[1], []])
+
+
+def test_kv_cache_is_exactly_the_latent(engine):
+    cfg = engine.config
+    assert engine.kv_cache_bytes_per_token() == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+class CharTokenizer:
+    """A stand-in with the nanoseek Tokenizer interface: one character per token id."""
+
+    bos_id, eos_id = 0, 1
+
+    def encode(self, text, add_bos=False):
+        return ([0] if add_bos else []) + [ord(c) - 0x4E00 for c in text]
+
+    def decode(self, ids, skip_special=False):
+        return "".join(chr(0x4E00 + i) for i in ids)
+
+
+def test_stop_strings_and_streamed_text(model):
+    engine = Engine(model, tokenizer=CharTokenizer(), seed=0)
+    prompt = CharTokenizer().decode([3, 17, 99])
+    ref = engine.generate(prompt, max_tokens=20, temperature=0, ignore_eos=True)
+    assert ref.prompt_token_ids[0] == 0 and len(ref.text) == 20
+    stop = ref.text[7:10]
+    cut = ref.text.find(stop)
+    r = engine.generate(prompt, max_tokens=20, temperature=0, ignore_eos=True, stop=[stop, "never-there"])
+    assert r.text == ref.text[:cut] and r.finish_reason == "stop" and r.stop_reason == stop
+    assert len(r.token_ids) == cut + len(stop)
+    chunks = list(engine.stream(prompt, max_tokens=20, temperature=0, ignore_eos=True, stop=stop))
+    assert "".join(c.text for c in chunks) == r.text
+    assert chunks[-1].finish_reason == "stop"
