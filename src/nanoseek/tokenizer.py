@@ -1,0 +1,390 @@
+"""Byte-level BPE tokenizer with DeepSeek-V3's special tokens and chat template.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` (the Rust library behind Hugging Face's fast
+tokenizers). It is either trained here (`train_tokenizer`: the same pre-tokenizer as
+DeepSeek-V3's own tokenizer, a vocabulary of exactly the model's `vocab_size`) or loaded from a
+`tokenizer.json` (`Tokenizer.from_file`; DeepSeek-V3/R1's own file loads as is).
+
+Special tokens are DeepSeek-V3's spellings (note the fullwidth bar U+FF5C and U+2581 "▁"):
+
+    <｜begin▁of▁sentence｜>  bos (id 0 in a tokenizer trained here, as in DeepSeek-V3)
+    <｜end▁of▁sentence｜>    eos (id 1), also closes every assistant turn
+    <｜▁pad▁｜>              pad (id 2)
+    <｜User｜> <｜Assistant｜> <think> </think>   (ids 3..6)
+
+They are atomic: the text "<think>" always encodes to its one id and normal text never merges
+into one of them. `save(dir)` writes `tokenizer.json` + `tokenizer_config.json` so that
+`transformers.AutoTokenizer.from_pretrained(dir)` encodes identically and renders the same chat
+template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .io_utils import atomic_write_text
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK = "<think>"
+END_THINK = "</think>"
+SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK)
+# Content tokens: atomic, but kept by decode(skip_special=True) (R1's reasoning is shown to users).
+NON_SPECIAL = (THINK, END_THINK)
+PLACEHOLDER = "<｜place▁holder▁no▁{}｜>"  # DeepSeek-V3 pads its vocabulary with these as well
+
+# DeepSeek-V3's pre-tokenizer (tokenizer.json of deepseek-ai/DeepSeek-V3): numbers in groups of
+# at most three digits, CJK runs, then a GPT-4-like word/punctuation/whitespace split; applied in
+# sequence, each "isolated", followed by the byte-level mapping (without its own regex).
+PRETOKENIZER_SPLITS = (
+    r"\p{N}{1,3}",
+    "[一-龥\u3040-ゟ゠-ヿ]+",
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+    r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+)
+DEFAULT_MODEL_MAX_LENGTH = 131072  # DeepSeek-V3's tokenizer_config.json value
+
+# DeepSeek-V3's template restricted to system/user/assistant turns: bos, the system prompts joined
+# by blank lines, then <｜User｜>{content} and <｜Assistant｜>{content}<｜end▁of▁sentence｜>; the
+# generation prompt is <｜Assistant｜>, followed by "<think>\n" when `thinking` (as DeepSeek-R1).
+CHAT_TEMPLATE = (
+    "{%- if add_generation_prompt is not defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{%- if thinking is not defined %}{% set thinking = false %}{% endif %}"
+    "{%- set ns = namespace(system_prompt='', is_first_sp=true) %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{%- if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
+    "{% set ns.is_first_sp = false %}"
+    "{%- else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{{- bos_token if bos_token else '' }}{{- ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{- '" + USER + "' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}{{- '" + ASSISTANT + "' + message['content'] + eos_token }}"
+    "{%- elif message['role'] != 'system' %}"
+    "{{- raise_exception('unsupported chat role: ' + message['role']) }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '" + ASSISTANT + "' }}{%- if thinking %}{{- '" + THINK + "\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing or cannot be read, or a request it cannot serve."""
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config.json spells tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte -> printable-unicode table used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids and the chat template nanoseek needs."""
+
+    def __init__(self, tokenizer: Any, bos_token: str | None = BOS, eos_token: str | None = EOS,
+                 pad_token: str | None = None, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+                 source: str | None = None) -> None:
+        self._tok = tokenizer
+        self.source = source or "<memory>"
+        self.model_max_length = int(model_max_length)
+        added = tokenizer.get_added_tokens_decoder()  # {id: AddedToken}
+        self.special_tokens: dict[str, int] = {t.content: i for i, t in sorted(added.items())}
+        self._special_ids = frozenset(i for i, t in added.items() if t.special)
+
+        def lookup(name: str | None) -> int | None:
+            return None if name is None else tokenizer.token_to_id(name)
+
+        self.bos_token = bos_token if lookup(bos_token) is not None else None
+        self.bos_id = lookup(self.bos_token)
+        self.eos_token = eos_token
+        self.eos_id = lookup(eos_token)
+        if self.eos_id is None:
+            raise TokenizerError(f"{self.source}: no end-of-sentence token {eos_token!r} in the vocabulary "
+                                 "(set eos_token in tokenizer_config.json)")
+        if pad_token is None or lookup(pad_token) is None:
+            pad_token = PAD if lookup(PAD) is not None else self.eos_token
+        self.pad_token = pad_token
+        self.pad_id = lookup(pad_token)
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        # Embedding rows needed: one past the largest id (ids may have holes in foreign files).
+        self.vocab_size: int = max(vocab.values()) + 1 if vocab else 0
+        self._fingerprint: str | None = None
+        self._byte_lengths = None
+
+    # ---- constructors ----------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load `tokenizer.json` (a file, or a directory holding one) and its tokenizer_config.json."""
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        path = Path(path)
+        if path.is_dir():
+            file = path / "tokenizer.json"
+            if not file.is_file():
+                raise TokenizerError(f"{path} holds no tokenizer.json")
+        else:
+            file = path
+            if not file.is_file():
+                raise TokenizerError(f"tokenizer file not found: {file}")
+        try:
+            tok = _HFTokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library raises a plain Exception
+            raise TokenizerError(f"cannot load tokenizer {file}: {e}") from None
+
+        config: dict[str, Any] = {}
+        config_file = file.parent / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise TokenizerError(f"cannot read {config_file}: {e}") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_file} must hold a JSON object")
+        bos = _token_content(config.get("bos_token")) or BOS
+        eos = _token_content(config.get("eos_token")) or EOS
+        pad = _token_content(config.get("pad_token"))
+        max_len = config.get("model_max_length")
+        if not isinstance(max_len, int) or not 0 < max_len < 10**12:  # transformers writes 1e30 for "none"
+            max_len = DEFAULT_MODEL_MAX_LENGTH
+        return cls(tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=max_len, source=str(file))
+
+    @classmethod
+    def from_str(cls, json_text: str, **kwargs: Any) -> "Tokenizer":
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        try:
+            tok = _HFTokenizer.from_str(json_text)
+        except Exception as e:
+            raise TokenizerError(f"cannot parse tokenizer JSON: {e}") from None
+        return cls(tok, **kwargs)
+
+    # ---- encoding --------------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self._need_bos(), *ids] if add_bos else ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+        """Encode many texts in parallel (Rust threads); same ids as `encode` on each."""
+        texts = list(texts)
+        fast = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
+        out = [e.ids for e in fast(texts, add_special_tokens=False)]
+        if add_bos:
+            bos = self._need_bos()
+            out = [[bos, *ids] for ids in out]
+        return out
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_to_id(self, s: str) -> int | None:
+        return self._tok.token_to_id(s)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(int(i))
+
+    def is_special(self, i: int) -> bool:
+        return int(i) in self._special_ids
+
+    def _need_bos(self) -> int:
+        if self.bos_id is None:
+            raise TokenizerError(f"{self.source}: this tokenizer has no begin-of-sentence token")
+        return self.bos_id
+
+    # ---- chat ------------------------------------------------------------------------------------
+    def _chat_parts(self, messages: Sequence[dict], add_generation_prompt: bool, thinking: bool
+                    ) -> list[tuple[str, bool]]:
+        """The rendered template as (text, is_assistant_output) pieces, each piece next to a special token."""
+        if not isinstance(messages, (list, tuple)):
+            raise TokenizerError("messages must be a list of {'role', 'content'} objects, "
+                                 f"got {type(messages).__name__}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise TokenizerError(f"message {i} must be an object with a 'role', got {m!r}")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise TokenizerError(f"message {i}: unsupported chat role {m['role']!r} (system, user, assistant)")
+            if not isinstance(m.get("content"), str):
+                raise TokenizerError(f"message {i} ({m['role']}): 'content' must be a string, got {m.get('content')!r}")
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        parts: list[tuple[str, bool]] = [((self.bos_token or "") + system, False)]
+        for m in messages:
+            if m["role"] == "user":
+                parts.append((USER + m["content"], False))
+            elif m["role"] == "assistant":
+                parts += [(ASSISTANT, False), (m["content"], True), (self.eos_token, True)]
+        if add_generation_prompt:
+            parts.append((ASSISTANT + (THINK + "\n" if thinking else ""), False))
+        return parts
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            thinking: bool = False) -> str:
+        """DeepSeek-V3's chat format as a string (the jinja `CHAT_TEMPLATE` renders the same)."""
+        return "".join(text for text, _ in self._chat_parts(messages, add_generation_prompt, thinking))
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                    thinking: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of `apply_chat_template(...)` and a 0/1 mask that is 1 on what the assistant
+        writes: the content of each assistant turn and the <｜end▁of▁sentence｜> closing it (SFT labels).
+
+        Each piece is bordered by special tokens, which the tokenizer never merges across, so the ids
+        equal `encode(apply_chat_template(messages, ...))`.
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+        for text, learn in self._chat_parts(messages, add_generation_prompt, thinking):
+            piece = self.encode(text) if text else []
+            ids += piece
+            mask += [int(learn)] * len(piece)
+        return ids, mask
+
+    # ---- identity, bytes -------------------------------------------------------------------------
+    def to_str(self) -> str:
+        return self._tok.to_str()
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the serialized tokenizer (vocabulary, merges, pre-tokenizer, special tokens)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self._tok.to_str().encode("utf-8"))
+            h.update(f"|bos={self.bos_token}|eos={self.eos_token}".encode("utf-8"))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def token_byte_lengths(self):
+        """numpy int32 array [vocab_size]: UTF-8 bytes each id stands for (0 for special tokens).
+
+        Summing it over evaluated target ids gives the exact byte count for bits per byte.
+        """
+        if self._byte_lengths is None:
+            import numpy as np
+
+            lengths = np.zeros(self.vocab_size, dtype=np.int32)
+            spec = json.loads(self._tok.to_str())
+            decoder = spec.get("decoder") or {}
+            byte_level = decoder.get("type") == "ByteLevel" or any(
+                d.get("type") == "ByteLevel" for d in decoder.get("decoders", []) or [])
+            table = _byte_decoder()
+            for token, i in self._tok.get_vocab(with_added_tokens=False).items():
+                if byte_level and all(c in table for c in token):
+                    lengths[i] = len(token)
+                else:
+                    lengths[i] = len(self._tok.decode([i]).encode("utf-8"))
+            for i, t in self._tok.get_added_tokens_decoder().items():
+                lengths[i] = 0 if t.special else len(t.content.encode("utf-8"))
+            self._byte_lengths = lengths
+        return self._byte_lengths
+
+    # ---- saving ----------------------------------------------------------------------------------
+    def tokenizer_config(self, model_max_length: int | None = None) -> dict[str, Any]:
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": None,
+            "add_bos_token": True,  # as DeepSeek-V3: the post-processor adds bos when asked for special tokens
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": int(model_max_length or self.model_max_length),
+            "chat_template": CHAT_TEMPLATE,
+        }
+
+    def save(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json + tokenizer_config.json (atomically) into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / "tokenizer.json", self._tok.to_str(pretty=True))
+        atomic_write_text(directory / "tokenizer_config.json",
+                          json.dumps(self.tokenizer_config(model_max_length), indent=2, ensure_ascii=False) + "\n")
+
+    @property
+    def backend(self) -> Any:
+        """The wrapped `tokenizers.Tokenizer`."""
+        return self._tok
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+                f"pad_id={self.pad_id}, source={self.source!r})")
+
+
+def _counting(texts: Iterable[str], counter: list[int]) -> Iterator[str]:
+    for t in texts:
+        if not isinstance(t, str):
+            raise TokenizerError(f"training texts must be strings, got {type(t).__name__}")
+        counter[0] += len(t)
+        yield t
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = True,
+                    min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE of exactly `vocab_size` tokens (special tokens included).
+
+    Ids 0..6 are DeepSeek-V3's special tokens (bos 0, eos 1, pad 2, as the official config), then
+    the 256 byte tokens, then the merges. If the text is too small to yield enough merges (pairs
+    seen fewer than `min_frequency` times are not merged), the vocabulary is filled up with
+    `<｜place▁holder▁no▁N｜>` special tokens, as DeepSeek-V3's own, so its size always equals the
+    model's embedding rows. Deterministic: the same texts give the same tokenizer.
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as _HFTokenizer
+
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < minimum:
+        raise TokenizerError(f"vocab_size must be an integer >= {minimum} (256 byte tokens + "
+                             f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}")
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in PRETOKENIZER_SPLITS]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    seen = [0]
+    tok.train_from_iterator(_counting(texts, seen), trainer=trainer)
+    if seen[0] == 0:
+        raise TokenizerError("no text to train the tokenizer on")
+
+    # Think tags are content (decode keeps them), never normalized; bos is added by the
+    # post-processor when a caller asks transformers for special tokens (as DeepSeek-V3's file).
+    spec = json.loads(tok.to_str())
+    for t in spec["added_tokens"]:
+        t["normalized"] = False
+        if t["content"] in NON_SPECIAL:
+            t["special"] = False
+    tok = _HFTokenizer.from_str(json.dumps(spec))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size < vocab_size:
+        tok.add_special_tokens([PLACEHOLDER.format(i) for i in range(vocab_size - size)])
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size != vocab_size:  # pragma: no cover - the trainer never exceeds its vocab_size
+        raise TokenizerError(f"trained vocabulary has {size} tokens, expected {vocab_size}")
+    for i, name in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(name) == i, (name, tok.token_to_id(name))
+    return Tokenizer(tok, source=f"<trained byte-level BPE, vocab {vocab_size}>")
