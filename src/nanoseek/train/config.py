@@ -24,6 +24,7 @@ class TrainConfig:
     tokenizer: str | None = None  # tokenizer.json (or dir); None = train a BPE of the model's vocab size
     out_dir: str = "runs/small"
     val_fraction: float = 0.02
+    split_seed: int = 0  # which files are held out; fixed, so validation losses compare across seeds
     # batch
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch

@@ -114,7 +114,7 @@ class Trainer:
 
         cache = Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek")) / "tokens"
         self.train_data, self.val_data = prepare_data(cfg.data or None, self.tokenizer, cache,
-                                                      val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                                      val_fraction=cfg.val_fraction, seed=cfg.split_seed,
                                                       text_field=cfg.text_field)
         self.sampler = BatchSampler(self.train_data, cfg.seq_len, cfg.batch_size, extra=1, seed=cfg.seed)
 
@@ -145,7 +145,7 @@ class Trainer:
     def _train_tokenizer(self, vocab_size: int, train_tokenizer):
         from ..data import read_documents, resolve_inputs, split_files
 
-        files, _ = split_files(resolve_inputs(self.cfg.data or None), self.cfg.val_fraction, self.cfg.seed)
+        files, _ = split_files(resolve_inputs(self.cfg.data or None), self.cfg.val_fraction, self.cfg.split_seed)
 
         def texts(limit: int = 12 * 2**20):
             seen = 0
