@@ -387,21 +387,31 @@ def default_dtype(cfg: ModelConfig) -> torch.dtype:
 
 
 def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu", seed: int = 0, strict: bool = True) -> DeepseekV3ForCausalLM:
+               device: str | torch.device = "cpu", seed: int = 0, strict: bool = True,
+               keep_fp8: bool = False) -> DeepseekV3ForCausalLM:
     """Load a model directory (official HF layout, FP8 included), a Hub id, or a preset (random init).
 
     dtype defaults to the checkpoint's `torch_dtype` (bf16 for FP8 checkpoints, fp32 for presets).
+    keep_fp8=True keeps the FP8-stored Linear weights in FP8 in memory (1 byte + 128x128 scales,
+    dequantized block-wise inside forward; see nanoseek.fp8_linear); tensors stored in higher
+    precision are quantized on load. Everything else is loaded in `dtype`.
     """
     dtype = parse_dtype(dtype)
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not Path(path_or_preset).exists():
         cfg = preset(path_or_preset)
         model = DeepseekV3ForCausalLM(cfg)
         model.init_weights(generator=torch.Generator().manual_seed(seed))
-        return model.to(device=device, dtype=dtype or torch.float32).eval()
+        model = model.to(device=device, dtype=dtype or torch.float32).eval()
+        if keep_fp8:
+            from .fp8_linear import convert_to_fp8_inference
+
+            convert_to_fp8_inference(model)
+        return model
     directory = resolve_model_dir(path_or_preset)
     cfg = load_config(directory)
     reader = TensorReader(directory)
-    return load_weights(cfg, reader, dtype=dtype or default_dtype(cfg), device=device, strict=strict)
+    return load_weights(cfg, reader, dtype=dtype or default_dtype(cfg), device=device, strict=strict,
+                        keep_fp8=keep_fp8)
 
 
 def _layer_indices(names: set[str]) -> set[int]:
@@ -414,7 +424,8 @@ def _layer_indices(names: set[str]) -> set[int]:
 
 
 def load_weights(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", strict: bool = True) -> DeepseekV3ForCausalLM:
+                 device: str | torch.device = "cpu", strict: bool = True,
+                 keep_fp8: bool = False) -> DeepseekV3ForCausalLM:
     present = reader.names()
     L = cfg.num_hidden_layers
     if cfg.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{L}.") for n in present):
@@ -449,8 +460,12 @@ def load_weights(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype = to
     if strict and (missing or unexpected or misshaped):
         raise CheckpointError(_mismatch_report(cfg, reader.directory, missing, unexpected, misshaped, present))
 
+    if keep_fp8:  # swap in FP8 modules while still on meta: FP8 weights are allocated at 1 byte
+        from .fp8_linear import convert_to_fp8_inference
+
+        convert_to_fp8_inference(model, quantize=False, block_size=block[0])
     model = model.to_empty(device=device)
-    model = model.to(dtype)
+    model = model.to(dtype)  # FP8 modules keep their float8 weights and float32 scales
     _copy_weights(model, reader, entries, block)
     if not strict and missing:
         log.warning("missing tensors left uninitialized: %s", ", ".join(missing[:10]))
@@ -464,12 +479,21 @@ def _copy_weights(model: DeepseekV3ForCausalLM, reader: TensorReader, entries: l
     state.update(dict(model.named_buffers(remove_duplicate=False)))
     present = reader.names()
     copies = []
+    from .fp8_linear import fp8_param_targets, load_fp8_entry
+
+    fp8_targets = fp8_param_targets(model)  # empty unless the model holds FP8 inference modules
     with torch.no_grad():
         for e in entries:
             if e.name not in present:
                 continue
             if e.shared_copy_of:
                 copies.append(e)
+                continue
+            if e.param in fp8_targets:
+                try:
+                    load_fp8_entry(fp8_targets[e.param], e.name, reader, e.expert, e.rows, block)
+                except ValueError as err:
+                    raise CheckpointError(str(err)) from err
                 continue
             target = state[e.param]
             if e.expert is not None:

@@ -1,0 +1,165 @@
+"""FP8 weights kept in FP8 at inference (nanoseek.fp8_linear inference modules, load_model(keep_fp8=True))."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nanoseek
+from nanoseek.checkpoint import save_model
+from nanoseek.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
+from nanoseek.fp8_linear import (
+    FP8InferenceExperts,
+    FP8InferenceLinear,
+    convert_to_fp8_inference,
+    cuda_fp8_available,
+    fp8_module_names,
+)
+from nanoseek.model.moe import Experts
+
+F8 = torch.float8_e4m3fn
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("shape", [(192, 320), (576, 140), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_linear_equals_dequantized_linear(shape, dtype):
+    N, K = shape
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(K, N, bias=True).to(dtype)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05, generator=gen)
+    m = FP8InferenceLinear.from_linear(lin)
+    assert m.qweight.dtype == F8 and m.weight_scale_inv.shape == ((N + 127) // 128, (K + 127) // 128)
+    q, s = quantize_weight_blockwise(lin.weight.float())
+    w = dequantize_weight_blockwise(q, s, dtype=dtype)
+    assert torch.equal(m.weight, w)  # .weight dequantizes (MLA's absorbed path reads it)
+    x = torch.randn(3, 5, K, generator=gen).to(dtype)
+    assert torch.equal(m(x), F.linear(x, w, lin.bias))  # the CPU path: block dequantization + F.linear
+    rel = ((m(x).float() - lin(x).float()).norm() / lin(x).float().norm()).item()
+    assert rel < 0.06  # weight-only E4M3 error
+
+
+def test_dtype_moves_keep_fp8_buffers():
+    m = FP8InferenceLinear.from_linear(nn.Linear(256, 128, bias=False))
+    m = m.to(torch.bfloat16)
+    assert m.qweight.dtype == F8 and m.weight_scale_inv.dtype == torch.float32
+    assert m.compute_dtype == torch.bfloat16 and m.weight.dtype == torch.bfloat16
+    m.float()
+    assert m.qweight.dtype == F8 and m.weight.dtype == torch.float32
+    assert set(m.state_dict()) == {"qweight", "weight_scale_inv"}
+
+
+def test_inference_experts_match_dequantized_experts():
+    cfg = nanoseek.preset("tiny")  # moe_intermediate_size 64: gate and up blocks are partial
+    gen = torch.Generator().manual_seed(1)
+    ex = Experts(cfg)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.05, generator=gen)
+        ex.down_proj.normal_(0, 0.05, generator=gen)
+    fx = FP8InferenceExperts.from_experts(ex)
+    I = cfg.moe_intermediate_size
+    ref = Experts(cfg)
+    with torch.no_grad():
+        for e in range(cfg.n_routed_experts):
+            for rows in ((0, I), (I, 2 * I)):  # gate and up are quantized as the separate matrices they are on disk
+                ref.gate_up_proj[e, rows[0]:rows[1]] = dequantize_weight_blockwise(
+                    *quantize_weight_blockwise(ex.gate_up_proj[e, rows[0]:rows[1]]), dtype=torch.float32)
+            ref.down_proj[e] = dequantize_weight_blockwise(*quantize_weight_blockwise(ex.down_proj[e]), dtype=torch.float32)
+    assert torch.equal(fx.gate_up_proj, ref.gate_up_proj) and torch.equal(fx.down_proj, ref.down_proj)
+    x = torch.randn(30, cfg.hidden_size, generator=gen)
+    idx = torch.randint(0, cfg.n_routed_experts, (30, 2), generator=gen)
+    w = torch.rand(30, 2, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(fx(x, idx, w)[0], ref(x, idx, w)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tmp_path_factory):
+    model = nanoseek.load_model("tiny")
+    d = tmp_path_factory.mktemp("fp8ckpt")
+    save_model(model, d, fp8=True)
+    bf = tmp_path_factory.mktemp("bf16ckpt")
+    save_model(model, bf, dtype="bf16")
+    return d, bf
+
+
+def test_keep_fp8_load_is_exact_and_half_the_bytes(fp8_dir):
+    d, _ = fp8_dir
+    deq = nanoseek.load_model(d, dtype="bf16")
+    kept = nanoseek.load_model(d, dtype="bf16", keep_fp8=True)
+    names = fp8_module_names(kept)
+    assert len(names) == 35 and "lm_head" not in names
+    mods = dict(kept.named_modules())
+    assert isinstance(mods["model.layers.0.self_attn.kv_b_proj"], FP8InferenceLinear)
+    assert isinstance(mods["model.layers.1.mlp.experts"], FP8InferenceExperts)
+    assert type(mods["lm_head"]) is nn.Linear and type(mods["model.layers.3.eh_proj"]) is nn.Linear
+    # bytes of the FP8-stored weights: 1 byte + a float32 scale per 128x128 block vs 2 bytes (bf16)
+    deq_mods = dict(deq.named_modules())
+    fp8_bytes = _nbytes(t for n in names for t in mods[n].buffers() if t.dtype in (F8, torch.float32))
+    bf16_bytes = _nbytes(p for n in names for p in deq_mods[n].parameters())
+    assert fp8_bytes / bf16_bytes < 0.52
+    total_kept = _nbytes(list(kept.parameters()) + list(kept.buffers()))
+    total_deq = _nbytes(list(deq.parameters()) + list(deq.buffers()))
+    assert total_kept < 0.7 * total_deq  # embedding and head (bf16) are a large share of `tiny`
+    ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # same dequantized values, same bf16 rounding: identical logits
+        assert torch.equal(kept(ids).logits, deq(ids).logits)
+        # and decode on the latent cache (absorbed path reads kv_b_proj.weight) agrees with the full forward
+        full = kept(ids).logits
+        cache = kept.new_cache(2, 32)
+        kept(ids[:, :20], cache=cache)
+        step = kept(ids[:, 20:21], start_pos=20, cache=cache).logits
+        torch.testing.assert_close(step[:, 0].float(), full[:, 20].float(), atol=0.05, rtol=0.05)
+
+
+def test_keep_fp8_fp32_equals_dequantized_fp32(fp8_dir):
+    d, _ = fp8_dir
+    ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = nanoseek.load_model(d, dtype="fp32")(ids).logits
+        b = nanoseek.load_model(d, dtype="fp32", keep_fp8=True)(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_keep_fp8_from_bf16_checkpoint_quantizes_on_load(fp8_dir):
+    d, bf = fp8_dir
+    from_fp8 = nanoseek.load_model(d, dtype="fp32", keep_fp8=True)
+    from_bf16 = nanoseek.load_model(bf, dtype="fp32", keep_fp8=True)
+    a = dict(from_fp8.named_buffers())
+    b = dict(from_bf16.named_buffers())
+    # the bf16 checkpoint holds the weights rounded to bf16, so a few blocks may differ; most agree bit for bit
+    q1, q2 = a["model.layers.0.self_attn.q_b_proj.qweight"], b["model.layers.0.self_attn.q_b_proj.qweight"]
+    assert q2.dtype == F8
+    agree = (q1.view(torch.uint8) == q2.view(torch.uint8)).float().mean().item()
+    assert agree > 0.9
+
+
+def test_convert_in_memory_model():
+    model = nanoseek.load_model("tiny")
+    ids = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+        n = convert_to_fp8_inference(model)
+        got = model(ids).logits
+    assert n == 35
+    assert ((got - ref).norm() / ref.norm()).item() < 0.15
+    assert convert_to_fp8_inference(model) == 0  # already converted
+
+
+@pytest.mark.skipif(not cuda_fp8_available(), reason="needs a CUDA GPU with FP8 (compute capability >= 8.9)")
+def test_inference_linear_scaled_mm_on_gpu():
+    gen = torch.Generator().manual_seed(3)
+    lin = nn.Linear(512, 384, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05, generator=gen)
+    m = FP8InferenceLinear.from_linear(lin).cuda().to(torch.bfloat16)
+    x = torch.randn(64, 512, generator=gen).cuda().to(torch.bfloat16)
+    ref = F.linear(x.float(), m.weight.float())
+    assert ((m(x).float() - ref).norm() / ref.norm()).item() < 0.06  # activation E4M3 error on top
