@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -130,3 +131,62 @@ def test_plot_command_redraws(corpus, tmp_path, capsys):
 
     assert main(["plot", str(out)]) == 0
     assert (out / "loss.png").stat().st_size > 1000 and (out / "expert_load.png").exists()
+
+
+def _chat_file(path: Path, n: int = 40) -> Path:
+    rows = []
+    for i in range(n):
+        a, b = i % 7 + 1, i % 5 + 2
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_masks_everything_but_assistant_tokens(corpus, tmp_path):
+    base = tmp_path / "base"
+    Trainer(tiny_cfg(corpus, base, max_steps=2, eval_interval=0, ckpt_interval=2), show_progress=False).fit()
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.sources import SFTSource
+
+    tok = Tokenizer.from_file(base)
+    chat = _chat_file(tmp_path / "chat.jsonl")
+    src = SFTSource(chat, tok, seq_len=64, batch_size=4, seed=0)
+    tokens, mask = src.get(0, 0)
+    assert tokens.shape == mask.shape == (4, 65)
+    assistant = tok.token_to_id("<｜Assistant｜>")
+    eos = tok.eos_id
+    for row, m in zip(tokens.tolist(), mask.tolist()):
+        text_learned = tok.decode([t for t, k in zip(row, m) if k])
+        text_prompt = tok.decode([t for t, k in zip(row, m) if not k])
+        assert "What is" not in text_learned and "What is" in text_prompt  # user turns are never targets
+        assert " = " in text_learned
+        for i, (t, k) in enumerate(zip(row, m)):
+            if t == assistant:
+                assert k == 0  # the role marker is prompt, not target
+            if k:
+                assert t != tok.pad_id
+        # every learned span ends with the end-of-sentence token
+        assert all(row[i] == eos for i in range(len(row) - 1) if m[i] and not m[i + 1])
+
+    out = tmp_path / "sft"
+    from nanoseek.cli import main
+
+    rc = main(["sft", str(base), "--data", str(chat), "--out", str(out), "--steps", "6", "--seq-len", "64",
+               "--batch-size", "4", "--no-tensorboard", "--quiet", "--eval-interval", "0", "--sample-tokens", "2"])
+    assert rc == 0
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_sft_rejects_bad_chat_files(tmp_path):
+    from nanoseek.train.sources import _read_conversations
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ConfigError, match="bad.jsonl:1: the conversation has no assistant message"):
+        _read_conversations(bad)
+    bad.write_text('{"text": "hi"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: expected \{\"messages\""):
+        _read_conversations(bad)

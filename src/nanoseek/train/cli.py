@@ -12,8 +12,10 @@ from .config import TrainConfig
 ALIASES = {"out_dir": ["--out"], "max_steps": ["--steps"]}
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         flags = [f"--{f.name.replace('_', '-')}"] + ALIASES.get(f.name, [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if isinstance(default, bool):
@@ -37,14 +39,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         base = TrainConfig().to_dict()
     for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name)
+        value = getattr(args, f.name, None)
         if value is not None:
             base[f.name] = value
     cfg = TrainConfig.from_dict(base)
     trainer = Trainer(cfg, resume=args.resume, show_progress=not args.quiet)
     print(f"nanoseek train: {trainer.model.num_parameters(include_mtp=False) / 1e6:.2f}M parameters "
           f"(+{(trainer.model.num_parameters() - trainer.model.num_parameters(include_mtp=False)) / 1e6:.2f}M MTP), "
-          f"{len(trainer.train_data.tokens) / 1e6:.1f}M training tokens, {trainer.precision} on {trainer.device}, "
+          f"{trainer.source.n_train_tokens / 1e6:.1f}M training tokens, {trainer.precision} on {trainer.device}, "
           f"run dir {trainer.run_dir}", file=sys.stderr)
     try:
         result = trainer.fit()
@@ -60,6 +62,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"model saved to {trainer.run_dir} (Hugging Face layout); plots: {trainer.run_dir}/loss.png, "
           f"{trainer.run_dir}/expert_load.png")
     return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    args.init_from = args.base_model
+    if args.model is None:
+        args.model = args.base_model
+    if args.out_dir is None:
+        args.out_dir = str(Path(args.base_model).with_name(Path(args.base_model).name + "-sft"))
+    defaults = {"max_steps": 200, "lr": 3e-4, "warmup_steps": 10, "mtp_lambda": 0.0, "mtp_lambda_late": 0.0}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return _cmd_train(args)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -78,6 +93,17 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--sample-prompt", action="append", help="prompt(s) to sample from at the end")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens only)")
+    p.add_argument("base_model", help="model directory to start from (weights, config, tokenizer)")
+    p.add_argument("--data", dest="sft_data", required=True, metavar="JSONL",
+                   help='chat data: one {"messages": [{"role", "content"}, ...]} per line')
+    _add_config_flags(p, skip=frozenset({"data", "sft_data", "init_from"}))
+    p.add_argument("--config", help="a train_config.json to start from (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sample-prompt", action="append", help="prompt(s) to sample from at the end")
+    p.set_defaults(func=_cmd_sft)
 
     p = sub.add_parser("plot", help="redraw a run's PNG plots (loss curves, expert load) from metrics.jsonl")
     p.add_argument("run", help="run directory")

@@ -22,6 +22,8 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)  # files/dirs/globs; empty = Python's standard library
     text_field: str = "text"
     tokenizer: str | None = None  # tokenizer.json (or dir); None = train a BPE of the model's vocab size
+    init_from: str | None = None  # a model directory to start from (weights, config, tokenizer): fine-tuning
+    sft_data: str | None = None  # chat JSONL ({"messages": [...]}) -> supervised fine-tuning on assistant tokens
     out_dir: str = "runs/small"
     val_fraction: float = 0.02
     split_seed: int = 0  # which files are held out; fixed, so validation losses compare across seeds

@@ -95,31 +95,47 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        from ..data import BatchSampler, prepare_data
+        from ..data import prepare_data
         from ..tokenizer import Tokenizer, train_tokenizer
+        from .sources import PretrainSource, SFTSource
 
-        mcfg = resolve_model_config(str(self.resume_from) if self.resume_from else cfg.model)
-        tok_path = (self.resume_from / "tokenizer.json") if self.resume_from else cfg.tokenizer
+        base = self.resume_from or (Path(cfg.init_from) if cfg.init_from else None)
+        mcfg = resolve_model_config(str(base) if base else cfg.model)
+        tok_path = (base / "tokenizer.json") if base else cfg.tokenizer
         if tok_path:
             self.tokenizer = Tokenizer.from_file(tok_path)
         else:
             self.tokenizer = self._train_tokenizer(mcfg.vocab_size, train_tokenizer)
         if self.tokenizer.vocab_size != mcfg.vocab_size:
-            if self.resume_from:
-                raise ConfigError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model {mcfg.vocab_size}")
-            mcfg = mcfg.replace(vocab_size=self.tokenizer.vocab_size)
-        mcfg = mcfg.replace(bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
-                            torch_dtype="float32", quantization_config=None)
+            if base:
+                if self.tokenizer.vocab_size > mcfg.vocab_size:
+                    raise ConfigError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                                      f"{mcfg.vocab_size} embeddings")
+            else:
+                mcfg = mcfg.replace(vocab_size=self.tokenizer.vocab_size)
+        if not base:
+            mcfg = mcfg.replace(bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id)
+        mcfg = mcfg.replace(torch_dtype="float32", quantization_config=None)
         self.model_config = mcfg
+        if tok_path:
+            self._save_tokenizer()  # the run directory must hold its tokenizer
 
-        cache = Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek")) / "tokens"
-        self.train_data, self.val_data = prepare_data(cfg.data or None, self.tokenizer, cache,
-                                                      val_fraction=cfg.val_fraction, seed=cfg.split_seed,
-                                                      text_field=cfg.text_field)
-        self.sampler = BatchSampler(self.train_data, cfg.seq_len, cfg.batch_size, extra=1, seed=cfg.seed)
+        if cfg.sft_data:
+            self.source = SFTSource(cfg.sft_data, self.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed)
+        else:
+            from ..data import default_cache_dir
+
+            train_data, val_data = prepare_data(cfg.data or None, self.tokenizer, default_cache_dir(),
+                                                val_fraction=cfg.val_fraction, seed=cfg.split_seed,
+                                                text_field=cfg.text_field, show_progress=self.show_progress)
+            self.source = PretrainSource(train_data, val_data, cfg.seq_len, cfg.batch_size, cfg.seed)
 
         self.model = DeepseekV3ForCausalLM(mcfg)
         self.model.init_weights(std=cfg.init_std, generator=torch.Generator().manual_seed(cfg.seed))
+        if cfg.init_from and not self.resume_from:
+            from ..checkpoint import load_weights_into
+
+            load_weights_into(self.model, cfg.init_from)
         self.model.to(self.device).train()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -141,6 +157,9 @@ class Trainer:
         self.peak_tflops = cfg.peak_tflops or self._peak_tflops()
         (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.metrics = MetricsLogger(self.run_dir, cfg.tensorboard, resume_step=self.step if self.resume_from else None)
+
+    def _save_tokenizer(self) -> None:
+        self.tokenizer.save(self.run_dir)
 
     def _train_tokenizer(self, vocab_size: int, train_tokenizer):
         from ..data import read_documents, resolve_inputs, split_files
@@ -184,18 +203,25 @@ class Trainer:
         sums = {"loss": 0.0, "bal_loss": 0.0}
         mtp_sums: dict[int, float] = {}
         for micro in range(cfg.grad_accum):
-            batch = self.sampler.get(step, micro).to(self.device)
-            x, y = batch[:, :T], batch[:, 1:T + 1]
+            batch, mask = self.source.get(step, micro)
+            batch = batch.to(self.device)
+            if mask is not None:  # SFT: learn only where the assistant writes
+                batch_targets = batch.masked_fill(mask.to(self.device) == 0, -100)
+            else:
+                batch_targets = batch
+            x, y = batch[:, :T], batch_targets[:, 1:T + 1]
+            n_targets = (y != -100).sum().clamp_min(1)
             with self.autocast:
                 out = self.forward(x, return_mtp=self.model_config.num_nextn_predict_layers > 0)
-            main = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+            main = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1),
+                                   ignore_index=-100, reduction="sum") / n_targets
             total = main
             if out.mtp_logits:
                 mtp_terms = []
                 for k, logits in enumerate(out.mtp_logits, start=1):
-                    target = batch[:, 1 + k: T + 1]
+                    target = batch_targets[:, 1 + k: T + 1]
                     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                         reduction="sum") / (B * T)
+                                         ignore_index=-100, reduction="sum") / n_targets
                     mtp_terms.append(ce)
                     mtp_sums[k] = mtp_sums.get(k, 0.0) + ce.item() / cfg.grad_accum
                 total = total + lam * torch.stack(mtp_terms).mean()
@@ -233,28 +259,28 @@ class Trainer:
         model.eval()
         saved_step, saved_window = self.recorder.step_counts.clone(), self.recorder.window_counts.clone()
         self.recorder.reset_step()
-        tokens = self.val_data.tokens
-        span = cfg.seq_len + 1
-        n_windows = min(len(tokens) // span, cfg.eval_batches * cfg.batch_size)
-        if n_windows == 0:
+        total_loss, total_tokens, total_bytes = 0.0, 0, 0
+        byte_len = torch.from_numpy(self.tokenizer.token_byte_lengths().astype("int64"))
+        for batch, mask in self.source.eval_batches(cfg.eval_batches):
+            batch = batch.to(self.device)
+            targets = batch if mask is None else batch.masked_fill(mask.to(self.device) == 0, -100)
+            with self.autocast:
+                logits = model(batch[:, : cfg.seq_len]).logits
+            y = targets[:, 1: cfg.seq_len + 1]
+            total_loss += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                          ignore_index=-100, reduction="sum").item()
+            total_tokens += int((y != -100).sum())
+            total_bytes += int(byte_len[y[y != -100].cpu()].sum())
+            self.recorder.take_forward()
+        if total_tokens == 0:
+            self.recorder.step_counts.copy_(saved_step)
+            self.recorder.window_counts.copy_(saved_window)
             model.train()
             return {}
-        total_loss, total_tokens = 0.0, 0
-        for start in range(0, n_windows, cfg.batch_size):
-            rows = [torch.from_numpy(tokens[i * span:(i + 1) * span].astype("int64")) for i in
-                    range(start, min(start + cfg.batch_size, n_windows))]
-            batch = torch.stack(rows).to(self.device)
-            with self.autocast:
-                logits = model(batch[:, :-1]).logits
-            total_loss += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                          reduction="sum").item()
-            total_tokens += batch[:, 1:].numel()
-            self.recorder.take_forward()
         loss = total_loss / total_tokens
         rec: dict[str, Any] = {"step": self.step, "val_loss": loss, "val_tokens": total_tokens}
-        bpt = getattr(self.val_data, "bytes_per_token", None)
-        if bpt:
-            rec["val_bpb"] = loss / math.log(2) / bpt
+        if total_bytes:  # bits per byte over exactly the evaluated target tokens' UTF-8 bytes
+            rec["val_bpb"] = total_loss / math.log(2) / total_bytes
         main_layers = [i for i, n in enumerate(self.recorder.names)
                        if int(n.split(".")[2]) < self.model_config.num_hidden_layers]
         if main_layers:
