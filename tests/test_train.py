@@ -190,3 +190,19 @@ def test_sft_rejects_bad_chat_files(tmp_path):
     bad.write_text('{"text": "hi"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:1: expected \{\"messages\""):
         _read_conversations(bad)
+
+
+def test_fp8_training_tracks_fp32(corpus, tmp_path):
+    """`--fp8` (emulated E4M3 GEMMs on CPU) follows the fp32 loss curve closely on tiny."""
+    runs = {}
+    for fp8 in (False, True):
+        out = tmp_path / f"fp8-{fp8}"
+        t = Trainer(tiny_cfg(corpus, out, max_steps=12, eval_interval=0, ckpt_interval=12, log_interval=1, fp8=fp8),
+                    show_progress=False)
+        if fp8:
+            assert "FP8" in t.precision
+        t.fit()
+        runs[fp8] = _losses(out)
+    a, b = runs[False], runs[True]
+    assert a != b  # quantization really happened
+    assert all(abs(a[s] - b[s]) / a[s] < 0.03 for s in a), (a, b)

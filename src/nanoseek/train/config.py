@@ -57,6 +57,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto | fp32 | bf16 (autocast; master weights stay fp32)
     compile: bool = False
+    fp8: bool = False  # DeepSeek-V3's FP8 recipe for the Linear GEMMs (emulated on CPU, scaled-mm on Hopper)
+    fp8_backend: str = "auto"  # auto | emulate | cuda
     seed: int = 1337
     threads: int = 0  # 0 = leave torch's default
     # logging, evaluation, checkpoints

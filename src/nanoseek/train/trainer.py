@@ -137,6 +137,11 @@ class Trainer:
 
             load_weights_into(self.model, cfg.init_from)
         self.model.to(self.device).train()
+        if cfg.fp8:
+            from ..fp8_linear import enable_fp8_training
+
+            n = enable_fp8_training(self.model, backend=cfg.fp8_backend)
+            self.precision += f" + FP8 GEMMs ({n} layers, {cfg.fp8_backend})"
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
