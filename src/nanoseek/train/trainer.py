@@ -298,29 +298,20 @@ class Trainer:
     @torch.no_grad()
     def sample(self, prompt: str = "def ", max_new_tokens: int | None = None, temperature: float = 0.8,
                top_k: int = 50) -> str:
-        """A short sample from the current model (greedy-ish top-k), for the log and the demo."""
+        """A short sample from the current model through the inference engine (same model object)."""
+        from ..engine import Engine, SamplingParams
+
         n = self.cfg.sample_tokens if max_new_tokens is None else max_new_tokens
-        model = self.model
-        model.eval()
         self.recorder.enabled = False
         try:
-            ids = self.tokenizer.encode(prompt)
-            g = torch.Generator().manual_seed(self.cfg.seed)
-            cache = model.new_cache(1, len(ids) + n)
-            logits = model(torch.tensor([ids], device=self.device), cache=cache).logits[0, -1]
-            out = []
-            for t in range(n):
-                probs = torch.softmax(logits.float() / temperature, -1)
-                top = probs.topk(top_k)
-                tok = int(top.indices[torch.multinomial(top.values.cpu(), 1, generator=g)])
-                if tok == self.tokenizer.eos_id:
-                    break
-                out.append(tok)
-                logits = model(torch.tensor([[tok]], device=self.device), start_pos=len(ids) + t, cache=cache).logits[0, -1]
-            return prompt + self.tokenizer.decode(out)
+            # fast=False: the engine's prepacked weights would go stale as training continues.
+            engine = Engine(self.model, tokenizer=self.tokenizer, fast=False, seed=self.cfg.seed)
+            params = SamplingParams(max_tokens=n, temperature=temperature, top_k=top_k, seed=self.cfg.seed)
+            result = engine.generate(prompt, params)
+            return prompt + result.text
         finally:
             self.recorder.enabled = True
-            model.train()
+            self.model.train()
 
     # -- the loop ---------------------------------------------------------------------------------
     def _checkpoint(self) -> Path:
