@@ -143,12 +143,14 @@ class MLA(nn.Module):
         p iff s <= p, so rows of different lengths (and stale slots past a row's end) are masked.
         """
         B, T, Hh, _ = q_nope.shape
-        S = cached.shape[1]
-        w = self.kv_b_proj.weight.view(Hh, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-        q_full = torch.cat((q_lat, q_pe), dim=-1).reshape(B, T * Hh, self.kv_lora_rank + self.rope_dim)
-        scores = torch.bmm(q_full, cached.transpose(1, 2)).float() * self.scale  # [B, T*H, S]
+        S, C = cached.shape[1], self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(Hh, self.nope_dim + self.v_dim, C)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H, nope, C], [H, v, C]
+        # Per-head bmm (not einsum: it copies the strided weight views on every call).
+        q_lat = torch.bmm(q_nope.reshape(B * T, Hh, self.nope_dim).transpose(0, 1), w_uk)  # [H, B*T, C]
+        q_full = torch.cat((q_lat.transpose(0, 1), q_pe.reshape(B * T, Hh, self.rope_dim)), dim=-1)
+        q_full = q_full.reshape(B, T * Hh, C + self.rope_dim) * self.scale
+        scores = torch.bmm(q_full, cached.transpose(1, 2)).float()  # [B, T*H, S]
         future = None
         if isinstance(start_pos, torch.Tensor):
             future = torch.arange(S, device=scores.device)[None, None, :] > start_pos[:, :, None]  # [B, T, S]
@@ -158,6 +160,6 @@ class MLA(nn.Module):
         if future is not None:
             scores = scores.view(B, T, Hh, S).masked_fill(future[:, :, None, :], float("-inf")).view(B, T * Hh, S)
         probs = scores.softmax(dim=-1).to(cached.dtype)
-        o_lat = torch.bmm(probs, cached[..., : self.kv_lora_rank]).view(B, T, Hh, self.kv_lora_rank)
-        o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv).reshape(B, T, Hh * self.v_dim)
+        o_lat = torch.bmm(probs, cached[..., :C]).view(B * T, Hh, C).transpose(0, 1)  # [H, B*T, C]
+        o = torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1).reshape(B, T, Hh * self.v_dim)
         return self.o_proj(o)
