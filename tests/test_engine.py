@@ -289,3 +289,22 @@ def test_stop_strings_and_streamed_text(model):
     chunks = list(engine.stream(prompt, max_tokens=20, temperature=0, ignore_eos=True, stop=stop))
     assert "".join(c.text for c in chunks) == r.text
     assert chunks[-1].finish_reason == "stop"
+
+
+def test_compile_option_falls_back_to_the_plain_path(model, monkeypatch):
+    """Engine(compile=True) wraps modules in torch.compile; a compile failure reverts to eager, same tokens."""
+    from nanoseek.engine import compiled
+
+    def broken(fn, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(compiled.torch, "compile", broken)
+    ref = Engine(model).generate(PROMPTS[:2], max_tokens=4, temperature=0, ignore_eos=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        eng = Engine(model, compile=True)
+        out = eng.generate(PROMPTS[:2], max_tokens=4, temperature=0, ignore_eos=True)
+    assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+    compiled.uncompile(model)
+    assert all("forward" not in m.__dict__ for m in model.modules() if type(m).__name__ in ("MLA", "MLP", "Gate"))

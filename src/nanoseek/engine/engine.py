@@ -219,11 +219,10 @@ class Engine:
         if tok_eos is not None:
             self.eos_ids.add(int(tok_eos))
         self._rng = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(6), "little"))
-        self.packed = None
-        if fast and self.device.type == "cpu":
-            from .fastpath import PackedModel
+        from .fastpath import PackedModel, unpack
 
-            self.packed = PackedModel(self.model)
+        unpack(self.model)  # one model, one fast path: the newest engine's choice wins
+        self.packed = PackedModel(self.model) if fast and self.device.type == "cpu" else None
         self.compiled = False
         if compile:
             from .compiled import compile_decode

@@ -121,6 +121,15 @@ class PackedModel:
         return total
 
 
+def unpack(model: nn.Module) -> None:
+    """Remove any packed fast path from a model's modules (whichever engine installed it)."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__dict__.pop("forward", None)
+        elif type(m) is Experts:
+            m.__dict__.pop("expert_ffn", None)
+
+
 class _PackedSlice(_Packed):
     """Packed expert e of a stacked [E, out, in] parameter; freshness is tracked on the stack."""
 

@@ -1,0 +1,121 @@
+"""`nanoseek generate / chat / bench`: through main() and, for chat, a pseudo-terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import nanoseek
+from conftest import randomize
+from nanoseek.cli import main
+from nanoseek.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model in the Hugging Face layout, with a byte-level BPE tokenizer.json."""
+    tok_mod = pytest.importorskip("nanoseek.tokenizer")
+    from nanoseek.checkpoint import save_model
+
+    d = tmp_path_factory.mktemp("tiny-chat")
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    randomize(model, 4, bias_std=0.05)
+    save_model(model, d)
+    text = ["hello world, this is a tiny corpus for a tiny tokenizer. " * 20, "def f(x):\n    return x + 1\n" * 20]
+    tok_mod.train_tokenizer(text, vocab_size=model.config.vocab_size, show_progress=False).save(d)
+    return d
+
+
+def test_generate_token_ids_json(capsys):
+    assert main(["generate", "tiny", "1 2 3", "--ids", "--max-tokens", "5", "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = Engine("tiny").generate([1, 2, 3], max_tokens=5, temperature=0)
+    assert out["token_ids"] == ref.token_ids and out["finish_reason"] == ref.finish_reason
+    assert len(out["logprobs"]) == len(out["token_ids"]) and out["text"] is None
+
+
+def test_generate_speculative_and_stream(capsys):
+    assert main(["generate", "tiny", "1,2,3", "--ids", "--max-tokens", "6", "--speculative", "--stream"]) == 0
+    cap = capsys.readouterr()
+    ref = Engine("tiny").generate([1, 2, 3], max_tokens=6, temperature=0)
+    assert cap.out.split() == [str(t) for t in ref.token_ids]
+    assert "acceptance" in cap.err and "tokens/forward" in cap.err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["generate", "tiny", "hello"], "needs a tokenizer"),
+    (["generate", "tiny", "1 2", "--ids", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "tiny", "1 2", "--ids", "--top-p", "0"], "top_p"),
+    (["generate", "tiny", "1 2", "--ids", "--max-tokens", "-3"], "max_tokens must be >= 0"),
+    (["generate", "/no/such/dir", "1", "--ids"], "no model directory"),
+])
+def test_generate_errors_are_clear(capsys, argv, match):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_bench_prints_speeds(capsys):
+    assert main(["bench", "tiny", "--batch", "2", "--prompt-len", "16", "--max-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["batch"] == 2 and out["decode_tok_s"] > 0 and out["prefill_tok_s"] > 0
+    cfg = nanoseek.preset("tiny")
+    assert out["kv_bytes_per_token"] == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+def test_generate_text_from_a_model_directory(model_dir, capsys):
+    """A local directory stands for a Hub id or run directory (resolve_model_dir; no network)."""
+    assert main(["generate", str(model_dir), "hello world", "--max-tokens", "8", "--json", "--quiet",
+                 "--stop", "zzz"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    engine = Engine(str(model_dir))
+    ref = engine.generate("hello world", max_tokens=8, temperature=0)
+    assert engine.tokenizer is not None and ref.prompt_token_ids[0] == engine.tokenizer.bos_id
+    assert out["text"] == ref.text and out["token_ids"] == ref.token_ids
+
+
+def test_chat_in_a_pseudo_terminal(model_dir):
+    pexpect = pytest.importorskip("pexpect")
+    engine = Engine(str(model_dir))
+    first = engine.chat([{"role": "user", "content": "hello"}], max_tokens=6, temperature=0)
+    second = engine.chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.text},
+                          {"role": "user", "content": "hello"}], max_tokens=6, temperature=0)
+    assert first.token_ids, "the random model should say something"
+    child = pexpect.spawn(sys.executable, ["-m", "nanoseek.cli", "chat", str(model_dir), "--max-tokens", "6",
+                                           "--temperature", "0"], encoding="utf-8", timeout=90)
+    try:
+        child.expect_exact("/reset")
+        child.expect_exact("> ")
+
+        def turn(msg: str) -> str:
+            child.sendline(msg)
+            child.expect_exact("> ")
+            return child.before.replace("\r\n", "\n").split("\n", 1)[1].rstrip("\n")  # drop the echoed input
+
+        assert turn("hello") == first.text
+        assert turn("hello") == second.text  # history kept
+        child.sendline("/reset")
+        child.expect_exact("(conversation cleared)")
+        child.expect_exact("> ")
+        assert turn("hello") == first.text  # history gone
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_chat_history_is_trimmed_to_the_context(model_dir):
+    from nanoseek.engine.cli import trim_history
+
+    engine = Engine(str(model_dir), max_context=64)
+    msgs = [{"role": "system", "content": "be brief"}]
+    for i in range(10):
+        msgs += [{"role": "user", "content": f"hello number {i}"}, {"role": "assistant", "content": "hello world"}]
+    msgs.append({"role": "user", "content": "last"})
+    kept, ids = trim_history(engine, msgs, max_tokens=16)
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "last"
+    assert len(ids) + 16 <= 64 and len(kept) < len(msgs)
+    assert torch.tensor(ids).max() < engine.config.vocab_size
