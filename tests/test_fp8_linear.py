@@ -279,3 +279,23 @@ def test_cuda_chunked_fallback_matches_emulation():
     for bq, sb, blocked in ((*quantize_weight_blockwise(b), True), (*quantize_activation_tiles(b), False)):
         ref = gemm_emulated(aq, sa, bq, sb, blocked)
         assert _rel(_scaled_mm_chunked(aq, sa, bq, sb, blocked), ref) < 1e-4
+
+
+def test_cuda_call_layouts_pass_torch_shape_checks(monkeypatch):
+    """Without a GPU: run the CUDA GEMM paths on meta tensors through torch's own `_scaled_mm`
+    meta checks (shapes, row/column-major operands), told the tensors are CUDA ones."""
+    import torch._meta_registrations as mr
+
+    from nanoseek.fp8_linear import _scaled_mm_blockwise, _scaled_mm_chunked
+
+    if not hasattr(mr, "device_hint"):
+        pytest.skip("this torch has no device_hint in its meta registrations")
+    monkeypatch.setattr(mr, "device_hint", lambda t: "cuda")
+    f8 = torch.float8_e4m3fn
+    for M, K, N in [(200, 300, 130), (4096, 7168, 2048)]:
+        aq, bq = torch.empty(M, K, device="meta", dtype=f8), torch.empty(N, K, device="meta", dtype=f8)
+        sa = torch.empty(M, -(-K // 128), device="meta")
+        blocks, tiles = torch.empty(-(-N // 128), -(-K // 128), device="meta"), torch.empty(N, -(-K // 128), device="meta")
+        assert _scaled_mm_blockwise(aq, sa, bq, blocks, True).shape == (M, N)
+        assert _scaled_mm_blockwise(aq, sa, bq, tiles, False).shape == (M, N)
+        assert _scaled_mm_chunked(aq, sa, bq, blocks, True).shape == (M, N)

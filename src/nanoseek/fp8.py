@@ -236,6 +236,59 @@ def dequantize_activation_tiles(
     return (x_fp8.float() * s).to(dtype)
 
 
+def _amax_finite(a: Tensor, dim) -> Tensor:
+    """amax of |x| (given as ``a``) over ``dim`` with +-inf ignored and NaN kept, as _finite_abs.
+
+    The masked pass only runs when some amax is infinite (rare), so the usual cost is one reduction.
+    """
+    amax = a.amax(dim=dim)
+    if torch.isinf(amax).any():
+        amax = a.masked_fill(torch.isinf(a), 0.0).amax(dim=dim)
+    return amax
+
+
+def fake_quantize_tiles(
+    x: Tensor, tile: int = BLOCK_SIZE, power_of_two: bool = False, eps: float = 1e-4
+) -> Tensor:
+    """``dequantize_activation_tiles(*quantize_activation_tiles(x, ...))`` in float32, bit for bit,
+    with fewer passes (no scale expansion, one float32 temporary). For FP8 emulation."""
+    if x.dim() < 1:
+        raise ValueError("expected a tensor with at least one dimension")
+    K = x.shape[-1]
+    nt = _ceil_div(K, tile)
+    xf = x.reshape(-1, K).float()
+    if nt * tile != K:
+        xf = F.pad(xf, (0, nt * tile - K))
+    tiles = xf.view(-1, nt, tile)
+    amax = _amax_finite(tiles.abs(), -1).clamp(min=eps)
+    s = _scale_from_amax(amax, power_of_two)[..., None]
+    q = (tiles / s).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_FP8)
+    y = q.float().mul_(s).view(-1, nt * tile)
+    if nt * tile != K:
+        y = y[:, :K]
+    return y.reshape(x.shape)
+
+
+def fake_quantize_blockwise(w: Tensor, block_size: int = BLOCK_SIZE, power_of_two: bool = False) -> Tensor:
+    """``dequantize_weight_blockwise(*quantize_weight_blockwise(w, ...), dtype=float32)`` bit for bit,
+    in one go (no chunking: meant for the weights of one layer during FP8 emulation)."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    b = block_size
+    M, N = w.shape
+    nbr, nbc = _ceil_div(M, b), _ceil_div(N, b)
+    xf = w.float()
+    if nbr * b != M or nbc * b != N:
+        xf = F.pad(xf, (0, nbc * b - N, 0, nbr * b - M))
+    blocks = xf.view(nbr, b, nbc, b)
+    s = _scale_from_amax(_amax_finite(blocks.abs(), (1, 3)), power_of_two)[:, None, :, None]
+    q = (blocks / s).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_FP8)
+    y = q.float().mul_(s).view(nbr * b, nbc * b)
+    if nbr * b != M or nbc * b != N:
+        y = y[:M, :N]
+    return y
+
+
 __all__ = [
     "FP8_E4M3_MAX",
     "BLOCK_SIZE",
@@ -243,4 +296,6 @@ __all__ = [
     "dequantize_weight_blockwise",
     "quantize_activation_tiles",
     "dequantize_activation_tiles",
+    "fake_quantize_tiles",
+    "fake_quantize_blockwise",
 ]

@@ -79,6 +79,8 @@ from .fp8 import (
     BLOCK_SIZE,
     dequantize_activation_tiles,
     dequantize_weight_blockwise,
+    fake_quantize_blockwise,
+    fake_quantize_tiles,
     quantize_activation_tiles,
     quantize_weight_blockwise,
 )
@@ -314,44 +316,61 @@ class _FP8LinearFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, backend: str, recipe: FP8Recipe) -> Tensor:
         out_dtype = _out_dtype(x)
         N, K = weight.shape
+        p2 = recipe.power_of_two_scales
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, K)
-            xq, sx = quantize_activation_tiles(x2, power_of_two=recipe.power_of_two_scales, eps=recipe.act_eps)
-            wq, sw = quantize_weight_blockwise(weight.detach(), power_of_two=recipe.power_of_two_scales)
-            y = fp8_gemm(xq, sx, wq, sw, True, backend)
+            if backend == "cuda":
+                xq, sx = quantize_activation_tiles(x2, power_of_two=p2, eps=recipe.act_eps)
+                wq, sw = quantize_weight_blockwise(weight.detach(), power_of_two=p2)
+                y = gemm_cuda(xq, sx, wq, sw, True)
+                saved_w = (wq, sw)
+            else:
+                # Emulation: the same E4M3 values and scales (bit for bit), fused quantize -> dequantize.
+                wd = fake_quantize_blockwise(weight.detach(), power_of_two=p2)
+                with _ieee_fp32_matmul(x.device):
+                    y = fake_quantize_tiles(x2, power_of_two=p2, eps=recipe.act_eps) @ wd.t()
+                saved_w = (wd,)
             if bias is not None:
                 y = y + bias.float()
-        ctx.save_for_backward(x, wq, sw)
+        ctx.save_for_backward(x, *saved_w)
         ctx.backend, ctx.recipe = backend, recipe
         ctx.has_bias = bias is not None
         ctx.w_dtype = weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
+        ctx.wshape = (N, K)
         return y.to(out_dtype).reshape(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, wq, sw = ctx.saved_tensors
+        x, *saved_w = ctx.saved_tensors
         backend, r = ctx.backend, ctx.recipe
-        N, K = wq.shape
+        p2 = r.power_of_two_scales
+        N, K = ctx.wshape
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
             g = dy.reshape(-1, N)
             if ctx.needs_input_grad[0]:
                 # Dgrad: dX = dY @ W; dY per token in 1x128 tiles along N, W^T in the same 128x128 blocks.
-                gq, sg = quantize_activation_tiles(g, power_of_two=r.power_of_two_scales, eps=r.grad_eps)
                 if backend == "cuda":
-                    dx = fp8_gemm(gq, sg, _fp8_transpose(wq), sw.t().contiguous(), True, backend)
+                    wq, sw = saved_w
+                    gq, sg = quantize_activation_tiles(g, power_of_two=p2, eps=r.grad_eps)
+                    dx = gemm_cuda(gq, sg, _fp8_transpose(wq), sw.t().contiguous(), True)
                 else:
-                    w = dequantize_weight_blockwise(wq, sw, dtype=torch.float32)
                     with _ieee_fp32_matmul(g.device):
-                        dx = dequantize_activation_tiles(gq, sg, dtype=torch.float32) @ w
+                        dx = fake_quantize_tiles(g, power_of_two=p2, eps=r.grad_eps) @ saved_w[0]
                 dx = dx.to(x.dtype).reshape(x.shape)
             if ctx.needs_input_grad[1]:
                 # Wgrad: dW = dY^T @ X, inner dim = tokens; both in 128x1 tiles (1x128 tiles of the transposes).
-                gtq, sgt = quantize_activation_tiles(g.t(), power_of_two=r.power_of_two_scales, eps=r.grad_eps)
-                xtq, sxt = quantize_activation_tiles(x.reshape(-1, K).t(), power_of_two=r.power_of_two_scales,
-                                                     eps=r.act_eps)
-                dw = fp8_gemm(gtq, sgt, xtq, sxt, False, backend).to(ctx.w_dtype)
+                gt, xt = g.t(), x.reshape(-1, K).t()
+                if backend == "cuda":
+                    gtq, sgt = quantize_activation_tiles(gt, power_of_two=p2, eps=r.grad_eps)
+                    xtq, sxt = quantize_activation_tiles(xt, power_of_two=p2, eps=r.act_eps)
+                    dw = gemm_cuda(gtq, sgt, xtq, sxt, False)
+                else:
+                    with _ieee_fp32_matmul(g.device):
+                        dw = (fake_quantize_tiles(gt, power_of_two=p2, eps=r.grad_eps)
+                              @ fake_quantize_tiles(xt, power_of_two=p2, eps=r.act_eps).t())
+                dw = dw.to(ctx.w_dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = g.float().sum(0).to(ctx.b_dtype)
         return dx, dw, db, None, None
