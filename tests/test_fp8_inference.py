@@ -70,7 +70,8 @@ def test_inference_experts_match_dequantized_experts():
             for rows in ((0, I), (I, 2 * I)):  # gate and up are quantized as the separate matrices they are on disk
                 ref.gate_up_proj[e, rows[0]:rows[1]] = dequantize_weight_blockwise(
                     *quantize_weight_blockwise(ex.gate_up_proj[e, rows[0]:rows[1]]), dtype=torch.float32)
-            ref.down_proj[e] = dequantize_weight_blockwise(*quantize_weight_blockwise(ex.down_proj[e]), dtype=torch.float32)
+            ref.down_proj[e] = dequantize_weight_blockwise(*quantize_weight_blockwise(ex.down_proj[e]),
+                                                           dtype=torch.float32)
     assert torch.equal(fx.gate_up_proj, ref.gate_up_proj) and torch.equal(fx.down_proj, ref.down_proj)
     x = torch.randn(30, cfg.hidden_size, generator=gen)
     idx = torch.randint(0, cfg.n_routed_experts, (30, 2), generator=gen)

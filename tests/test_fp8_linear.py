@@ -118,7 +118,8 @@ def test_nd_input_autocast_dtypes_and_power_of_two():
 def test_gradient_scale_invariance():
     """No amax floor on gradients: a gradient 2^-100 times smaller gives exactly 2^-100 times dX, dW."""
     gen = torch.Generator().manual_seed(4)
-    x, w, g = torch.randn(64, 256, generator=gen), torch.randn(128, 256, generator=gen), torch.randn(64, 128, generator=gen)
+    x, w = torch.randn(64, 256, generator=gen), torch.randn(128, 256, generator=gen)
+    g = torch.randn(64, 128, generator=gen)
     _, dx, dw = _grads(lambda x, w, b: fp8_linear(x, w, None, "emulate"), x, w, None, g)
     _, dx2, dw2 = _grads(lambda x, w, b: fp8_linear(x, w, None, "emulate"), x, w, None, g * 2.0**-100)
     assert torch.equal(dx2, dx * 2.0**-100) and torch.equal(dw2, dw * 2.0**-100)
@@ -194,7 +195,8 @@ def test_swap_coverage():
     assert enable_fp8_training(model, backend="emulate") == n  # idempotent
     assert disable_fp8_training(model) == n
     assert not fp8_module_names(model)
-    assert type(mods["model.layers.0.self_attn.o_proj"]) is nn.Linear and type(mods["model.layers.1.mlp.experts"]) is Experts
+    assert type(mods["model.layers.0.self_attn.o_proj"]) is nn.Linear
+    assert type(mods["model.layers.1.mlp.experts"]) is Experts
 
 
 def test_fp8_experts_gradients():
@@ -295,7 +297,8 @@ def test_cuda_call_layouts_pass_torch_shape_checks(monkeypatch):
     for M, K, N in [(200, 300, 130), (4096, 7168, 2048)]:
         aq, bq = torch.empty(M, K, device="meta", dtype=f8), torch.empty(N, K, device="meta", dtype=f8)
         sa = torch.empty(M, -(-K // 128), device="meta")
-        blocks, tiles = torch.empty(-(-N // 128), -(-K // 128), device="meta"), torch.empty(N, -(-K // 128), device="meta")
+        blocks = torch.empty(-(-N // 128), -(-K // 128), device="meta")
+        tiles = torch.empty(N, -(-K // 128), device="meta")
         assert _scaled_mm_blockwise(aq, sa, bq, blocks, True).shape == (M, N)
         assert _scaled_mm_blockwise(aq, sa, bq, tiles, False).shape == (M, N)
         assert _scaled_mm_chunked(aq, sa, bq, blocks, True).shape == (M, N)

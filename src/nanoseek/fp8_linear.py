@@ -643,7 +643,8 @@ class FP8InferenceExperts(_KeepsFP8Buffers, Experts):
 
     @property
     def gate_up_proj(self) -> Tensor:
-        return torch.stack([torch.cat((self._dequant(e, "gate"), self._dequant(e, "up"))) for e in range(self.n_experts)])
+        return torch.stack([torch.cat((self._dequant(e, "gate"), self._dequant(e, "up")))
+                            for e in range(self.n_experts)])
 
     @property
     def down_proj(self) -> Tensor:
