@@ -62,7 +62,37 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
     return 2 * nbytes / best
 
 
+def cpu_busy(seconds: float = 0.5) -> float:
+    """Fraction of all CPUs busy over `seconds` (from /proc/stat), while this process sleeps."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + v[4]
+        return sum(v) - idle, sum(v)
+    b0, t0 = snap()
+    time.sleep(seconds)
+    b1, t1 = snap()
+    return (b1 - b0) / max(t1 - t0, 1)
+
+
+QUIET = {"max_busy": None, "timeout": 300.0, "waited": 0.0}
+
+
+def wait_quiet() -> None:
+    """With --quiet-below X: wait (up to --quiet-timeout s per call) until other processes use < X of the CPUs."""
+    if QUIET["max_busy"] is None:
+        return
+    t = time.perf_counter()
+    try:
+        while cpu_busy() > QUIET["max_busy"] and time.perf_counter() - t < QUIET["timeout"]:
+            time.sleep(1.0)
+    except OSError:
+        return
+    QUIET["waited"] += time.perf_counter() - t
+
+
 def _timed(fn) -> float:
+    wait_quiet()
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -120,6 +150,7 @@ def measure(engines, ids: torch.Tensor, new: int, rounds: int) -> dict:
         for e in engines:
             t1[e.name] = min(t1[e.name], _timed(lambda: e.run(ids, 1)))
         for e in engines:
+            wait_quiet()
             t = time.perf_counter()
             outs[e.name] = e.run(ids, new)
             tn[e.name] = min(tn[e.name], time.perf_counter() - t)
@@ -149,10 +180,15 @@ def main() -> int:
     ap.add_argument("--no-long", action="store_true")
     ap.add_argument("--mtp", type=Path, default=None, help="a trained model directory for the MTP measurement")
     ap.add_argument("--mtp-prompt-file", type=Path, default=None, help="text prompt for --mtp (needs its tokenizer)")
+    ap.add_argument("--only-mtp", action="store_true", help="skip the transformers comparison")
+    ap.add_argument("--quiet-below", type=float, default=None, metavar="X",
+                    help="before each timed call wait until other processes use less than X of the CPUs (0..1)")
+    ap.add_argument("--quiet-timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path, default=None, help="also write all numbers here")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    QUIET.update(max_busy=args.quiet_below, timeout=args.quiet_timeout)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average at start {load_avg()}")
     ckpt = make_checkpoint(args.ckpt)
     cfg = preset("bench")
@@ -164,6 +200,8 @@ def main() -> int:
     cases = [("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8)]
     if args.quick:
         cases = [("fp32", 1)]
+    if args.only_mtp:
+        cases, args.no_long = [], True
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     g = torch.Generator().manual_seed(0)
     report = {"threads": args.threads, "copy_bandwidth_GBps": bw / 1e9, "cases": []}
@@ -199,7 +237,8 @@ def main() -> int:
     report["mtp"] = mtp_case(args, ckpt)
     print()
     print(markdown(rows, report))
-    print(f"load average at end {load_avg()}")
+    print(report["mtp"]["text"])
+    print(f"load average at end {load_avg()}; waited {QUIET['waited']:.0f} s for quiet CPUs")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
@@ -214,8 +253,9 @@ def _print_case(r: dict) -> None:
 
 
 def mtp_case(args, ckpt: Path) -> dict:
-    """Decode with and without MTP speculation (greedy, batch 1) on a trained model if given, else on the
-    random `bench` preset with its (random) MTP module (transformers' checkpoint has no MTP weights)."""
+    """Decode with and without MTP speculation (batch 1, fp32) on a trained model if given, else on the
+    random `bench` preset with its (random) MTP module (transformers' checkpoint has no MTP weights).
+    Greedy (k = 0, 1, 2; outputs must be identical) and sampled at temperature 0.8 (k = 0, 1)."""
     directory = args.mtp or "bench"
     ns = NS(directory, torch.float32)
     eng = ns.engine
@@ -224,31 +264,34 @@ def mtp_case(args, ckpt: Path) -> dict:
     else:
         ids = torch.randint(0, eng.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     out = {}
-    for k in (0, 1, 2):
+    for temp, k in ((0.0, 0), (0.0, 1), (0.0, 2), (0.8, 0), (0.8, 1)):
         if k and eng.config.num_nextn_predict_layers < 1:
-            break
-        ns.run(ids, 4, speculative=k)  # warm-up
+            continue
+        kw = dict(max_tokens=args.new, temperature=temp, ignore_eos=True, speculative=k, seed=0)
+        eng.generate(ids.tolist(), **{**kw, "max_tokens": 4})  # warm-up
         best = None
         for _ in range(args.rounds):
-            toks = ns.run(ids, args.new, speculative=k)
+            wait_quiet()
+            toks = eng.generate(ids.tolist(), **kw)[0].token_ids
             st = eng.last_stats
             if best is None or st.decode_s < best["decode_s"]:
                 best = {"decode_tok_s": st.decode_tok_s, "decode_s": st.decode_s,
                         "acceptance_rate": st.acceptance_rate, "tokens_per_forward": st.tokens_per_forward,
-                        "tokens": toks[0].tolist()}
-        out[k] = best
-    base = out[0]
+                        "tokens": toks}
+        out[f"T={temp} k={k}"] = best
     lines = [f"MTP speculation on {'the trained model ' + str(directory) if args.mtp else 'the random bench model'}"
-             f" (fp32, batch 1, greedy, prompt {ids.shape[1]}, {args.new} new tokens):"]
-    for k, r in out.items():
-        same = r["tokens"] == base["tokens"]
-        lines.append(f"  k={k}: decode {r['decode_tok_s']:.1f} tok/s ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x), "
-                     f"acceptance {r['acceptance_rate']:.1%}, {r['tokens_per_forward']:.2f} tokens/forward, "
-                     f"output identical to k=0: {same}")
-        r["identical"] = same
+             f" (fp32, batch 1, prompt {ids.shape[1]}, {args.new} new tokens):"]
+    for name, r in out.items():
+        base = out[name.split(" ")[0] + " k=0"]
+        r["speedup"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["identical"] = r["tokens"] == base["tokens"]
+        lines.append(f"  {name}: decode {r['decode_tok_s']:.1f} tok/s ({r['speedup']:.2f}x), acceptance "
+                     f"{r['acceptance_rate']:.1%}, {r['tokens_per_forward']:.2f} tokens/forward"
+                     + (f", output identical to k=0: {r['identical']}" if name.startswith("T=0.0") else ""))
+    for r in out.values():
         r.pop("tokens")
     print("\n".join(lines), flush=True)
-    return {"model": str(directory), "trained": args.mtp is not None, "results": out}
+    return {"model": str(directory), "trained": args.mtp is not None, "results": out, "text": "\n".join(lines)}
 
 
 def markdown(rows: list[dict], report: dict) -> str:

@@ -150,6 +150,8 @@ def test_prepacked_fast_path_matches_plain_and_leaves_training_alone():
     before = fast_engine.generate(PROMPTS[0], max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)  # an "optimizer step" that changes the argmax
+        model.model.layers[0].mlp.up_proj.weight.mul_(0.5)  # a fused (gate|up) MLP weight
+        model.model.layers[1].mlp.experts.down_proj.mul_(1.5)
     after = fast_engine.generate(PROMPTS[0], max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
     ref = Engine(model, fast=False).generate(PROMPTS[0], max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
     assert after.token_ids == ref.token_ids != before.token_ids

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import Experts
+from ..model.moe import MLP, Experts
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,8 +79,18 @@ class PackedModel:
         self.model = model
         self.linears: list[tuple[nn.Linear, _Packed]] = []
         self.experts: list[tuple[Experts, list[tuple[_Packed, _Packed]]]] = []
+        self.mlps: list[tuple[MLP, _PackedPair]] = []
+        fused = set()
         for m in model.modules():
-            if type(m) is nn.Linear and m.weight.device.type == "cpu" and onednn_supports(m.weight.dtype):
+            if type(m) is MLP and m.gate_proj.weight.device.type == "cpu" and onednn_supports(m.gate_proj.weight.dtype):
+                # gate and up read the same input: one packed [2I, H] product instead of two
+                pair = _PackedPair(m.gate_proj.weight, m.up_proj.weight)
+                self.mlps.append((m, pair))
+                m.forward = functools.partial(_packed_mlp_forward, m, pair)
+                fused.update((id(m.gate_proj), id(m.up_proj)))
+        for m in model.modules():
+            if type(m) is nn.Linear and id(m) not in fused and m.weight.device.type == "cpu" \
+                    and onednn_supports(m.weight.dtype):
                 entry = _Packed(m.weight)
                 self.linears.append((m, entry))
                 m.forward = functools.partial(_packed_linear_forward, m, entry)  # instance attribute
@@ -97,6 +107,11 @@ class PackedModel:
                 entry.source = m.weight
                 entry.pack()
                 n += 1
+        for m, pair in self.mlps:
+            if not pair.fresh(m.gate_proj.weight, m.up_proj.weight):
+                pair.sources = (m.gate_proj.weight, m.up_proj.weight)
+                pair.pack()
+                n += 1
         for m, entries in self.experts:
             for gu, dn in entries:
                 for p, src in ((gu, m.gate_up_proj), (dn, m.down_proj)):
@@ -112,10 +127,13 @@ class PackedModel:
             m.__dict__.pop("forward", None)
         for m, _ in self.experts:
             m.__dict__.pop("expert_ffn", None)
-        self.linears, self.experts = [], []
+        for m, _ in self.mlps:
+            m.__dict__.pop("forward", None)
+        self.linears, self.experts, self.mlps = [], [], []
 
     def nbytes(self) -> int:
         total = sum(e.source.numel() * e.source.element_size() for _, e in self.linears)
+        total += sum(sum(t.numel() * t.element_size() for t in p.sources) for _, p in self.mlps)
         for m, _ in self.experts:
             total += sum(t.numel() * t.element_size() for t in (m.gate_up_proj, m.down_proj))
         return total
@@ -124,7 +142,7 @@ class PackedModel:
 def unpack(model: nn.Module) -> None:
     """Remove any packed fast path from a model's modules (whichever engine installed it)."""
     for m in model.modules():
-        if type(m) is nn.Linear:
+        if type(m) in (nn.Linear, MLP):
             m.__dict__.pop("forward", None)
         elif type(m) is Experts:
             m.__dict__.pop("expert_ffn", None)
@@ -143,6 +161,34 @@ class _PackedSlice(_Packed):
         w = self.source
         self.version, self.ptr, self.dtype = w._version, w.data_ptr(), w.dtype
         self.packed = _pack(w[self.expert])
+
+
+class _PackedPair:
+    """Two weights [n1, in], [n2, in] packed as one [n1 + n2, in] product (an MLP's gate and up)."""
+
+    __slots__ = ("sources", "versions", "ptrs", "dtype", "packed")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.sources = (a, b)
+        self.pack()
+
+    def pack(self) -> None:
+        a, b = self.sources
+        self.versions, self.ptrs, self.dtype = (a._version, b._version), (a.data_ptr(), b.data_ptr()), a.dtype
+        self.packed = _pack(torch.cat((a.detach(), b.detach())))
+
+    def fresh(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        return ((a._version, b._version) == self.versions and (a.data_ptr(), b.data_ptr()) == self.ptrs
+                and a.dtype == b.dtype == self.dtype)
+
+
+def _packed_mlp_forward(m: MLP, pair: _PackedPair, x: torch.Tensor) -> torch.Tensor:
+    g, u = m.gate_proj.weight, m.up_proj.weight
+    if (torch.is_grad_enabled() and (g.requires_grad or x.requires_grad)) or x.dtype != pair.dtype \
+            or not pair.fresh(g, u):
+        return MLP.forward(m, x)
+    gate, up = _linear(x, pair.packed, None).chunk(2, dim=-1)
+    return m.down_proj(F.silu(gate) * up)
 
 
 def _packed_linear_forward(m: nn.Linear, entry: _Packed, x: torch.Tensor) -> torch.Tensor:
