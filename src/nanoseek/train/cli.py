@@ -85,13 +85,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("train", help="pretrain a DeepSeek-V3 model (default: `small` on Python's stdlib source)")
-    _add_config_flags(p)
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a train_config.json to start from (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--sample-prompt", action="append", help="prompt(s) to sample from at the end")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="pretrain a DeepSeek-V3 model (default: `small` on Python's stdlib source)")
+    _add_config_flags(p)
+    _add_run_flags(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens only)")
@@ -99,10 +103,7 @@ def register(sub) -> None:
     p.add_argument("--data", dest="sft_data", required=True, metavar="JSONL",
                    help='chat data: one {"messages": [{"role", "content"}, ...]} per line')
     _add_config_flags(p, skip=frozenset({"data", "sft_data", "init_from"}))
-    p.add_argument("--config", help="a train_config.json to start from (flags override it)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--sample-prompt", action="append", help="prompt(s) to sample from at the end")
+    _add_run_flags(p)
     p.set_defaults(func=_cmd_sft)
 
     p = sub.add_parser("plot", help="redraw a run's PNG plots (loss curves, expert load) from metrics.jsonl")

@@ -113,27 +113,22 @@ def save_checkpoint(run_dir: Path, step: int, model: DeepseekV3ForCausalLM, opt:
 def _publish(run_dir: Path, ckpt: Path) -> None:
     """Make the run directory itself the latest model: hard-link each file in, atomically."""
     for name in MODEL_FILES:
-        src = ckpt / name
-        dst = run_dir / name
-        if not src.exists():
-            if name.startswith("model.safetensors") and dst.exists():
-                dst.unlink()  # switching between sharded and single-file layouts
-            continue
-        tmp = run_dir / f".{name}.publish"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        if (ckpt / name).exists():
+            _link_into(ckpt / name, run_dir / name)
+        elif name.startswith("model.safetensors") and (run_dir / name).exists():
+            (run_dir / name).unlink()  # switching between sharded and single-file layouts
     for shard in ckpt.glob("model-*-of-*.safetensors"):
-        tmp = run_dir / f".{shard.name}.publish"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(shard, tmp)
-        except OSError:
-            shutil.copyfile(shard, tmp)
-        os.replace(tmp, run_dir / shard.name)
+        _link_into(shard, run_dir / shard.name)
+
+
+def _link_into(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.publish")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # filesystems without hard links
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def load_trainer_state(ckpt: Path, model: DeepseekV3ForCausalLM, opt: torch.optim.Optimizer) -> dict[str, Any]:
