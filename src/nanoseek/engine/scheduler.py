@@ -1,0 +1,454 @@
+"""Continuous batching: sequences join and leave the running batch between forwards.
+
+`Engine.generate` runs a fixed set of prompts to completion. A server needs more: requests arrive
+while others are decoding, finish at different times, and clients hang up. `Scheduler` is the
+step-level API for that, on the same model, cache layout, sampler and speculative rule as the
+engine (it reuses the engine's request bookkeeping, `_emit` and `_draft`, so outputs are the
+engine's outputs):
+
+    sched = Scheduler(engine, max_batch=32, kv_cache_bytes=2**30)
+    sched.add("a", "Once upon a time", SamplingParams(max_tokens=50, temperature=0))
+    while sched.has_work:
+        for u in sched.step():              # SeqUpdate: new tokens/text of one sequence
+            print(u.seq_id, u.text, u.finish_reason)
+        sched.add(...)                      # any time between steps
+        sched.abort("a")                    # frees its batch row and cache at once
+
+**The cache pool.** Every running sequence owns one row of a latent-cache pool (one
+`[slots, capacity, kv_lora_rank + qk_rope_head_dim]` tensor per layer); the running batch is rows
+0..B-1, so a forward sees the plain `[B, capacity, D]` cache the model already handles (per-row
+positions, masked absorbed attention). A joining sequence is prefilled straight into the free
+rows B.. (a view of the pool: no copy); a leaving sequence's row is refilled with the batch's last
+row (one row copied, not the whole cache). The pool grows when a longer request or more rows need
+it, within the budget, and is freed when the batch empties.
+
+**Admission.** A sequence reserves prompt + max_tokens positions (+ speculative slack), so an
+admitted sequence never runs out of cache and nothing is ever preempted. Waiting sequences are
+admitted first-come first-served while the batch has fewer than `max_batch` rows and the pool
+(rows x the longest reservation x bytes per position) fits `kv_cache_bytes`; the head of the
+queue is never skipped, so a long request is not starved by short ones. A sequence that could not
+fit even alone is refused in `add` (SamplingError).
+
+**Steps.** One `step()` runs one forward: a prefill of newly admitted sequences (up to
+`max_prefill_tokens` prompt tokens; they get their first token from it) or a decode step of the
+whole batch (one token per row, or up to k + 1 with MTP speculation). After a prefill the next
+step is always a decode when older rows are waiting for one, so a stream of arrivals cannot stall
+the running batch for more than one prefill at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import LatentCache
+from .engine import Engine, GenerationStats, Prompt, _Request
+from .sampling import LogitsProcessor, SamplingError, SamplingParams
+
+ABORTED = "abort"
+
+
+@dataclass
+class SeqUpdate:
+    """What one step produced for one sequence (like the engine's StreamChunk, plus top logprobs)."""
+
+    seq_id: Hashable
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" or "length" on the last update
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # so far, this update included
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class ScheduledSequence:
+    seq_id: Hashable
+    req: _Request
+    reservation: int  # cache positions this sequence may use
+    arrival: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.req.prompt
+
+
+class Scheduler:
+    """Continuous batching over one `Engine` (see the module docstring). Not thread-safe: one
+    thread owns it and calls add / abort / step."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 32, kv_cache_bytes: int | None = None,
+                 speculative: bool | int = False, max_prefill_tokens: int | None = None,
+                 capacity_step: int = 64) -> None:
+        if max_batch < 1:
+            raise SamplingError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.model, self.config = engine.model, engine.config
+        self.device, self.dtype = engine.device, engine.dtype
+        self.k = engine._spec_k(speculative)
+        self.slack = 2 * self.k + 2 if self.k else 1  # positions written past the last kept token
+        self.max_batch = max_batch
+        self.n_layers = self.config.num_hidden_layers + (1 if self.k else 0)
+        self.bytes_per_token = engine.kv_cache_bytes_per_token(speculative=bool(self.k))
+        full = max_batch * (engine.max_context + self.slack) * self.bytes_per_token
+        self.kv_cache_bytes = int(kv_cache_bytes) if kv_cache_bytes is not None else full
+        if self.kv_cache_bytes < (2 + self.slack) * self.bytes_per_token:
+            raise SamplingError(f"kv_cache_bytes={self.kv_cache_bytes} holds no sequence "
+                                f"({self.bytes_per_token} bytes per position)")
+        self.max_prefill_tokens = max_prefill_tokens or max(engine.max_context, 2048)
+        self.capacity_step = capacity_step
+        self.waiting: deque[ScheduledSequence] = deque()
+        self.running: list[ScheduledSequence] = []
+        self._by_id: dict[Hashable, ScheduledSequence] = {}
+        self._pool: list[torch.Tensor] | None = None
+        self._n = self._last = self._drafts = self._q = None
+        self._proc: LogitsProcessor | None = None
+        self._decode_due = False
+        seed = int(torch.randint(0, 2**62, (), generator=engine._rng))
+        self._shared = torch.Generator(device=self.device).manual_seed(seed)
+        self.stats = GenerationStats(speculative=self.k)  # cumulative over the scheduler's life
+        self.prefill_steps = 0
+        self.finished_count = 0
+        self.aborted_count = 0
+
+    # -- sizes ----------------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    @property
+    def max_tokens_per_sequence(self) -> int:
+        """The most cache positions one sequence may reserve (the budget or the context)."""
+        return min(self.engine.max_context, self.kv_cache_bytes // self.bytes_per_token - self.slack)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def capacity(self) -> int:
+        return self._pool[0].shape[1] if self._pool else 0
+
+    @property
+    def slots(self) -> int:
+        return self._pool[0].shape[0] if self._pool else 0
+
+    @property
+    def cache_bytes_allocated(self) -> int:
+        return self.slots * self.capacity * self.bytes_per_token
+
+    @property
+    def cache_bytes_reserved(self) -> int:
+        return sum(s.reservation for s in self.running) * self.bytes_per_token
+
+    @property
+    def cache_bytes_used(self) -> int:
+        return int(self._n.sum()) * self.bytes_per_token if self.running else 0
+
+    # -- requests -------------------------------------------------------------------------------
+    def make_sequence(self, seq_id: Hashable, prompt: Prompt, params: SamplingParams | None = None,
+                      **kwargs) -> ScheduledSequence:
+        """Validate and tokenize (raises SamplingError), without queueing: safe to call from another
+        thread than the one stepping (it only reads the engine)."""
+        _, reqs = self.engine._requests([prompt], params, kwargs)
+        req = reqs[0]
+        cap = self.max_tokens_per_sequence
+        if len(req.prompt) >= cap:
+            raise SamplingError(f"the prompt has {len(req.prompt)} tokens; this server's cache holds at most "
+                                f"{cap} per sequence, so nothing could be generated")
+        req.max_tokens = min(req.max_tokens, cap - len(req.prompt))
+        return ScheduledSequence(seq_id, req, len(req.prompt) + max(req.max_tokens, 0) + self.slack)
+
+    def add(self, seq_id: Hashable, prompt: Prompt | None = None, params: SamplingParams | None = None,
+            *, sequence: ScheduledSequence | None = None, **kwargs) -> ScheduledSequence:
+        """Queue a sequence (or a ScheduledSequence from make_sequence); returns it."""
+        s = sequence if sequence is not None else self.make_sequence(seq_id, prompt, params, **kwargs)
+        if s.seq_id in self._by_id:
+            raise SamplingError(f"sequence id {s.seq_id!r} is already scheduled")
+        self._by_id[s.seq_id] = s
+        self.waiting.append(s)
+        return s
+
+    @torch.inference_mode()
+    def abort(self, seq_id: Hashable) -> bool:
+        """Drop a waiting or running sequence now (its batch row and cache are freed); False if unknown."""
+        s = self._by_id.pop(seq_id, None)
+        if s is None:
+            return False
+        self.aborted_count += 1
+        if s in self.waiting:
+            self.waiting.remove(s)
+            return True
+        self._remove([self.running.index(s)])
+        return True
+
+    def reset(self) -> list[Hashable]:
+        """Drop everything (after a failed step): returns the ids that were waiting or running."""
+        ids = list(self._by_id)
+        self.waiting.clear()
+        self._by_id.clear()
+        self.running = []
+        self._pool = self._n = self._last = self._drafts = self._q = self._proc = None
+        self._decode_due = False
+        return ids
+
+    # -- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[SeqUpdate]:
+        """One forward (a prefill of admitted sequences, or a decode of the batch); the updates it made."""
+        updates: list[SeqUpdate] = []
+        if not (self._decode_due and self.running):
+            joiners = self._admit(updates)
+            if joiners:
+                self._prefill(joiners, updates)
+                self._decode_due = True
+                return updates
+        if self.running:
+            self._decode(updates)
+        self._decode_due = False
+        return updates
+
+    def run_until_done(self) -> dict[Hashable, list[SeqUpdate]]:
+        """Step until nothing is left (tests, offline batches): every sequence's updates."""
+        out: dict[Hashable, list[SeqUpdate]] = {}
+        while self.has_work:
+            for u in self.step():
+                out.setdefault(u.seq_id, []).append(u)
+        return out
+
+    # -- admission and the pool -----------------------------------------------------------------
+    def _fits(self, rows: int, longest: int) -> bool:
+        return rows * longest * self.bytes_per_token <= self.kv_cache_bytes
+
+    def _admit(self, updates: list[SeqUpdate]) -> list[ScheduledSequence]:
+        joiners: list[ScheduledSequence] = []
+        longest = max((s.reservation for s in self.running), default=0)
+        tokens = 0
+        while self.waiting and len(self.running) + len(joiners) < self.max_batch:
+            s = self.waiting[0]
+            if s.req.finished:  # max_tokens 0: nothing to run
+                self.waiting.popleft()
+                self._by_id.pop(s.seq_id, None)
+                self.finished_count += 1
+                updates.append(self._update(s))
+                continue
+            need = max(longest, s.reservation)
+            if not self._fits(len(self.running) + len(joiners) + 1, need):
+                break
+            if joiners and tokens + len(s.prompt) > self.max_prefill_tokens:
+                break
+            joiners.append(self.waiting.popleft())
+            longest, tokens = need, tokens + len(s.prompt)
+        if joiners:
+            self._ensure_pool(len(self.running) + len(joiners), longest)
+        return joiners
+
+    def _ensure_pool(self, rows: int, longest: int) -> None:
+        slots, cap = self.slots, self.capacity
+        if self._pool is not None and slots >= rows and cap >= longest:
+            return
+        step = self.capacity_step
+        new_cap = max(cap, -(-longest // step) * step)
+        if not self._fits(rows, new_cap):
+            new_cap = max(cap, longest) if self._fits(rows, max(cap, longest)) else longest
+        new_slots = max(rows, min(self.max_batch, 2 * slots))
+        new_slots = max(rows, min(new_slots, self.kv_cache_bytes // (new_cap * self.bytes_per_token)))
+        if new_cap < cap:  # keep the old rows' positions
+            new_cap = cap
+        D = self.config.kv_cache_dim
+        pool = [torch.zeros(new_slots, new_cap, D, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        B = len(self.running)
+        if self._pool is not None and B:
+            for new, old in zip(pool, self._pool):
+                new[:B, :cap] = old[:B]
+        self._pool = pool
+
+    def _view(self, lo: int, hi: int) -> LatentCache:
+        cache = LatentCache(self.config, 0, self.capacity, n_layers=0, dtype=self.dtype, device=self.device)
+        cache.layers = [p[lo:hi] for p in self._pool]
+        return cache
+
+    # -- forwards -------------------------------------------------------------------------------
+    def _prefill(self, joiners: list[ScheduledSequence], updates: list[SeqUpdate]) -> None:
+        engine, model, k = self.engine, self.model, self.k
+        if engine.packed is not None:
+            engine.packed.refresh()
+        t0 = time.perf_counter()
+        B0, b = len(self.running), len(joiners)
+        reqs = [s.req for s in joiners]
+        cache = self._view(B0, B0 + b)
+        lens = [len(r.prompt) for r in reqs]
+        ids = torch.zeros(b, max(lens), dtype=torch.long, device=self.device)
+        for i, r in enumerate(reqs):
+            ids[i, : lens[i]] = torch.tensor(r.prompt)
+        n = torch.tensor(lens, device=self.device)
+        proc = LogitsProcessor([r.params for r in reqs], [r.prompt for r in reqs], self.config.vocab_size,
+                               self.device, engine._generators(reqs), self._shared)
+        out = model(ids, cache=cache, return_hidden=bool(k), logits_at=n - 1)
+        tok = proc.sample(out.logits)
+        # the first token is counted (penalties) before the MTP module drafts the next, as in Engine._run
+        engine._emit(reqs, proc, tok[:, None], torch.zeros(b, dtype=torch.long, device=self.device),
+                     out.logits[:, None], self._want_logprobs(joiners), self.stats, first=True)
+        drafts = q = None
+        if k:
+            nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
+            nxt[torch.arange(b, device=self.device), n - 1] = tok
+            h_mtp, mtp_logits = model.mtp_step(0, nxt, out.hidden_states, start_pos=0, cache=cache, logits_at=n - 1)
+            h_last = h_mtp.gather(1, (n - 1).view(b, 1, 1).expand(b, 1, h_mtp.shape[-1]))
+            drafts, q = engine._draft(proc, h_last, mtp_logits, n, cache, k)
+        self.stats.prompt_tokens += sum(lens)
+        self.stats.prefill_s += time.perf_counter() - t0
+        self.prefill_steps += 1
+        now = time.perf_counter()
+        for s in joiners:
+            s.admitted = now
+        # join the batch
+        if B0:
+            self._proc = self._combine(self._proc, proc, self.running + joiners)
+            self._n, self._last = torch.cat((self._n, n)), torch.cat((self._last, tok))
+            if k:
+                self._drafts = torch.cat((self._drafts, drafts))
+                self._q = self._cat_q(self._q, q, self._drafts, B0)
+        else:
+            self._proc, self._n, self._last, self._drafts, self._q = proc, n, tok, drafts, q
+        self.running.extend(joiners)
+        self._collect(joiners, updates, offset=B0)
+
+    def _decode(self, updates: list[SeqUpdate]) -> None:
+        engine, model, k, proc = self.engine, self.model, self.k, self._proc
+        t0 = time.perf_counter()
+        B = len(self.running)
+        reqs = [s.req for s in self.running]
+        cache = self._view(0, B)
+        n, last = self._n, self._last
+        want_lp = self._want_logprobs(self.running)
+        self.stats.decode_forwards += 1
+        self.stats.row_steps += B
+        zeros = torch.zeros(B, dtype=torch.long, device=self.device)
+        if not k:
+            uniform = bool((n == n[0]).all())
+            logits = model(last[:, None], start_pos=int(n[0]) if uniform else n, cache=cache).logits[:, -1]
+            tok = proc.sample(logits)
+            engine._emit(reqs, proc, tok[:, None], zeros, logits[:, None], want_lp, self.stats)
+            self._n, self._last = n + 1, tok
+        else:
+            from .speculative import mtp_next_tokens, speculative_accept
+
+            drafts = self._drafts
+            out = model(torch.cat((last[:, None], drafts), dim=1), start_pos=n, cache=cache, return_hidden=True)
+            n_acc, toks = speculative_accept(out.logits, drafts, self._q, proc)
+            self.stats.drafted += B * k
+            self.stats.accepted += int(n_acc.sum())
+            engine._emit(reqs, proc, toks, n_acc, out.logits, want_lp, self.stats)
+            new_last = toks.gather(1, n_acc[:, None])[:, 0]
+            A = int(n_acc.max()) + 1
+            nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
+            h_mtp, mtp_logits = model.mtp_step(0, nt, out.hidden_states[:, :A], start_pos=n, cache=cache,
+                                               logits_at=n_acc)
+            n = n + n_acc + 1
+            h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
+            self._drafts, self._q = engine._draft(proc, h_last, mtp_logits, n, cache, k)
+            self._n, self._last = n, new_last
+        self.stats.decode_s += time.perf_counter() - t0
+        self._collect(list(self.running), updates, offset=0)
+
+    # -- batch bookkeeping ----------------------------------------------------------------------
+    def _want_logprobs(self, seqs: Sequence[ScheduledSequence]) -> int | None:
+        return max((s.req.params.logprobs for s in seqs if s.req.params.logprobs is not None), default=None)
+
+    def _update(self, s: ScheduledSequence) -> SeqUpdate | None:
+        r = s.req
+        start = r.sent_tokens
+        c = r.chunk()
+        if c is None:
+            return None
+        top = r.top_logprobs[start:r.sent_tokens] if r.top_logprobs is not None else None
+        return SeqUpdate(s.seq_id, c.token_ids, c.text, c.logprobs, top, c.finish_reason, c.stop_reason,
+                         len(r.prompt), len(r.output))
+
+    def _collect(self, seqs: list[ScheduledSequence], updates: list[SeqUpdate], offset: int) -> None:
+        done = []
+        for i, s in enumerate(seqs):
+            u = self._update(s)
+            if u is not None:
+                updates.append(u)
+            if s.req.finished:
+                done.append(offset + i)
+                self._by_id.pop(s.seq_id, None)
+                self.finished_count += 1
+        if done:
+            self._remove(done)
+
+    def _remove(self, rows: list[int]) -> None:
+        """Drop batch rows: the holes below the new size are refilled with the last rows."""
+        B = len(self.running)
+        gone = set(rows)
+        keep = B - len(gone)
+        if keep == 0:
+            self.running = []
+            self._pool = self._n = self._last = self._drafts = self._q = self._proc = None
+            self._decode_due = False
+            return
+        holes = [i for i in range(keep) if i in gone]
+        movers = [i for i in range(keep, B) if i not in gone]
+        order = list(range(keep))
+        for h, m in zip(holes, movers):
+            order[h] = m
+        if holes:
+            end = int(self._n[movers].max()) + 2 * self.k + 2
+            dst = torch.tensor(holes, device=self.device)
+            src = torch.tensor(movers, device=self.device)
+            for p in self._pool:
+                p[dst, :end] = p[src, :end]
+        idx = torch.tensor(order, device=self.device)
+        self.running = [self.running[i] for i in order]
+        self._n, self._last = self._n[idx], self._last[idx]
+        self._proc.select(order)
+        if self.k:
+            self._drafts = self._drafts[idx]
+            self._q = self._q[idx] if self._q is not None else None
+
+    def _combine(self, a: LogitsProcessor, b: LogitsProcessor, seqs: list[ScheduledSequence]) -> LogitsProcessor:
+        """One processor for rows a + b: rebuilt from the rows' parameters, with the penalty counts
+        carried over (the only state a processor accumulates) and the same generators."""
+        m = LogitsProcessor(a.params + b.params, [s.prompt for s in seqs], self.config.vocab_size, self.device,
+                            a.generators + b.generators, self._shared)
+        if m.counts is not None:
+            Ba = len(a.params)
+            if a.counts is not None:
+                m.counts[:Ba] = a.counts
+            if b.counts is not None:
+                m.counts[Ba:] = b.counts
+        return m
+
+    def _cat_q(self, qa: torch.Tensor | None, qb: torch.Tensor | None, drafts: torch.Tensor, B0: int):
+        """Draft distributions of the joined batch; a side drafted greedily (None) gets one-hots."""
+        if qa is None and qb is None:
+            return None
+        V = self.config.vocab_size
+
+        def onehot(d: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(*d.shape, V, device=self.device).scatter_(-1, d[..., None], 1.0)
+
+        qa = qa if qa is not None else onehot(drafts[:B0])
+        qb = qb if qb is not None else onehot(drafts[B0:])
+        return torch.cat((qa, qb))

@@ -1,0 +1,675 @@
+"""The OpenAI-compatible HTTP API (FastAPI on uvicorn) over the continuous-batching scheduler.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics (Prometheus), GET / (the chat page). See docs/server.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import Engine, SamplingError, SamplingParams
+from ..engine.scheduler import Scheduler, SeqUpdate
+from .metrics import ServerMetrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from .reasoning import ReasoningParser, reasoning_token_count
+from .worker import GenerationFailed, GenStream, ModelThread, QueueFull, Worker
+
+log = logging.getLogger("nanoseek.server")
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "nanoseek"
+    api_key: str | None = None
+    max_queue: int = 64
+    request_timeout: float = 600.0  # seconds, per request, from arrival to the last token
+    max_body_bytes: int = 2 * 1024 * 1024
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0  # OpenAI's stand-in for -inf
+
+
+class TokenText:
+    """Each token's bytes and display string (byte-level BPE: through the byte map)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        try:
+            from ..tokenizer import _byte_decoder
+
+            self.byte_decoder = _byte_decoder()
+        except ImportError:  # pragma: no cover
+            self.byte_decoder = {}
+
+    @functools.lru_cache(maxsize=65536)
+    def bytes_of(self, i: int) -> bytes:
+        if self.tok is None:
+            return b""
+        s = self.tok.id_to_token(int(i)) if hasattr(self.tok, "id_to_token") else None
+        if s is None:
+            return self.tok.decode([int(i)]).encode("utf-8")
+        if all(c in self.byte_decoder for c in s) and not (hasattr(self.tok, "is_special") and self.tok.is_special(i)):
+            return bytes(self.byte_decoder[c] for c in s)
+        return s.encode("utf-8")
+
+    def text_of(self, i: int) -> str:
+        if self.tok is None:
+            return f"<{i}>"
+        return self.bytes_of(i).decode("utf-8", errors="replace")
+
+
+class _SeqState:
+    __slots__ = ("index", "prompt_len", "ids", "text", "lps", "tops", "finish", "parser", "reasoning", "content",
+                 "first_t", "last_t")
+
+    def __init__(self, index: int, prompt_len: int, parser: ReasoningParser | None) -> None:
+        self.index, self.prompt_len, self.parser = index, prompt_len, parser
+        self.ids: list[int] = []
+        self.text = ""
+        self.lps: list[float] = []
+        self.tops: list[dict[int, float]] = []
+        self.finish: str | None = None
+        self.reasoning = self.content = ""
+        self.first_t = self.last_t = None
+
+
+class Tracker:
+    """Per-sequence state of one request; records latency and token metrics as updates arrive."""
+
+    def __init__(self, metrics: ServerMetrics, stream: GenStream, prompt_lens: list[int], n: int,
+                 thinking: bool | None) -> None:
+        self.metrics, self.stream = metrics, stream
+        self.seqs = {sid: _SeqState(i, prompt_lens[i // n], ReasoningParser(thinking) if thinking is not None else None)
+                     for i, sid in enumerate(stream.seq_ids)}
+
+    def apply(self, u: SeqUpdate) -> tuple[_SeqState, str, str]:
+        s = self.seqs[u.seq_id]
+        now = time.perf_counter()
+        m = self.metrics
+        k = len(u.token_ids)
+        if k:
+            if s.first_t is None:
+                s.first_t = now
+                m.ttft.observe(now - self.stream.arrival)
+                if k > 1:
+                    m.itl.observe(0.0, k - 1)
+            else:
+                m.itl.observe((now - s.last_t) / k, k)
+            s.last_t = now
+            m.completion_tokens.inc(k)
+        s.ids += u.token_ids
+        s.text += u.text
+        if u.logprobs is not None:
+            s.lps += u.logprobs
+            s.tops += u.top_logprobs or [{} for _ in u.token_ids]
+        r = c = ""
+        if s.parser is not None:
+            r, c = s.parser.feed(u.text)
+            if u.finished:
+                r2, c2 = s.parser.finish()
+                r, c = r + r2, c + c2
+        else:
+            c = u.text
+        s.reasoning += r
+        s.content += c
+        if u.finished:
+            s.finish = u.finish_reason
+            m.e2e.observe(now - self.stream.arrival)
+            m.finished.inc(reason=u.finish_reason)
+        return s, r, c
+
+    @property
+    def done(self) -> bool:
+        return all(s.finish is not None for s in self.seqs.values())
+
+    def close(self, reason: str) -> None:
+        """Abort what is still running (disconnect, timeout, error) and count it."""
+        if not self.stream.done:
+            self.stream.abort()
+        for s in self.seqs.values():
+            if s.finish is None:
+                s.finish = reason
+                self.metrics.finished.inc(reason=reason)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _watch_disconnect(request: Request, stream: GenStream) -> None:
+    """Wait for the client to hang up; then wake the consumer (the body was already read)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            stream.queue.put_nowait(_ClientGone())
+            return
+
+
+class EventStream(Response):
+    """Server-sent events that stop generating the moment the client disconnects.
+
+    Listens for `http.disconnect` while streaming, whatever the ASGI spec version, and calls
+    `on_close` (abort the generation) when the stream ends for any reason.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        self.events, self.on_close = events, on_close
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        async def stream() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for event in self.events:
+                await send({"type": "http.response.body", "body": event.encode("utf-8"), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        tasks = [asyncio.ensure_future(listen()), asyncio.ensure_future(stream())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await self.events.aclose()
+            finally:
+                self.on_close()
+        exc = tasks[1].exception() if tasks[1].done() and not tasks[1].cancelled() else None
+        if exc is not None and not isinstance(exc, OSError):
+            log.warning("stream ended with %s: %s", type(exc).__name__, exc)
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _param_of(err: dict) -> str | None:
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    return ".".join(loc) or None
+
+
+# ---- the application --------------------------------------------------------------------------------
+
+class ServerState:
+    def __init__(self, engine: Engine, scheduler: Scheduler, config: ServerConfig,
+                 model_thread: ModelThread | None = None) -> None:
+        self.engine, self.scheduler, self.config = engine, scheduler, config
+        self.worker = Worker(scheduler, max_queue=config.max_queue, model_thread=model_thread)
+        self.metrics = ServerMetrics(lambda: dict(self.worker.snapshot, queued_requests=self.worker.queue_depth))
+        self.tokens = TokenText(engine.tokenizer)
+        self.created = int(time.time())
+        tok = engine.tokenizer
+        self.end_think_id = tok.token_to_id("</think>") if tok is not None and hasattr(tok, "token_to_id") else None
+        key = config.api_key
+        self._key_digest = hashlib.sha256(key.encode("utf-8")).digest() if key else None
+
+    def authorized(self, header: str | None) -> bool:
+        if self._key_digest is None:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        return hmac.compare_digest(given, self._key_digest) and scheme.lower() == "bearer"
+
+
+class Guard:
+    """Pure ASGI middleware: API key on /v1, body size limit, request counts by status."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        status = [500]
+        m = self.state.metrics
+
+        async def send_counted(msg) -> None:
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        async def reply(code: int, message: str, err_code: str | None, headers: dict | None = None) -> None:
+            body = json.dumps(error_body(code, message, None, err_code)).encode()
+            hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+            await send_counted({"type": "http.response.start", "status": code, "headers": hdrs})
+            await send_counted({"type": "http.response.body", "body": body})
+
+        try:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            if path.startswith("/v1") and not self.state.authorized(headers.get("authorization")):
+                m.rejected.inc(reason="unauthorized")
+                return await reply(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
+                                   "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+            if scope.get("method") in ("POST", "PUT", "PATCH"):
+                limit = self.state.config.max_body_bytes
+                too_big = f"The request body is larger than this server's limit of {limit} bytes."
+                try:
+                    declared = int(headers.get("content-length", "0") or 0)
+                except ValueError:
+                    declared = 0
+                if declared > limit:
+                    m.rejected.inc(reason="too_large")
+                    return await reply(413, too_big, "request_too_large")
+                chunks, size = [], 0
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    chunks.append(msg.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > limit:
+                        m.rejected.inc(reason="too_large")
+                        return await reply(413, too_big, "request_too_large")
+                    if not msg.get("more_body", False):
+                        break
+                body = b"".join(chunks)
+                replayed = [False]
+
+                async def replay():
+                    if not replayed[0]:
+                        replayed[0] = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                return await self.app(scope, replay, send_counted)
+            return await self.app(scope, receive, send_counted)
+        finally:
+            m.requests.inc(route=route, status=status[0])
+
+
+def create_app(engine: Engine, scheduler: Scheduler | None = None, config: ServerConfig | None = None,
+               model_thread: ModelThread | None = None) -> FastAPI:
+    """The application. model_thread: the thread that loaded the engine (see worker.ModelThread);
+    the step loop runs on it, or on a new thread when None."""
+    config = config or ServerConfig()
+    scheduler = scheduler or Scheduler(engine)
+    state = ServerState(engine, scheduler, config, model_thread)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.worker.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            state.worker.stop()
+
+    app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API for a nanoseek (DeepSeek-V3) model")
+    app.state.nanoseek = state
+    app.add_middleware(Guard, state=state)
+
+    # -- errors: always OpenAI's error JSON ------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        if e.status in (400, 404, 413, 422):
+            state.metrics.rejected.inc(reason="invalid")
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        state.metrics.rejected.inc(reason="invalid")
+        if first.get("type") == "json_invalid":
+            msg = f"The body is not valid JSON ({(first.get('ctx') or {}).get('error', 'decode error')})."
+            return JSONResponse(error_body(400, msg, None, "json_invalid"), status_code=400)
+        param = _param_of(first)
+        msg = "; ".join(f"{_param_of(x) or 'body'}: {x.get('msg', 'invalid')}" for x in errs[:5])
+        return JSONResponse(error_body(400, msg, param, first.get("type")), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(e.status_code, str(e.detail), None, None), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(500, "internal server error", None, None), status_code=500)
+
+    # -- plain routes ----------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        ok = state.worker.alive
+        body = {"status": "ok" if ok else "worker stopped", "running": state.worker.snapshot["running"],
+                "waiting": state.worker.snapshot["waiting"], "queued_requests": state.worker.queue_depth}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def _model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": state.created, "owned_by": "nanoseek",
+                "max_model_len": scheduler.max_tokens_per_sequence}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != config.model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{config.model_name}'.",
+                           "model", "model_not_found")
+        return _model_card()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        from .page import chat_page
+
+        return HTMLResponse(chat_page(config.model_name, bool(config.api_key)))
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(status_code=204)
+
+    # -- generation ------------------------------------------------------------------------------
+    def _params(body, max_tokens: int, j: int, logprobs: int | None) -> SamplingParams:
+        unsupported = []
+        if body.logit_bias:
+            unsupported.append("logit_bias")
+        if getattr(body, "tools", None):
+            unsupported.append("tools")
+        rf = getattr(body, "response_format", None)
+        if rf and rf.get("type", "text") != "text":
+            unsupported.append("response_format")
+        if getattr(body, "suffix", None):
+            unsupported.append("suffix")
+        if getattr(body, "best_of", None) not in (None, body.n):
+            unsupported.append("best_of")
+        if unsupported:
+            raise APIError(400, f"{unsupported[0]} is not supported by this server", unsupported[0], "unsupported_parameter")
+        seed = None if body.seed is None else (body.seed + j if body.seed + j < 2**64 else body.seed + j - 2**64)
+        top_p = 1.0 if body.top_p is None else (body.top_p if body.top_p > 0 else 1e-9)
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+                presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=body.repetition_penalty or 1.0, seed=seed, stop=body.stop,
+                stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, logprobs=logprobs,
+                skip_special_tokens=body.skip_special_tokens)
+        except SamplingError as e:
+            raise APIError(400, str(e), None, "invalid_value") from None
+
+    def _max_tokens(requested: int | None, prompt_len: int) -> int:
+        limit = scheduler.max_tokens_per_sequence
+        if prompt_len >= limit or (requested is not None and prompt_len + requested > limit):
+            want = prompt_len + (requested or 0)
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{want} tokens ({prompt_len} in the messages, {requested or 0} in the completion). "
+                                "Please reduce the length of the messages or completion.",
+                           "messages", "context_length_exceeded")
+        return requested if requested is not None else limit - prompt_len
+
+    def _submit(prefix: str, prompts: list, body, requested: int | None, logprobs: int | None):
+        """Sequences for every prompt x n; returns (request id, stream, prompt lengths)."""
+        arrival = time.perf_counter()
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        seqs, lens = [], []
+        for p_i, prompt in enumerate(prompts):
+            try:
+                ids = engine.encode(prompt)  # as Engine.generate: BOS added to text when the tokenizer has one
+                if not ids:
+                    raise SamplingError(f"prompt {p_i} is empty")
+                mt = _max_tokens(requested, len(ids))
+                for j in range(body.n):
+                    sid = f"{rid}-{p_i * body.n + j}"
+                    seqs.append(scheduler.make_sequence(sid, ids, _params(body, mt, j, logprobs)))
+            except SamplingError as e:
+                raise APIError(400, str(e), "prompt" if prefix == "cmpl" else "messages", "invalid_value") from None
+            lens.append(len(ids))
+        try:
+            stream = state.worker.submit(seqs, arrival)
+        except QueueFull as e:
+            state.metrics.rejected.inc(reason="queue_full")
+            raise APIError(429, str(e), None, "rate_limit_exceeded", {"Retry-After": str(e.retry_after)}) from None
+        state.metrics.prompt_tokens.inc(sum(lens))
+        return rid, stream, lens
+
+    async def _next(stream: GenStream, deadline: float) -> SeqUpdate:
+        return await stream.get(timeout=max(0.0, deadline - time.perf_counter()))
+
+    async def _collect(request: Request, tracker: Tracker) -> None:
+        """Run a non-streaming request to the end (or to a disconnect / the timeout)."""
+        stream = tracker.stream
+        deadline = stream.arrival + config.request_timeout
+        watcher = asyncio.ensure_future(_watch_disconnect(request, stream))
+        try:
+            while not tracker.done:
+                tracker.apply(await _next(stream, deadline))
+        except (TimeoutError, asyncio.TimeoutError):
+            tracker.close("timeout")
+            raise APIError(408, f"The request did not finish within the server's timeout of "
+                                f"{config.request_timeout:g} s.", None, "request_timeout") from None
+        except _ClientGone:
+            tracker.close("abort")
+            raise
+        except GenerationFailed as e:
+            tracker.close("error")
+            raise APIError(500, str(e), None, "generation_failed") from None
+        finally:
+            watcher.cancel()
+            if not tracker.done:
+                tracker.close("abort")
+
+    def _usage(tracker: Tracker, lens: list[int], reasoning: int | None = None) -> dict:
+        completion = sum(len(s.ids) for s in tracker.seqs.values())
+        prompt = sum(lens)
+        u = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if reasoning is not None:
+            u["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        return u
+
+    def _chat_logprobs(ids: list[int], lps: list[float], tops: list[dict[int, float]]) -> dict:
+        tt = state.tokens
+
+        def entry(i: int, lp: float) -> dict:
+            return {"token": tt.text_of(i), "logprob": _finite(lp), "bytes": list(tt.bytes_of(i))}
+
+        return {"content": [dict(entry(i, lp), top_logprobs=[entry(t, v) for t, v in top.items()])
+                            for i, lp, top in zip(ids, lps, tops)]}
+
+    def _completion_logprobs(ids: list[int], lps: list[float], tops: list[dict[int, float]], offset: int) -> dict:
+        tt = state.tokens
+        texts = [tt.text_of(i) for i in ids]
+        offsets, pos = [], offset
+        for t in texts:
+            offsets.append(pos)
+            pos += len(t)
+        top = [{tt.text_of(t): _finite(v) for t, v in d.items()} for d in tops]
+        return {"tokens": texts, "token_logprobs": [_finite(x) for x in lps], "top_logprobs": top,
+                "text_offset": offsets}
+
+    def _reasoning_tokens(tracker: Tracker) -> int:
+        return sum(reasoning_token_count(s.ids, state.end_think_id, s.parser.saw_reasoning)
+                   for s in tracker.seqs.values() if s.parser is not None)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if engine.tokenizer is None:
+            raise APIError(400, "chat needs a tokenizer, and this model has none (serve it with --tokenizer)", None,
+                           "no_tokenizer")
+        thinking = bool(body.chat_template_kwargs and body.chat_template_kwargs.thinking)
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = engine.chat_prompt(msgs, thinking=thinking)
+        except (SamplingError, ValueError) as e:
+            raise APIError(400, str(e), "messages", "invalid_value") from None
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        rid, stream, lens = _submit("chatcmpl", [ids], body, requested, logprobs)
+        tracker = Tracker(state.metrics, stream, lens, body.n, thinking)
+        created = int(time.time())
+        base = {"id": rid, "created": created, "model": config.model_name, "system_fingerprint": "nanoseek"}
+
+        if not body.stream:
+            try:
+                await _collect(request, tracker)
+            except _ClientGone:
+                return Response(status_code=499)
+            choices = []
+            for s in sorted(tracker.seqs.values(), key=lambda s: s.index):
+                msg = {"role": "assistant", "content": s.content,
+                       "reasoning_content": s.reasoning if s.parser.saw_reasoning else None}
+                choice = {"index": s.index, "message": msg, "logprobs": None, "finish_reason": s.finish}
+                if logprobs is not None:
+                    choice["logprobs"] = _chat_logprobs(s.ids, s.lps, s.tops)
+                if body.return_token_ids:
+                    choice["token_ids"], choice["prompt_token_ids"] = s.ids, ids
+                choices.append(choice)
+            return JSONResponse({**base, "object": "chat.completion", "choices": choices,
+                                 "usage": _usage(tracker, lens, _reasoning_tokens(tracker))})
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            head = {**base, "object": "chat.completion.chunk"}
+            deadline = stream.arrival + config.request_timeout
+            for i in range(len(stream.seq_ids)):
+                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]})
+            try:
+                while not tracker.done:
+                    u = await _next(stream, deadline)
+                    s, r, c = tracker.apply(u)
+                    delta = {}
+                    if r:
+                        delta["reasoning_content"] = r
+                    if c:
+                        delta["content"] = c
+                    choice = {"index": s.index, "delta": delta, "logprobs": None, "finish_reason": s.finish}
+                    if logprobs is not None and u.token_ids:
+                        choice["logprobs"] = _chat_logprobs(u.token_ids, u.logprobs or [], u.top_logprobs or [])
+                    if body.return_token_ids:
+                        choice["token_ids"] = u.token_ids
+                    if delta or s.finish or choice["logprobs"]:
+                        yield _sse({**head, "choices": [choice]})
+            except (TimeoutError, asyncio.TimeoutError):
+                tracker.close("timeout")
+                yield _sse(error_body(408, f"The request did not finish within the server's timeout of "
+                                           f"{config.request_timeout:g} s.", None, "request_timeout"))
+            except GenerationFailed as e:
+                tracker.close("error")
+                yield _sse(error_body(500, str(e), None, "generation_failed"))
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(tracker, lens, _reasoning_tokens(tracker))})
+            yield _sse("[DONE]")
+
+        return EventStream(events(), on_close=lambda: tracker.close("abort"))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        p = body.prompt
+        if isinstance(p, str):
+            prompts = [p]
+        elif isinstance(p, list) and p and all(isinstance(x, int) for x in p):
+            prompts = [p]
+        else:
+            prompts = list(p)
+        if any(isinstance(x, str) for x in prompts) and engine.tokenizer is None:
+            raise APIError(400, "text prompts need a tokenizer, and this model has none: send token ids, "
+                                "or serve it with --tokenizer", "prompt", "no_tokenizer")
+        logprobs = body.logprobs
+        rid, stream, lens = _submit("cmpl", prompts, body, body.max_tokens, logprobs)
+        tracker = Tracker(state.metrics, stream, lens, body.n, None)
+        n = body.n
+        echo_text = []
+        for x in prompts:
+            if not body.echo:
+                echo_text.append("")
+            elif isinstance(x, str):
+                echo_text.append(x)
+            else:
+                echo_text.append(engine.decode(x) if engine.tokenizer is not None else "")
+        created = int(time.time())
+        base = {"id": rid, "created": created, "model": config.model_name, "system_fingerprint": "nanoseek"}
+
+        if not body.stream:
+            try:
+                await _collect(request, tracker)
+            except _ClientGone:
+                return Response(status_code=499)
+            choices = []
+            for s in sorted(tracker.seqs.values(), key=lambda s: s.index):
+                pre = echo_text[s.index // n]
+                choice = {"index": s.index, "text": pre + s.content, "logprobs": None, "finish_reason": s.finish}
+                if logprobs is not None:
+                    choice["logprobs"] = _completion_logprobs(s.ids, s.lps, s.tops, len(pre))
+                if body.return_token_ids:
+                    choice["token_ids"] = s.ids
+                choices.append(choice)
+            return JSONResponse({**base, "object": "text_completion", "choices": choices,
+                                 "usage": _usage(tracker, lens)})
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            head = {**base, "object": "text_completion"}
+            deadline = stream.arrival + config.request_timeout
+            offsets = {}
+            for i in range(len(stream.seq_ids)):
+                pre = echo_text[i // n]
+                offsets[i] = len(pre)
+                if pre:
+                    yield _sse({**head, "choices": [{"index": i, "text": pre, "logprobs": None, "finish_reason": None}]})
+            try:
+                while not tracker.done:
+                    u = await _next(stream, deadline)
+                    s, _, c = tracker.apply(u)
+                    choice = {"index": s.index, "text": c, "logprobs": None, "finish_reason": s.finish}
+                    if logprobs is not None and u.token_ids:
+                        choice["logprobs"] = _completion_logprobs(u.token_ids, u.logprobs or [], u.top_logprobs or [],
+                                                                  offsets[s.index])
+                    offsets[s.index] += len(c)
+                    if body.return_token_ids:
+                        choice["token_ids"] = u.token_ids
+                    if c or s.finish or choice["logprobs"]:
+                        yield _sse({**head, "choices": [choice]})
+            except (TimeoutError, asyncio.TimeoutError):
+                tracker.close("timeout")
+                yield _sse(error_body(408, f"The request did not finish within the server's timeout of "
+                                           f"{config.request_timeout:g} s.", None, "request_timeout"))
+            except GenerationFailed as e:
+                tracker.close("error")
+                yield _sse(error_body(500, str(e), None, "generation_failed"))
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(tracker, lens)})
+            yield _sse("[DONE]")
+
+        return EventStream(events(), on_close=lambda: tracker.close("abort"))
+
+    return app

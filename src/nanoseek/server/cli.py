@@ -1,0 +1,110 @@
+"""`nanoseek serve MODEL`: the OpenAI-compatible server (see docs/server.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page",
+                       description="Serve MODEL over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /health, /metrics, and a chat page at /.")
+    p.add_argument("model", help="run directory, Hugging Face directory, Hub id, or preset name")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed at start)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANOSEEK_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the MODEL's name)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) when MODEL has none")
+    p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together (default 32)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=f"context per sequence, prompt + output (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
+    p.add_argument("--kv-cache-bytes", default=None,
+                   help="latent-cache budget for admission, e.g. 2GiB (default: max-batch full-length sequences)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429 (default 64)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prompt tokens prefilled in one step (default: max(max-model-len, 2048))")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    p.add_argument("--max-body-bytes", default="2MiB", help="request body size limit (default 2MiB)")
+    p.add_argument("--speculative", nargs="?", type=int, const=1, default=0, metavar="K",
+                   help="MTP speculative decoding with K drafts per step (default K: 1)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-fast", action="store_true", help="plain PyTorch linears (no oneDNN prepacking)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the shared sampler (unseeded requests)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run_serve)
+
+
+def build(args: argparse.Namespace):
+    """(app, config) from parsed arguments: loads the model."""
+    import torch
+
+    from ..checkpoint import parse_size
+    from ..engine import Engine
+    from ..engine.scheduler import Scheduler
+    from .app import ServerConfig, create_app
+    from .worker import ModelThread
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = args.tokenizer if args.tokenizer else "auto"
+    model_thread = ModelThread()  # every torch call on one thread (see ModelThread)
+    engine = model_thread.call(lambda: Engine(args.model, dtype=args.dtype, device=args.device, tokenizer=tokenizer,
+                                              fast=not args.no_fast, seed=args.seed))
+    ctx = args.max_model_len or min(engine.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+    if args.max_model_len is not None and not 2 <= args.max_model_len <= engine.config.max_position_embeddings:
+        raise SystemExit(f"nanoseek serve: error: --max-model-len must be in [2, {engine.config.max_position_embeddings}]"
+                         f" (the model's max_position_embeddings), got {args.max_model_len}")
+    engine.max_context = ctx
+    budget = parse_size(args.kv_cache_bytes) if args.kv_cache_bytes else None
+    scheduler = model_thread.call(lambda: Scheduler(engine, max_batch=args.max_batch, kv_cache_bytes=budget,
+                                                    speculative=args.speculative,
+                                                    max_prefill_tokens=args.max_prefill_tokens))
+    name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model))) or str(args.model)
+    config = ServerConfig(model_name=name, api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY") or None,
+                          max_queue=args.max_queue, request_timeout=args.request_timeout,
+                          max_body_bytes=parse_size(args.max_body_bytes))
+    return create_app(engine, scheduler, config, model_thread), config, scheduler
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..engine import SamplingError
+
+    for flag in ("max_batch", "max_queue"):
+        if getattr(args, flag) < 1:
+            print(f"nanoseek serve: error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        app, config, scheduler = build(args)
+    except SamplingError as e:
+        print(f"nanoseek serve: error: {e}", file=sys.stderr)
+        return 2
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        print(f"nanoseek serve: error: cannot bind {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    auth = "API key required" if config.api_key else "no API key"
+    print(f"nanoseek serve: {config.model_name} on http://{shown}:{port} ({auth}; max batch {scheduler.max_batch}, "
+          f"context {scheduler.max_tokens_per_sequence}, cache budget {scheduler.kv_cache_bytes / 2**20:.1f} MiB"
+          f"{', speculative k=' + str(scheduler.k) if scheduler.k else ''})", flush=True)
+    if host not in ("127.0.0.1", "::1", "localhost") and not config.api_key:
+        print("nanoseek serve: warning: listening beyond this machine without an API key", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,245 @@
+"""The bridge between the asyncio server and the model: one thread owns the Scheduler.
+
+The event loop never runs the model. It validates a request, turns it into ScheduledSequences
+(`Scheduler.make_sequence`, read-only on the engine) and hands them to `Worker.submit`, which
+returns a `GenStream`. The worker thread takes new sequences and aborts from its inbox between
+steps, runs `Scheduler.step()`, and posts each step's updates back to the loop with
+`call_soon_threadsafe`; a GenStream is an asyncio queue of its sequences' updates.
+
+* The queue is bounded: `submit` raises QueueFull when `max_queue` requests are already waiting
+  for a batch slot (the server answers 429 with Retry-After).
+* `abort` (a client hung up, a timeout) reaches the scheduler before its next step: the row and its
+  cache are freed between two decode steps.
+* If a step raises, every waiting and running sequence gets the error (the server answers 500 or an
+  error event), the scheduler is reset, and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Hashable
+
+from ..engine.scheduler import Scheduler, ScheduledSequence, SeqUpdate
+
+log = logging.getLogger("nanoseek.server")
+
+
+class ModelThread:
+    """One OS thread for every torch call of the server: loading, packing and every step.
+
+    PyTorch's CPU kernels run on an OpenMP team that belongs to the thread that calls them. Loading
+    the model on the main thread and decoding on another leaves two teams competing for the cores:
+    measured on the 2-core machine, bench-preset decode at batch 1 ran at ~38 tok/s on a second
+    thread against ~75 tok/s when one thread did everything. So the CLI loads the model through
+    `call` and the worker loop runs here too.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="nanoseek-model", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fut, fn = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
+
+    def submit(self, fn: Callable) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fut, fn))
+        return fut
+
+    def call(self, fn: Callable):
+        """Run fn on the model thread and return its result (re-raising its exception)."""
+        return self.submit(fn).result()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+class QueueFull(Exception):
+    def __init__(self, depth: int, retry_after: int = 1) -> None:
+        super().__init__(f"the server is busy: {depth} requests are already waiting; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class GenerationFailed(Exception):
+    """The model step raised; the message is safe to show (no traceback)."""
+
+
+class GenStream:
+    """Updates of one request's sequences, consumed on the event loop."""
+
+    def __init__(self, worker: "Worker", seqs: list[ScheduledSequence], arrival: float) -> None:
+        self.worker = worker
+        self.seq_ids = [s.seq_id for s in seqs]
+        self.pending = set(self.seq_ids)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.arrival = arrival
+        self.started = False
+        self.closed = False
+
+    @property
+    def done(self) -> bool:
+        return not self.pending or self.closed
+
+    def _push(self, items: list) -> None:
+        for item in items:
+            if isinstance(item, SeqUpdate):
+                if item.finished:
+                    self.pending.discard(item.seq_id)
+            else:
+                self.pending.clear()
+            self.queue.put_nowait(item)
+        if not self.started:
+            self.started = True
+            self.worker._queued.discard(self)
+
+    async def get(self, timeout: float | None = None) -> SeqUpdate:
+        """The next update; raises TimeoutError, or GenerationFailed if the model step failed."""
+        item = await asyncio.wait_for(self.queue.get(), timeout) if timeout is not None else await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def abort(self) -> None:
+        """Stop generating (idempotent): frees the batch rows before the next step."""
+        if self.closed:
+            return
+        self.closed = True
+        self.worker._queued.discard(self)
+        if self.pending:
+            self.worker._send(("abort", list(self.pending)))
+            self.pending.clear()
+
+
+class Worker:
+    def __init__(self, scheduler: Scheduler, max_queue: int = 64, model_thread: ModelThread | None = None) -> None:
+        self.scheduler = scheduler
+        self.model_thread = model_thread
+        self.max_queue = max_queue
+        self._inbox: deque = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._owners: dict[Hashable, GenStream] = {}  # worker thread only
+        self._queued: set[GenStream] = set()  # event loop only
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.snapshot = self._snapshot()
+        self.failures = 0
+        self._running: concurrent.futures.Future | None = None
+
+    # -- event-loop side ------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the step loop on the model thread (a new one if none was given)."""
+        self.loop = loop
+        if self.model_thread is None:
+            self.model_thread = ModelThread()
+        self._running = self.model_thread.submit(self._run)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._running is not None:
+            try:
+                self._running.result(timeout)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
+
+    @property
+    def alive(self) -> bool:
+        return self._running is not None and not self._running.done()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queued)
+
+    def submit(self, seqs: list[ScheduledSequence], arrival: float | None = None) -> GenStream:
+        if len(self._queued) >= self.max_queue:
+            raise QueueFull(len(self._queued))
+        stream = GenStream(self, seqs, arrival if arrival is not None else time.perf_counter())
+        self._queued.add(stream)
+        self._send(("add", seqs, stream))
+        return stream
+
+    def _send(self, msg: tuple) -> None:
+        self._inbox.append(msg)
+        self._wake.set()
+
+    # -- worker thread --------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        s = self.scheduler
+        st = s.stats
+        return dict(running=s.num_running, waiting=s.num_waiting, max_batch=s.max_batch,
+                    queued_requests=len(getattr(self, "_queued", ())),
+                    cache_budget=s.kv_cache_bytes, cache_allocated=s.cache_bytes_allocated,
+                    cache_reserved=s.cache_bytes_reserved, cache_used=s.cache_bytes_used,
+                    decode_forwards=st.decode_forwards, row_steps=st.row_steps, prefill_steps=s.prefill_steps,
+                    drafted=st.drafted, accepted=st.accepted)
+
+    def _drain(self) -> None:
+        while self._inbox:
+            msg = self._inbox.popleft()
+            if msg[0] == "add":
+                _, seqs, stream = msg
+                if stream.closed:
+                    continue
+                for s in seqs:
+                    self._owners[s.seq_id] = stream
+                    self.scheduler.add(s.seq_id, sequence=s)
+            else:
+                for seq_id in msg[1]:
+                    self.scheduler.abort(seq_id)
+                    self._owners.pop(seq_id, None)
+
+    def _post(self, stream: GenStream, items: list) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(stream._push, items)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.clear()
+            try:
+                self._drain()
+                if not self.scheduler.has_work:
+                    self.snapshot = self._snapshot()
+                    self._wake.wait(timeout=1.0)
+                    continue
+                updates = self.scheduler.step()
+            except Exception as e:  # noqa: BLE001 - the worker must survive anything
+                self._fail(e)
+                continue
+            by_stream: dict[GenStream, list] = {}
+            for u in updates:
+                stream = self._owners.get(u.seq_id)
+                if stream is None:
+                    continue
+                by_stream.setdefault(stream, []).append(u)
+                if u.finished:
+                    self._owners.pop(u.seq_id, None)
+            for stream, items in by_stream.items():
+                self._post(stream, items)
+            self.snapshot = self._snapshot()
+
+    def _fail(self, e: Exception) -> None:
+        self.failures += 1
+        log.error("generation step failed; failing %d sequences:\n%s", len(self._owners), traceback.format_exc())
+        self.scheduler.reset()
+        err = GenerationFailed(f"generation failed: {type(e).__name__}")
+        for stream in set(self._owners.values()):
+            self._post(stream, [err])
+        self._owners.clear()
+        self.snapshot = self._snapshot()

@@ -1,0 +1,429 @@
+"""The OpenAI-compatible server against the official `openai` client, on a live server on 127.0.0.1.
+
+Outputs are checked against the engine itself (same model directory, greedy or seeded): chat and
+completions, streaming and not, n > 1, stop strings, logprobs, exact usage counts, 16 concurrent
+clients x 4 requests, API keys, error JSON for every kind of bad request, Prometheus metrics, and
+property-based fuzzing of the request schema (schemathesis on the OpenAPI document, hypothesis on
+raw bodies) that must never produce a 5xx nor hurt the server.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+requests = pytest.importorskip("requests")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+from nanoseek.engine import Engine  # noqa: E402
+from test_server_support import LiveServer, assert_error_schema, random_model_dir  # noqa: E402
+
+KEY = "sk-test-key"
+MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello world! How are you?"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return random_model_dir(tmp_path_factory.mktemp("server-tiny"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    s = LiveServer(model_dir, "--max-model-len", "128", "--max-batch", "16", "--served-model-name", "tiny-test",
+                   api_key=KEY, log_dir=tmp_path_factory.mktemp("logs"), name="main")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return Engine(model_dir, seed=0)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+def one_thread(fn):
+    """Reference outputs with the server's thread count (same reduction order in the GEMMs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(n)
+
+
+# ---- the openai client: chat and completions ---------------------------------------------------------
+
+def test_models_health_and_page(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-test"]
+    assert models.data[0].model_extra["max_model_len"] == 128
+    status, body = server.get("/health")  # no key needed
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = server.get("/")
+    assert status == 200 and b"<title>tiny-test" in body and b"/v1/chat/completions" in body
+
+
+def test_chat_non_streaming_equals_engine_with_exact_usage(client, engine):
+    ref = one_thread(lambda: engine.chat(MSGS, max_tokens=24, temperature=0))
+    r = client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=24, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    c = r.choices[0]
+    assert r.object == "chat.completion" and r.model == "tiny-test" and r.id.startswith("chatcmpl-")
+    assert c.message.role == "assistant" and c.message.content == ref.text
+    assert c.finish_reason == ref.finish_reason
+    assert c.model_extra["token_ids"] == ref.token_ids
+    assert c.message.reasoning_content is None
+    prompt_ids = engine.chat_prompt(MSGS)
+    assert c.model_extra["prompt_token_ids"] == prompt_ids
+    assert r.usage.prompt_tokens == len(prompt_ids) == len(engine.tokenizer.encode(
+        engine.tokenizer.apply_chat_template(MSGS, add_generation_prompt=True)))
+    assert r.usage.completion_tokens == len(ref.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_streaming_equals_non_streaming(client):
+    kw = dict(model="tiny-test", messages=MSGS, max_completion_tokens=20, temperature=0)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert text == full.choices[0].message.content
+    assert finishes == [full.choices[0].finish_reason]
+    assert len([ch for ch in chunks if ch.choices]) >= 3  # it really streamed
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump(include={"prompt_tokens", "completion_tokens"}) == \
+        full.usage.model_dump(include={"prompt_tokens", "completion_tokens"})
+
+
+def test_completions_streaming_and_not_equal_engine(client, engine):
+    prompt = "def add(a, b):"
+    ref = one_thread(lambda: engine.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True))
+    r = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=16, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and r.choices[0].text == ref.text
+    assert r.usage.prompt_tokens == len(engine.tokenizer.encode(prompt, add_bos=True))
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+    parts = list(client.completions.create(model="tiny-test", prompt=prompt, max_tokens=16, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(p.choices[0].text for p in parts) == ref.text
+    assert parts[-1].choices[0].finish_reason == "length"
+    # token-id prompts, several prompts in one request, echo
+    ids = engine.tokenizer.encode("Hello world", add_bos=True)
+    r = client.completions.create(model="tiny-test", prompt=[ids, ids[:3]], max_tokens=5, temperature=0, echo=True)
+    refs = one_thread(lambda: [engine.generate(p, max_tokens=5, temperature=0) for p in (ids, ids[:3])])
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [engine.decode(p) + x.text for p, x in zip((ids, ids[:3]), refs)]
+    assert r.usage.prompt_tokens == len(ids) + 3
+    assert r.usage.completion_tokens == sum(len(x.token_ids) for x in refs)
+
+
+def test_n_choices_seeded_sampling(client, engine):
+    kw = dict(max_tokens=12, temperature=1.0, top_p=0.9)
+    refs = one_thread(lambda: [engine.chat(MSGS, seed=7 + i, **kw) for i in range(3)])
+    r = client.chat.completions.create(model="tiny-test", messages=MSGS, n=3, seed=7, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.content for c in r.choices] == [x.text for x in refs]
+    assert len({x.text for x in refs}) > 1  # seeds differ per choice
+    assert r.usage.prompt_tokens == len(engine.chat_prompt(MSGS))  # counted once
+    assert r.usage.completion_tokens == sum(len(x.token_ids) for x in refs)
+    texts = {0: "", 1: "", 2: ""}
+    for ch in client.chat.completions.create(model="tiny-test", messages=MSGS, n=3, seed=7, stream=True, **kw):
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+    assert [texts[i] for i in range(3)] == [x.text for x in refs]
+
+
+def test_stop_sequences(client, engine):
+    prompt = "Once upon a time"
+    full = one_thread(lambda: engine.generate(prompt, max_tokens=30, temperature=0, ignore_eos=True)).text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop and len(stop.strip()) > 0
+    cut = full[: full.index(stop)]
+    r = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=30, temperature=0, stop=[stop, "@@@@"],
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    parts = list(client.completions.create(model="tiny-test", prompt=prompt, max_tokens=30, temperature=0, stop=stop,
+                                           stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(p.choices[0].text for p in parts) == cut
+    assert parts[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client, engine):
+    ref = one_thread(lambda: engine.chat(MSGS, max_tokens=8, temperature=0, logprobs=3, ignore_eos=True))
+    r = client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 8
+    for entry, lp, top in zip(content, ref.logprobs, ref.top_logprobs):
+        assert entry.logprob == pytest.approx(lp, abs=1e-4)
+        assert len(entry.top_logprobs) == 3
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(list(top.values()), abs=1e-4)
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    c = client.completions.create(model="tiny-test", prompt="Hello", max_tokens=4, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def test_context_length_and_max_tokens(client, engine):
+    r = client.chat.completions.create(model="tiny-test", messages=MSGS, max_completion_tokens=3, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=120)
+    assert e.value.code == "context_length_exceeded" and "128" in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-test", prompt="word " * 200, max_tokens=1)
+    # without max_tokens a chat may use the rest of the context
+    r = client.chat.completions.create(model="tiny-test", messages=MSGS, temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.total_tokens == 128 and r.choices[0].finish_reason == "length"
+
+
+# ---- concurrency: continuous batching gives the sequential outputs ----------------------------------
+
+def test_sixteen_clients_times_four_requests_equal_sequential_engine(server, engine):
+    words = "the quick brown fox jumps over lazy dog hello world how are you today fine thank".split()
+    jobs = []
+    for c in range(16):
+        for j in range(4):
+            text = " ".join(words[(c * 4 + j + k) % len(words)] for k in range(1 + (c + j) % 7))
+            kind = "chat" if (c + j) % 2 else "completion"
+            jobs.append((c, kind, text, 4 + (c * 3 + j) % 13))
+
+    def reference(kind, text, n):
+        if kind == "chat":
+            return engine.chat([{"role": "user", "content": text}], max_tokens=n, temperature=0).token_ids
+        return engine.generate(text, max_tokens=n, temperature=0).token_ids
+
+    refs = one_thread(lambda: [reference(k, t, n) for _, k, t, n in jobs])
+    steps_before = server.metrics()
+    results: dict[int, list[int]] = {}
+    errors = []
+    barrier = threading.Barrier(16)
+
+    def client_run(c: int):
+        cl = server.client(timeout=120)
+        barrier.wait()
+        for i, (cc, kind, text, n) in enumerate(jobs):
+            if cc != c:
+                continue
+            try:
+                if kind == "chat":
+                    r = cl.chat.completions.create(model="x", messages=[{"role": "user", "content": text}], max_tokens=n,
+                                                   temperature=0, extra_body={"return_token_ids": True})
+                else:
+                    r = cl.completions.create(model="x", prompt=text, max_tokens=n, temperature=0,
+                                              extra_body={"return_token_ids": True})
+                results[i] = r.choices[0].model_extra["token_ids"]
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(client_run, range(16)))
+    assert errors == []
+    assert [results[i] for i in range(len(jobs))] == refs
+    m = server.metrics()
+    steps = m["nanoseek_decode_steps_total"] - steps_before["nanoseek_decode_steps_total"]
+    rows = m["nanoseek_decode_rows_total"] - steps_before["nanoseek_decode_rows_total"]
+    assert rows / steps > 2.0, (rows, steps)  # requests really shared decode steps
+    assert m["nanoseek_running_batch_size"] == 0 and m["nanoseek_queue_depth"] == 0
+
+
+# ---- auth, bad requests, metrics ------------------------------------------------------------------------
+
+def test_api_key_required_on_v1(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                    {"Authorization": KEY}, {"Authorization": f"Bearer {KEY}x"}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
+            r = requests.request(method, server.url + path, headers=headers, json={"model": "x", "prompt": "hi"})
+            assert r.status_code == 401, (headers, path)
+            assert assert_error_schema(r.content)["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base, api_key="sk-wrong", max_retries=0).models.list()
+    assert server.get("/health")[0] == 200 and server.get("/metrics")[0] == 200
+    assert requests.get(server.base + "/models", headers=server.headers()).status_code == 200
+
+
+BAD_BODIES = [
+    ("/v1/chat/completions", b'{"model": "x", "messages": [', "json"),
+    ("/v1/chat/completions", b"not json at all", "json"),
+    ("/v1/chat/completions", b"[1, 2, 3]", None),
+    ("/v1/chat/completions", b'{"model": "x"}', "messages"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": []}', "messages"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "tool", "content": "x"}]}', "messages"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": 5}]}', "messages"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+     "temperature"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}',
+     "temperature"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+     "temperature"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "n": 0}', "n"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 99}',
+     "top_logprobs"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}',
+     "max_tokens"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}', "stop"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 1}}',
+     "logit_bias"),
+    ("/v1/completions", b'{"model": "x", "prompt": []}', "prompt"),
+    ("/v1/completions", b'{"model": "x", "prompt": [99999999]}', "prompt"),
+    ("/v1/completions", b'{"model": "x", "prompt": [[]]}', "prompt"),
+    ("/v1/completions", b'{"model": "x", "prompt": "hi", "presence_penalty": 3}', "presence_penalty"),
+    ("/v1/completions", b'{"model": "x", "prompt": "hi", "seed": 1e400}', None),
+    ("/v1/completions", b'{"model": "x", "prompt": "hi", "logprobs": true, "top_p": -1}', "top_p"),
+    ("/v1/completions", b'{"model": "x", "prompt": "hi", "stream": "maybe"}', "stream"),
+    ("/v1/completions", b'\xff\xfe\x00garbage', None),
+    ("/v1/completions", b"[" * 50000 + b"]" * 50000, None),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD_BODIES, ids=[f"{i}" for i in range(len(BAD_BODIES))])
+def test_bad_requests_answer_4xx_with_error_json(server, path, body, param):
+    r = requests.post(server.url + path, data=body, headers={**server.headers(), "Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    e = assert_error_schema(r.content)
+    if param == "json":
+        assert e["code"] == "json_invalid"
+    elif param is not None:
+        assert e["param"] is not None and e["param"].split(".")[0] == param, e
+
+
+def test_oversized_wrong_method_and_unknown_route(server):
+    big = json.dumps({"model": "x", "prompt": "a" * (3 * 1024 * 1024)})
+    r = requests.post(server.base + "/completions", data=big, headers=server.headers())
+    assert r.status_code == 413 and assert_error_schema(r.content)["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted while reading
+        for _ in range(40):
+            yield b"x" * 100_000
+
+    r = requests.post(server.base + "/completions", data=chunks(), headers=server.headers())
+    assert r.status_code == 413
+    r = requests.get(server.base + "/completions", headers=server.headers())
+    assert r.status_code == 405 and assert_error_schema(r.content)
+    r = requests.get(server.base + "/nope", headers=server.headers())
+    assert r.status_code == 404 and assert_error_schema(r.content)
+    r = requests.get(server.base + "/models/other", headers=server.headers())
+    assert r.status_code == 404 and assert_error_schema(r.content)["code"] == "model_not_found"
+    assert server.get("/health")[0] == 200
+
+
+def test_metrics_are_prometheus_text(server, client):
+    client.completions.create(model="x", prompt="Hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    m = server.metrics()  # parsed by prometheus_client: the format is valid
+    assert m['nanoseek_requests_total{route="/v1/completions",status="200"}'] >= 1
+    assert m['nanoseek_requests_total{route="/v1/chat/completions",status="401"}'] >= 1
+    assert m["nanoseek_prompt_tokens_total"] > 0 and m["nanoseek_completion_tokens_total"] >= 3
+    for h in ("nanoseek_time_to_first_token_seconds", "nanoseek_inter_token_latency_seconds",
+              "nanoseek_request_latency_seconds"):
+        assert m[h + "_count"] > 0 and m[h + '_bucket{le="+Inf"}'] == m[h + "_count"]
+    for g in ("nanoseek_queue_depth", "nanoseek_running_batch_size", "nanoseek_kv_cache_usage_ratio",
+              "nanoseek_kv_cache_budget_bytes", "nanoseek_mtp_acceptance_rate", "nanoseek_mtp_draft_tokens_total"):
+        assert g in m
+    assert m['nanoseek_sequences_finished_total{reason="length"}'] >= 1
+
+
+# ---- fuzzing: no request may produce a 5xx or hurt the server ---------------------------------------------
+
+def test_schemathesis_fuzz_of_the_openapi_schema(server):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    ops = [op for op in (r.ok() for r in schema.get_all_operations()) if op.method.upper() == "POST"]
+    assert {op.path for op in ops} == {"/v1/chat/completions", "/v1/completions"}
+    seen = {"2xx": 0, "4xx": 0}
+
+    @settings(max_examples=40, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def run(data):
+        op = data.draw(st.sampled_from(ops))
+        mode = data.draw(st.sampled_from([schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]))
+        case = data.draw(op.as_strategy(generation_mode=mode))
+        if isinstance(case.body, dict):
+            for k in ("max_tokens", "max_completion_tokens"):  # keep generations short on 2 cores
+                if isinstance(case.body.get(k), int) and case.body[k] > 8:
+                    case.body[k] = 8
+            if isinstance(case.body.get("n"), int) and case.body["n"] > 2:
+                case.body["n"] = 2
+        r = case.call(base_url=server.url, headers=server.headers(), timeout=60)
+        assert r.status_code < 500, (r.status_code, r.text[:500], case.body)
+        if r.status_code >= 400:
+            assert_error_schema(r.text)
+            seen["4xx"] += 1
+        else:
+            seen["2xx"] += 1
+            if "text/event-stream" not in r.headers.get("content-type", ""):
+                assert "choices" in r.json()
+
+    run()
+    assert seen["2xx"] > 0 and seen["4xx"] > 0, seen
+    assert server.alive() and server.get("/health")[0] == 200
+
+
+def test_hypothesis_fuzz_of_raw_bodies(server, client):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20)
+    values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                          max_leaves=12)
+    keys = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
+            "stop", "seed", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "echo", "top_k",
+            "min_p", "repetition_penalty", "stop_token_ids", "stream_options", "chat_template_kwargs", "ignore_eos"]
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "developer", "bot"]),
+                                     "content": st.text(max_size=30) | values})
+    junk = st.fixed_dictionaries(
+        {"model": st.just("x"), "messages": st.lists(message, max_size=3) | values, "prompt": st.text(max_size=30) | values,
+         "max_tokens": st.integers(-3, 6) | values},
+        optional={k: values | st.integers(-3, 40) | st.floats(-3, 3) for k in keys[4:]})
+    f01 = st.floats(0, 1)
+    valid_values = {"max_completion_tokens": st.integers(0, 4), "temperature": f01, "top_p": st.floats(0.1, 1),
+                    "n": st.integers(1, 2), "stream": st.booleans(), "stop": st.text(max_size=3), "seed": st.integers(),
+                    "presence_penalty": st.floats(-1, 1), "frequency_penalty": st.floats(-1, 1),
+                    "top_k": st.integers(-1, 5), "min_p": f01, "repetition_penalty": st.floats(0.5, 2),
+                    "ignore_eos": st.booleans()}
+    near_valid = st.fixed_dictionaries(  # valid for both routes (unknown fields are ignored)
+        {"model": st.text(max_size=10), "messages": st.lists(message.filter(lambda m: m["role"] != "bot"), min_size=1,
+                                                            max_size=2).map(lambda ms: [dict(m, content=str(m["content"]))
+                                                                                        for m in ms]),
+         "prompt": st.text(max_size=30), "max_tokens": st.integers(0, 6)},
+        optional=valid_values)
+    raw = (st.binary(max_size=200) | junk.map(lambda b: json.dumps(b, default=str).encode())
+           | near_valid.map(lambda b: json.dumps(b).encode()))
+    statuses = []
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]), payload=raw,
+           truncate=st.integers(0, 3))
+    def run(path, payload, truncate):
+        if truncate == 0 and len(payload) > 2:
+            payload = payload[: len(payload) // 2]  # cut JSON
+        r = requests.post(server.url + path, data=payload, timeout=60,
+                       headers={**server.headers(), "Content-Type": "application/json"})
+        statuses.append(r.status_code)
+        assert r.status_code < 500, (r.status_code, r.text[:300], payload[:300])
+        if r.status_code >= 400:
+            assert_error_schema(r.content)
+
+    run()
+    assert statuses.count(200) >= 5 and sum(400 <= s < 500 for s in statuses) >= 5, statuses
+    assert server.alive() and server.get("/health")[0] == 200
+    r = client.completions.create(model="x", prompt="Hello", max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")

@@ -1,0 +1,210 @@
+"""Reasoning output (`<think>` ... `</think>` -> reasoning_content) and the chat page.
+
+The parser is checked as a pure function (every way of cutting the text into stream deltas gives
+the one-shot split); end to end, a tiny model whose weights are edited into a bigram table always
+answers `<think>\\n R </think> A <eos>`, served live, read through the `openai` client and in
+headless Chromium (Debian's `chromium`, driven by Playwright) on the page at /.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoseek.server.reasoning import ReasoningParser, reasoning_token_count, split_reasoning
+
+# ---- the parser, as a pure function ------------------------------------------------------------------
+
+CASES = [
+    ("<think>\nplan</think>\n\nanswer", False, "plan", "answer"),
+    ("<think>plan</think>answer", False, "plan", "answer"),
+    ("  <think>plan</think>answer", False, "plan", "answer"),
+    ("plan</think>answer", True, "plan", "answer"),
+    ("\nplan\n</think>\n\nanswer\n", True, "plan\n", "answer\n"),
+    ("just an answer", False, None, "just an answer"),
+    ("an answer with <think>inside</think>", False, None, "an answer with <think>inside</think>"),
+    ("<think>never closed", False, "never closed", ""),
+    ("still thinking", True, "still thinking", ""),
+    ("", False, None, ""),
+    ("", True, "", ""),
+    ("<thi", False, None, "<thi"),
+    ("<think></think>", False, "", ""),
+    ("a</think>b</think>c", True, "a", "b</think>c"),
+    ("x </thin", True, "x </thin", ""),
+]
+
+
+@pytest.mark.parametrize("text,started,reasoning,content", CASES)
+def test_split_reasoning(text, started, reasoning, content):
+    assert split_reasoning(text, started) == (reasoning, content)
+
+
+def _streamed(pieces: list[str], started: bool) -> tuple[str | None, str]:
+    p = ReasoningParser(started)
+    r = c = ""
+    for piece in pieces:
+        dr, dc = p.feed(piece)
+        r, c = r + dr, c + dc
+    dr, dc = p.finish()
+    return (r + dr if p.saw_reasoning else None), c + dc
+
+
+@pytest.mark.parametrize("text,started,reasoning,content", CASES)
+def test_every_two_and_three_way_split_streams_the_same(text, started, reasoning, content):
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            assert _streamed([text[:i], text[i:j], text[j:]], started) == (reasoning, content), (i, j)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(parts=st.lists(st.sampled_from(["<think>", "</think>", "<", "</", "think", ">", "\n", " ", "a", "bc", "</thi"]),
+                      max_size=12),
+       cuts=st.lists(st.integers(0, 60), max_size=6), started=st.booleans())
+def test_streaming_equals_one_shot_on_random_texts(parts, cuts, started):
+    text = "".join(parts)
+    points = sorted({min(c, len(text)) for c in cuts})
+    pieces = [text[a:b] for a, b in zip([0, *points], [*points, len(text)])]
+    assert _streamed(pieces, started) == split_reasoning(text, started)
+
+
+def test_reasoning_token_count():
+    assert reasoning_token_count([5, 10, 11, 6, 12, 1], 6, True) == 4
+    assert reasoning_token_count([10, 11], 6, True) == 2
+    assert reasoning_token_count([10, 6, 11], 6, False) == 0
+
+
+# ---- end to end: a model that always reasons ------------------------------------------------------------
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from test_server_support import LiveServer, scripted_model_dir  # noqa: E402
+
+KEY = "sk-page-key"
+MSGS = [{"role": "user", "content": "Why is the sky blue?"}]
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    return scripted_model_dir(tmp_path_factory.mktemp("scripted"))
+
+
+@pytest.fixture(scope="module")
+def server(scripted, tmp_path_factory):
+    s = LiveServer(scripted["dir"], "--max-model-len", "64", "--served-model-name", "r1-tiny", api_key=KEY,
+                   log_dir=tmp_path_factory.mktemp("logs"), name="reasoning")
+    yield s
+    s.stop()
+
+
+def test_reasoning_content_non_streaming(server, scripted):
+    client = server.client()
+    r = client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=30, temperature=0)
+    m = r.choices[0].message
+    assert m.reasoning_content == scripted["reasoning"] and m.content == scripted["answer"]
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == scripted["tokens"]  # <think> \n R(3) </think> A(3) <eos>
+    assert r.usage.completion_tokens_details.reasoning_tokens == 6
+    # thinking mode: the prompt ends with "<think>\n", the output is R </think> A <eos>
+    r = client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=30, temperature=0,
+                                       extra_body={"chat_template_kwargs": {"thinking": True}})
+    m = r.choices[0].message
+    assert (m.reasoning_content, m.content) == (scripted["reasoning"], scripted["answer"])
+    assert r.usage.completion_tokens == scripted["tokens"] - 2
+    assert r.usage.completion_tokens_details.reasoning_tokens == 4
+    # unfinished reasoning (max_tokens inside the block) is all reasoning
+    r = client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=3, temperature=0)
+    assert r.choices[0].message.content == "" and r.choices[0].finish_reason == "length"
+    assert scripted["reasoning"].startswith(r.choices[0].message.reasoning_content)
+    # completions are raw text: the tags stay
+    c = client.completions.create(model="r1-tiny", prompt=[0, 3, 10, 4], max_tokens=30, temperature=0)
+    assert c.choices[0].text == "<think>\n" + scripted["reasoning"] + "</think>" + scripted["answer"]
+
+
+def test_reasoning_content_streaming_deltas(server, scripted):
+    client = server.client()
+    order = []
+    reasoning = content = ""
+    for ch in client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=30, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}):
+        if not ch.choices:
+            assert ch.usage.completion_tokens_details.reasoning_tokens == 6
+            continue
+        d = ch.choices[0].delta
+        r = getattr(d, "reasoning_content", None)
+        if r:
+            reasoning += r
+            order.append("r")
+        if d.content:
+            content += d.content
+            order.append("c")
+    assert (reasoning, content) == (scripted["reasoning"], scripted["answer"])
+    assert order == sorted(order, reverse=True) and order.count("r") >= 2 and order.count("c") >= 2
+
+
+# ---- the chat page in headless Chromium -------------------------------------------------------------------
+
+CHROMIUM = os.environ.get("NANOSEEK_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def page():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium chromium-driver)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield browser.new_page()
+        browser.close()
+
+
+def test_chat_page_streams_the_answer_and_shows_reasoning_apart(server, scripted, page):
+    page.goto(server.url + "/")
+    assert "r1-tiny" in page.title()
+    assert page.is_visible("#apikey")  # the server wants a key: the page asks for it
+    page.fill("#apikey", "wrong-key")
+    page.dispatch_event("#apikey", "change")
+    page.fill("#input", "Why is the sky blue?")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".assistant[data-state=error]", timeout=20_000)
+    assert "API key" in page.inner_text(".assistant .error")
+
+    page.click("#clear")
+    page.fill("#apikey", KEY)
+    page.dispatch_event("#apikey", "change")
+    # count every text update of the answer and reasoning boxes: a streamed answer arrives in pieces
+    page.evaluate("""() => {
+        window.__updates = [];
+        new MutationObserver((records) => {
+            for (const r of records) {
+                const el = r.target.nodeType === 1 ? r.target : r.target.parentElement;
+                const box = el.closest('.answer, .reasoning-text');
+                if (box) window.__updates.push([box.className, box.textContent]);
+            }
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+    }""")
+    page.fill("#input", "Why is the sky blue?")
+    page.click("#send")
+    page.wait_for_selector(".assistant:not([data-state=streaming])", timeout=20_000)
+    assert page.get_attribute(".assistant", "data-state") == "done", page.inner_text(".assistant")
+    assert page.text_content(".assistant .answer") == scripted["answer"]
+    assert page.is_visible(".assistant details.reasoning")
+    assert page.text_content(".assistant .reasoning-text") == scripted["reasoning"]
+    updates = page.evaluate("window.__updates")
+    answers = [t for cls, t in updates if cls == "answer"]
+    thoughts = [t for cls, t in updates if cls == "reasoning-text"]
+    assert len(answers) >= 2 and len(thoughts) >= 2, updates  # token by token, not all at once
+    assert answers[-1] == scripted["answer"] and all(scripted["answer"].startswith(a) for a in answers)
+    assert "tokens" in page.inner_text(".assistant .meta")
+
+    # a second turn sends the conversation so far
+    page.fill("#input", "And at sunset?")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll('.assistant[data-state=done]').length == 2", timeout=20_000)
+    assert page.locator(".user").count() == 2

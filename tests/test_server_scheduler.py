@@ -1,0 +1,176 @@
+"""Continuous batching (`nanoseek.engine.scheduler.Scheduler`): sequences that join and leave the
+running batch between steps get exactly the engine's own outputs (greedy, seeded sampling,
+penalties, stop strings, logprobs, MTP speculation with k = 1 and 2); aborts free rows at once;
+admission respects the batch size and the latent-cache budget."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import nanoseek
+from conftest import randomize
+from nanoseek.engine import Engine, SamplingError, SamplingParams
+from nanoseek.engine.scheduler import Scheduler
+from test_server_support import tokenizer_for
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    randomize(model, 1, bias_std=0.05)
+    return Engine(model, seed=0, tokenizer=tokenizer_for(1024))
+
+
+def _workload(seed: int):
+    g = random.Random(seed)
+    prompts = [[g.randrange(7, 1024) for _ in range(g.randrange(1, 20))] for _ in range(10)]
+    params = [SamplingParams(max_tokens=g.randrange(1, 24), temperature=0, ignore_eos=i % 2 == 0) for i in range(10)]
+    params[3] = SamplingParams(max_tokens=16, temperature=1.0, seed=5, top_p=0.9, logprobs=2)
+    params[5] = SamplingParams(max_tokens=16, temperature=0.7, seed=7, frequency_penalty=0.5, repetition_penalty=1.3)
+    params[6] = SamplingParams(max_tokens=16, temperature=0, presence_penalty=1.0, logprobs=0)
+    params[7] = SamplingParams(max_tokens=16, temperature=1.2, seed=11, top_k=20, min_p=0.05)
+    return prompts, params
+
+
+def _run_staggered(sched: Scheduler, prompts, params, every: int = 3):
+    """Add one sequence every `every` steps (so they join a running batch); collect updates."""
+    out: dict[int, list] = {}
+    i = steps = 0
+    while i < len(prompts) or sched.has_work:
+        if i < len(prompts) and steps % every == 0:
+            sched.add(i, prompts[i], params[i])
+            i += 1
+        for u in sched.step():
+            out.setdefault(u.seq_id, []).append(u)
+        assert sched.num_running <= sched.max_batch
+        assert sched.cache_bytes_allocated <= sched.kv_cache_bytes
+        steps += 1
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_joining_and_leaving_gives_the_engines_outputs(engine, k):
+    prompts, params = _workload(k)
+    refs = [engine.generate(p, pr, speculative=k) for p, pr in zip(prompts, params)]
+    sched = Scheduler(engine, max_batch=4, speculative=k)
+    out = _run_staggered(sched, prompts, params)
+    for i, ref in enumerate(refs):
+        ups = out[i]
+        assert [t for u in ups for t in u.token_ids] == ref.token_ids, i
+        assert "".join(u.text for u in ups) == ref.text
+        assert ups[-1].finish_reason == ref.finish_reason and all(not u.finished for u in ups[:-1])
+        if ref.logprobs is not None:
+            got = [x for u in ups for x in u.logprobs]
+            assert got == pytest.approx(ref.logprobs, abs=1e-4)
+        if ref.top_logprobs is not None:
+            tops = [x for u in ups for x in u.top_logprobs]
+            assert [list(t) for t in tops] == [list(t) for t in ref.top_logprobs]
+    assert not sched.has_work and sched.cache_bytes_allocated == 0  # the pool is freed when idle
+    if k:
+        assert sched.stats.drafted > 0
+
+
+def test_stop_strings_through_the_scheduler(engine):
+    prompt = engine.tokenizer.encode("Hello world", add_bos=True)
+    full = engine.generate(prompt, max_tokens=30, temperature=0, ignore_eos=True).text
+    stop = full[10:13]
+    ref = engine.generate(prompt, max_tokens=30, temperature=0, ignore_eos=True, stop=stop)
+    sched = Scheduler(engine, max_batch=2)
+    sched.add("other", [5, 6, 7], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    sched.step()
+    sched.add("s", prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=stop))
+    out = sched.run_until_done()
+    assert "".join(u.text for u in out["s"]) == ref.text == full[: full.index(stop)]
+    assert out["s"][-1].finish_reason == "stop" and out["s"][-1].stop_reason == stop
+
+
+def test_abort_frees_the_row_at_once_and_others_are_unaffected(engine):
+    prompts = [[9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
+    p = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    refs = [engine.generate(x, p).token_ids for x in prompts]
+    sched = Scheduler(engine, max_batch=3)
+    for i, x in enumerate(prompts):
+        sched.add(i, x, p)
+    out: dict[int, list[int]] = {}
+
+    def step():
+        for u in sched.step():
+            out.setdefault(u.seq_id, []).extend(u.token_ids)
+
+    step()
+    step()
+    assert sched.num_running == 3 and sched.num_waiting == 1
+    assert sched.abort(0)  # a running row (the first: the last row moves into its slot)
+    assert sched.num_running == 2 and 0 not in [s.seq_id for s in sched.running]
+    assert sched.cache_bytes_reserved == sum(s.reservation for s in sched.running) * sched.bytes_per_token
+    assert sched.abort(3) and sched.num_waiting == 0  # a waiting one
+    assert not sched.abort(3) and not sched.abort("unknown")
+    while sched.has_work:
+        step()
+    assert out[1] == refs[1] and out[2] == refs[2]
+    assert len(out[0]) < len(refs[0]) and 3 not in out
+    assert sched.aborted_count == 2
+
+
+def test_admission_by_cache_budget_and_batch_size(engine):
+    p = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    probe = Scheduler(engine).make_sequence("x", [5] * 10, p)
+    budget = 2 * probe.reservation * probe_bpt(engine)  # room for exactly two such sequences
+    sched = Scheduler(engine, max_batch=8, kv_cache_bytes=budget)
+    for i in range(4):
+        sched.add(i, [5 + i] * 10, p)
+    out = {}
+    for u in sched.step():
+        out.setdefault(u.seq_id, []).extend(u.token_ids)
+    assert sched.num_running == 2 and sched.num_waiting == 2  # the budget, not max_batch, limits
+    assert sched.cache_bytes_allocated <= budget
+    seen_running = set()
+    while sched.has_work:
+        for u in sched.step():
+            out.setdefault(u.seq_id, []).extend(u.token_ids)
+        assert sched.num_running <= 2 and sched.cache_bytes_allocated <= budget
+        seen_running.add(sched.num_running)
+    assert all(len(v) == 30 for v in out.values()) and len(out) == 4
+    assert [engine.generate([5 + i] * 10, p).token_ids for i in range(4)] == [out[i] for i in range(4)]
+    with pytest.raises(SamplingError, match="cache holds at most"):
+        sched.make_sequence("big", [5] * (budget // probe_bpt(engine)), p)
+    # max_batch limits when the budget does not
+    sched = Scheduler(engine, max_batch=3)
+    for i in range(5):
+        sched.add(i, [7, 8], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    sched.step()
+    assert sched.num_running == 3 and sched.num_waiting == 2
+
+
+def probe_bpt(engine) -> int:
+    return engine.kv_cache_bytes_per_token()
+
+
+def test_prefill_and_decode_alternate_and_zero_max_tokens(engine):
+    sched = Scheduler(engine, max_batch=8)
+    sched.add("a", [5, 6, 7], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    sched.step()  # prefill a
+    assert sched.prefill_steps == 1 and sched.stats.decode_forwards == 0
+    sched.add("b", [8, 9], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    sched.step()  # a decode is due before the next prefill
+    assert sched.prefill_steps == 1 and sched.stats.decode_forwards == 1
+    sched.step()  # now b joins
+    assert sched.prefill_steps == 2 and sched.num_running == 2
+    sched.add("zero", [1, 2], SamplingParams(max_tokens=0))
+    out = sched.run_until_done()
+    assert [(u.token_ids, u.finish_reason) for u in out["zero"]] == [([], "length")]
+    assert sum(len(u.token_ids) for u in out["a"]) == 8  # 10 - the prefill's token - the first decode's
+
+
+def test_reset_after_a_failed_step(engine):
+    sched = Scheduler(engine, max_batch=2)
+    sched.add("a", [5, 6], SamplingParams(max_tokens=5, temperature=0))
+    sched.add("b", [7], SamplingParams(max_tokens=5, temperature=0))
+    sched.step()
+    assert sorted(sched.reset()) == ["a", "b"] and not sched.has_work
+    sched.add("c", [5, 6], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    out = sched.run_until_done()
+    assert [t for u in out["c"] for t in u.token_ids] == engine.generate([5, 6], max_tokens=5, temperature=0,
+                                                                        ignore_eos=True).token_ids

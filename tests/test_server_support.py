@@ -1,0 +1,193 @@
+"""Shared pieces of the server tests (no tests here): tiny models on disk and live servers.
+
+A LiveServer is `nanoseek serve` in a subprocess on 127.0.0.1 with --port 0 (the kernel picks a free
+port; the server prints it), one torch thread, stopped at the end of the module that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+import nanoseek
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 30,
+    "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n" * 20,
+    "Once upon a time there was a small model that answered every question with another question. " * 20,
+    "Hello world! How are you today? I am fine, thank you. Let us think about the answer step by step. " * 20,
+]
+
+
+def tokenizer_for(vocab_size: int):
+    from nanoseek.tokenizer import train_tokenizer
+
+    return train_tokenizer(CORPUS, vocab_size=vocab_size, show_progress=False)
+
+
+def random_model_dir(path: Path, seed: int = 4) -> Path:
+    """A tiny random model with a trained byte-level BPE tokenizer (the engine tests' recipe)."""
+    from conftest import randomize
+    from nanoseek.checkpoint import save_model
+
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    randomize(model, seed, bias_std=0.05)
+    save_model(model, path)
+    tokenizer_for(model.config.vocab_size).save(path)
+    return path
+
+
+def word_tokens(tok, count: int, skip: int = 0) -> list[int]:
+    """Distinct ids that decode to plain words (optionally with a leading space)."""
+    out = []
+    for i in range(len(tok)):
+        s = tok.decode([i])
+        if re.fullmatch(r" [A-Za-z]{3,}", s) and not tok.is_special(i):
+            out.append(i)
+    return out[skip:skip + count]
+
+
+def scripted_model_dir(path: Path) -> dict:
+    """A tiny model whose greedy output is fixed: `<think>\\n R </think> A <eos>` after `<｜Assistant｜>`.
+
+    Every attention output projection and every MLP/expert down projection is zero, so the residual
+    stream at the last position is that token's embedding: the model becomes a bigram table. Chain
+    tokens get one-hot embeddings and the head maps each to the next token of the chain; the whole
+    forward (MLA, MoE routing, the latent cache) still runs. The chain also passes through "\\n", so in
+    thinking mode (the prompt ends with `<think>\\n`) the output is `R </think> A <eos>`.
+    """
+    from nanoseek.checkpoint import save_model
+    from nanoseek.tokenizer import ASSISTANT, END_THINK, EOS, THINK
+
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny"))
+    model.init_weights()
+    model.eval()
+    tok = tokenizer_for(model.config.vocab_size)
+    words = word_tokens(tok, 6)
+    reasoning, answer = words[:3], words[3:]
+    nl = tok.encode("\n")
+    assert len(nl) == 1
+    chain = [tok.token_to_id(ASSISTANT), tok.token_to_id(THINK), nl[0], *reasoning, tok.token_to_id(END_THINK), *answer,
+             tok.token_to_id(EOS)]
+    assert len(set(chain)) == len(chain)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("model.layers.") and ("o_proj" in name or "down_proj" in name):
+                if int(name.split(".")[2]) < model.config.num_hidden_layers:
+                    p.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for slot, (a, b) in enumerate(zip(chain, chain[1:])):
+            model.model.embed_tokens.weight[a, slot] = 1.0
+            model.lm_head.weight[b, slot] = 10.0
+    save_model(model, path)
+    tok.save(path)
+    return {"dir": path, "reasoning": tok.decode(reasoning), "answer": tok.decode(answer), "reasoning_ids": reasoning,
+            "answer_ids": answer, "tokens": len(chain) - 1}
+
+
+class LiveServer:
+    def __init__(self, model_dir: Path | str, *args: str, api_key: str | None = None, log_dir: Path | None = None,
+                 name: str = "server") -> None:
+        self.api_key = api_key
+        cmd = [sys.executable, "-m", "nanoseek.cli", "serve", str(model_dir), "--port", "0", "--threads", "1",
+               "--log-level", "warning", *args]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.log_path = (log_dir or Path("/tmp")) / f"{name}-{os.getpid()}-{int(time.time() * 1e3)}.log"
+        self._log = open(self.log_path, "w")
+        env = dict(os.environ, NANOSEEK_API_KEY="", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
+        line = self.proc.stdout.readline()
+        m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        if not m:
+            self.stop()
+            raise RuntimeError(f"server did not start: {line!r}\n{self.log_path.read_text()}")
+        self.url = m.group(1)
+        self.base = self.url + "/v1"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if self.get("/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"server not healthy:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def get(self, path: str, headers: dict | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def client(self, **kwargs):
+        import openai
+
+        kwargs.setdefault("max_retries", 0)
+        kwargs.setdefault("timeout", 60)
+        return openai.OpenAI(base_url=self.base, api_key=self.api_key or "none", **kwargs)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as {'name{label="v",...}': value}, parsed by prometheus_client."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, body = self.get("/metrics")
+        assert status == 200
+        out = {}
+        for fam in text_string_to_metric_families(body.decode()):
+            for s in fam.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[s.name + ("{" + labels + "}" if labels else "")] = s.value
+        return out
+
+    def wait_metric(self, name: str, pred, timeout: float = 10.0) -> float:
+        deadline = time.time() + timeout
+        while True:
+            v = self.metrics().get(name, 0.0)
+            if pred(v):
+                return v
+            if time.time() > deadline:
+                raise AssertionError(f"{name} = {v} after {timeout} s\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.02)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+        self._log.close()
+
+
+def assert_error_schema(body: bytes | str | dict, status: int | None = None) -> dict:
+    """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}, no traceback."""
+    d = body if isinstance(body, dict) else json.loads(body)
+    assert set(d) == {"error"}, d
+    e = d["error"]
+    assert set(e) == {"message", "type", "param", "code"}, e
+    assert isinstance(e["message"], str) and e["message"], e
+    assert isinstance(e["type"], str) and e["type"], e
+    assert "Traceback" not in e["message"] and 'File "' not in e["message"], e
+    return e
