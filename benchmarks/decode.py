@@ -10,7 +10,9 @@ that directory. CPU, torch.set_num_threads(2). Each case runs both engines inter
 and keeps each one's best time (the machines are shared and noisy: compare the ratios).
 
 Timing, identical for both: T(n) = wall time of a generate call producing n new tokens (forced:
-no early stop). prefill tok/s = batch x prompt / T(1); decode tok/s = batch x (N - 1) / (T(N) - T(1)).
+no early stop); prefill tok/s = batch x prompt / best T(1). Decode tok/s = batch / the median time
+between consecutive generated tokens (transformers' streamer hook, nanoseek's stream), over all
+rounds; batch x (N - 1) / (T(N) - T(1)) is printed too ("from totals"), and agrees on a quiet machine.
 """
 
 from __future__ import annotations
@@ -106,10 +108,25 @@ class HF:
 
         self.model = transformers.DeepseekV3ForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
-    def run(self, ids: torch.Tensor, new: int) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, new: int, stamps: list[float] | None = None) -> torch.Tensor:
+        """`stamps` gets a perf_counter time per generated token (transformers' streamer hook)."""
+        streamer = None
+        if stamps is not None:
+            class Stamp:
+                def __init__(self):
+                    self.calls = 0
+
+                def put(self, value):
+                    self.calls += 1
+                    if self.calls > 1:  # the first put is the prompt
+                        stamps.append(time.perf_counter())
+
+                def end(self):
+                    pass
+            streamer = Stamp()
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                                      do_sample=False, pad_token_id=0)
+                                      do_sample=False, pad_token_id=0, streamer=streamer)
         return out[:, ids.shape[1]:]
 
     def kv_bytes_per_token(self, ids: torch.Tensor) -> float:
@@ -132,17 +149,25 @@ class NS:
 
         self.engine = Engine(str(directory), dtype=dtype, fast=fast, compile=compile)
 
-    def run(self, ids: torch.Tensor, new: int, speculative: int = 0) -> torch.Tensor:
-        res = self.engine.generate(ids.tolist(), max_tokens=new, temperature=0, ignore_eos=True,
-                                   speculative=speculative)
-        return torch.tensor([r.token_ids for r in res])
+    def run(self, ids: torch.Tensor, new: int, stamps: list[float] | None = None) -> torch.Tensor:
+        """`stamps` gets a perf_counter time per decode step (after each streamed step)."""
+        tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        for step in self.engine.stream(ids.tolist(), max_tokens=new, temperature=0, ignore_eos=True):
+            for c in step if isinstance(step, list) else [step]:
+                tokens[c.index] += c.token_ids
+            if stamps is not None:
+                stamps.append(time.perf_counter())
+        return torch.tensor(tokens)
 
 
 def measure(engines, ids: torch.Tensor, new: int, rounds: int) -> dict:
-    """Interleaved best-of-`rounds` T(1) and T(new) for each engine; returns speeds and outputs."""
+    """Interleaved rounds. Prefill: best T(1). Decode: the median time between consecutive generated
+    tokens over all rounds (robust to other processes waking up mid-run on a shared machine), and,
+    for reference, B x (N - 1) / (best T(N) - best T(1))."""
     B, P = ids.shape
     t1 = {e.name: float("inf") for e in engines}
     tn = dict(t1)
+    steps: dict[str, list[float]] = {e.name: [] for e in engines}
     outs = {}
     for e in engines:  # warm-up (allocators, oneDNN primitives)
         e.run(ids, 2)
@@ -151,14 +176,18 @@ def measure(engines, ids: torch.Tensor, new: int, rounds: int) -> dict:
             t1[e.name] = min(t1[e.name], _timed(lambda: e.run(ids, 1)))
         for e in engines:
             wait_quiet()
+            stamps: list[float] = []
             t = time.perf_counter()
-            outs[e.name] = e.run(ids, new)
+            outs[e.name] = e.run(ids, new, stamps)
             tn[e.name] = min(tn[e.name], time.perf_counter() - t)
+            steps[e.name] += [b - a for a, b in zip(stamps[:-1], stamps[1:])]
     res = {}
     for e in engines:
-        res[e.name] = {"prefill_tok_s": B * P / t1[e.name],
-                       "decode_tok_s": B * (new - 1) / max(tn[e.name] - t1[e.name], 1e-9),
-                       "t1_s": t1[e.name], "tn_s": tn[e.name]}
+        st = sorted(steps[e.name])
+        med = st[len(st) // 2]
+        res[e.name] = {"prefill_tok_s": B * P / t1[e.name], "decode_tok_s": B / med,
+                       "decode_tok_s_mean": B * (new - 1) / max(tn[e.name] - t1[e.name], 1e-9),
+                       "median_step_s": med, "t1_s": t1[e.name], "tn_s": tn[e.name]}
     if len(outs) == 2:
         a, b = outs["transformers"], outs["nanoseek"]
         same = (a == b).all(dim=1)
@@ -248,7 +277,8 @@ def _print_case(r: dict) -> None:
     h, n = r["transformers"], r["nanoseek"]
     print(f"{r['dtype']} batch {r['batch']} prompt {r['prompt']}: prefill {h['prefill_tok_s']:.0f} vs "
           f"{n['prefill_tok_s']:.0f} tok/s ({n['prefill_tok_s'] / h['prefill_tok_s']:.2f}x), decode "
-          f"{h['decode_tok_s']:.1f} vs {n['decode_tok_s']:.1f} tok/s ({n['decode_tok_s'] / h['decode_tok_s']:.2f}x); "
+          f"{h['decode_tok_s']:.1f} vs {n['decode_tok_s']:.1f} tok/s ({n['decode_tok_s'] / h['decode_tok_s']:.2f}x; "
+          f"from totals {h['decode_tok_s_mean']:.1f} vs {n['decode_tok_s_mean']:.1f}); "
           f"identical rows {r.get('identical_rows')}, load {load_avg()}", flush=True)
 
 

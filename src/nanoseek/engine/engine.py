@@ -385,16 +385,16 @@ class Engine:
         out = model(ids, cache=cache, return_hidden=bool(k), logits_at=n - 1)
         logits = out.logits
         tok = proc.sample(logits)
+        self._emit(live, proc, tok[:, None], torch.zeros(B, dtype=torch.long, device=self.device), logits[:, None],
+                   want_lp, stats, first=True)
         drafts = q = None
-        if k:
+        if k:  # fill the MTP module's cache over the prompt; its output at the last position drafts
             nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
             nxt[torch.arange(B, device=self.device), n - 1] = tok
             h_mtp, mtp_logits = model.mtp_step(0, nxt, out.hidden_states, start_pos=0, cache=cache, logits_at=n - 1)
             drafts, q = self._draft(proc, h_mtp.gather(1, (n - 1).view(B, 1, 1).expand(B, 1, h_mtp.shape[-1])),
                                     mtp_logits, n, cache, k)
         stats.prefill_s = time.perf_counter() - t0
-        self._emit(live, proc, tok[:, None], torch.zeros(B, dtype=torch.long, device=self.device), logits[:, None],
-                   want_lp, stats, first=True)
         last = tok
         yield [c for c in (r.chunk() for r in live) if c is not None]
 
