@@ -19,7 +19,7 @@ pytest.importorskip("prometheus_client")
 from nanoseek.engine import Engine  # noqa: E402
 from test_server_support import LiveServer, assert_error_schema, random_model_dir  # noqa: E402
 
-TIMEOUT = 2.0
+TIMEOUT = 3.0
 LONG = dict(max_tokens=1500, temperature=0, extra_body={"ignore_eos": True})
 
 
