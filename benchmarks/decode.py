@@ -152,10 +152,9 @@ class NS:
     def run(self, ids: torch.Tensor, new: int, stamps: list[float] | None = None) -> torch.Tensor:
         """`stamps` gets a perf_counter time per decode step (after each streamed step)."""
         tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
-        for step in self.engine.stream(ids.tolist(), max_tokens=new, temperature=0, ignore_eos=True):
-            for c in step if isinstance(step, list) else [step]:
-                tokens[c.index] += c.token_ids
-            if stamps is not None:
+        for c in self.engine.stream(ids.tolist(), max_tokens=new, temperature=0, ignore_eos=True):
+            tokens[c.index] += c.token_ids
+            if stamps is not None and c.index == 0:  # forced length: row 0 gets one chunk per step
                 stamps.append(time.perf_counter())
         return torch.tensor(tokens)
 
