@@ -110,6 +110,15 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], idx/weights [N, k] -> (output [N, H], tokens per expert [E])."""
         N, k = idx.shape
+        if N == 1:  # one token (batch-1 decode): no sort, gather or scatter; same sum order as below
+            counts = torch.bincount(idx[0], minlength=self.n_experts)
+            order = idx[0].argsort()
+            out = None
+            for j, e in zip(order.tolist(), idx[0, order].tolist()):
+                y = self.expert_ffn(e, x)
+                y = y * weights[0, j].to(y.dtype)
+                out = y if out is None else out + y
+            return out, counts
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
