@@ -144,17 +144,18 @@ class MLA(nn.Module):
         """
         B, T, Hh, _ = q_nope.shape
         S, C = cached.shape[1], self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(Hh, self.nope_dim + self.v_dim, C)
+        out_dtype = q_nope.dtype
+        if cached.device.type == "cpu" and cached.dtype != torch.float32:
+            # CPU bf16/fp16 GEMMs with 8-32 rows are 2-10x slower than fp32 ones (docs/engine.md):
+            # the attention core runs in fp32 on an fp32 copy of the (small) cache slice and weights.
+            q_nope, q_pe, cached = q_nope.float(), q_pe.float(), cached.float()
+        w = self.kv_b_proj.weight.to(cached.dtype).view(Hh, self.nope_dim + self.v_dim, C)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H, nope, C], [H, v, C]
         # Per-head bmm (not einsum: it copies the strided weight views on every call).
         q_lat = torch.bmm(q_nope.reshape(B * T, Hh, self.nope_dim).transpose(0, 1), w_uk)  # [H, B*T, C]
         q_full = torch.cat((q_lat.transpose(0, 1), q_pe.reshape(B * T, Hh, self.rope_dim)), dim=-1)
         q_full = q_full.reshape(B, T * Hh, C + self.rope_dim) * self.scale
-        if cached.dtype == torch.float32:
-            scores = torch.bmm(q_full, cached.transpose(1, 2))  # [B, T*H, S]
-        else:  # bf16/fp16 CPU GEMM is 3-5x faster with the long cache as the left operand (docs/engine.md)
-            scores = torch.bmm(cached, q_full.transpose(1, 2)).transpose(1, 2)
-        scores = scores.float()
+        scores = torch.bmm(q_full, cached.transpose(1, 2)).float()  # [B, T*H, S]
         future = None
         if isinstance(start_pos, torch.Tensor):
             future = torch.arange(S, device=scores.device)[None, None, :] > start_pos[:, :, None]  # [B, T, S]
@@ -166,4 +167,4 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1).to(cached.dtype)
         o_lat = torch.bmm(probs, cached[..., :C]).view(B * T, Hh, C).transpose(0, 1)  # [H, B*T, C]
         o = torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1).reshape(B, T, Hh * self.v_dim)
-        return self.o_proj(o)
+        return self.o_proj(o.to(out_dtype))
