@@ -417,31 +417,43 @@ class Engine:
             stats.decode_forwards += 1
             stats.row_steps += B
             if not k:
-                uniform = bool((n == n[0]).all())
-                start = int(n[0]) if uniform else n
-                logits = model(last[:, None], start_pos=start, cache=cache).logits[:, -1]
-                tok = proc.sample(logits)
-                self._emit(live, proc, tok[:, None], torch.zeros(B, dtype=torch.long, device=self.device),
-                           logits[:, None], want_lp, stats)
-                n, last = n + 1, tok
+                n, last = self._plain_step(live, proc, last, n, cache, want_lp, stats)
             else:
-                inp = torch.cat((last[:, None], drafts), dim=1)
-                out = model(inp, start_pos=n, cache=cache, return_hidden=True)
-                n_acc, toks = speculative_accept(out.logits, drafts, q, proc)
-                stats.drafted += B * k
-                stats.accepted += int(n_acc.sum())
-                self._emit(live, proc, toks, n_acc, out.logits, want_lp, stats)
-                new_last = toks.gather(1, n_acc[:, None])[:, 0]
-                A = int(n_acc.max()) + 1
-                nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
-                h_mtp, mtp_logits = model.mtp_step(0, nt, out.hidden_states[:, :A], start_pos=n, cache=cache,
-                                                   logits_at=n_acc)
-                n = n + n_acc + 1
-                last = new_last
-                h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
-                drafts, q = self._draft(proc, h_last, mtp_logits, n, cache, k)
+                n, last, drafts, q = self._verify_step(live, proc, last, drafts, q, n, cache, k, want_lp, stats)
             yield [c for c in (r.chunk() for r in live) if c is not None]
         stats.decode_s = time.perf_counter() - t0
+
+    def _plain_step(self, live: list, proc: LogitsProcessor, last: torch.Tensor, n: torch.Tensor,
+                    cache: LatentCache, want_lp: bool, stats: GenerationStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ordinary decode step for every live row; returns the new (n, last)."""
+        uniform = bool((n == n[0]).all())
+        start = int(n[0]) if uniform else n  # an int start lets the attention skip per-row masking
+        logits = self.model(last[:, None], start_pos=start, cache=cache).logits[:, -1]
+        tok = proc.sample(logits)
+        zeros = torch.zeros(len(live), dtype=torch.long, device=self.device)
+        self._emit(live, proc, tok[:, None], zeros, logits[:, None], want_lp, stats)
+        return n + 1, tok
+
+    def _verify_step(self, live: list, proc: LogitsProcessor, last: torch.Tensor, drafts: torch.Tensor,
+                     q: torch.Tensor | None, n: torch.Tensor, cache: LatentCache, k: int, want_lp: bool,
+                     stats: GenerationStats):
+        """One speculative step: verify `last` + k drafts in one forward, emit the accepted tokens,
+        then draft the next k from the MTP module. Returns the new (n, last, drafts, q)."""
+        model, B = self.model, len(live)
+        out = model(torch.cat((last[:, None], drafts), dim=1), start_pos=n, cache=cache, return_hidden=True)
+        n_acc, toks = speculative_accept(out.logits, drafts, q, proc)
+        stats.drafted += B * k
+        stats.accepted += int(n_acc.sum())
+        self._emit(live, proc, toks, n_acc, out.logits, want_lp, stats)
+        new_last = toks.gather(1, n_acc[:, None])[:, 0]
+        A = int(n_acc.max()) + 1
+        nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
+        h_mtp, mtp_logits = model.mtp_step(0, nt, out.hidden_states[:, :A], start_pos=n, cache=cache,
+                                           logits_at=n_acc)
+        n = n + n_acc + 1
+        h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
+        drafts, q = self._draft(proc, h_last, mtp_logits, n, cache, k)
+        return n, new_last, drafts, q
 
     def _draft(self, proc: LogitsProcessor, h_last: torch.Tensor, mtp_logits: torch.Tensor, n_next: torch.Tensor,
                cache: LatentCache, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:

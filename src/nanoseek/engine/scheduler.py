@@ -334,7 +334,7 @@ class Scheduler:
         self._collect(joiners, updates, offset=B0)
 
     def _decode(self, updates: list[SeqUpdate]) -> None:
-        engine, model, k, proc = self.engine, self.model, self.k, self._proc
+        engine, k, proc = self.engine, self.k, self._proc
         t0 = time.perf_counter()
         B = len(self.running)
         reqs = [s.req for s in self.running]
@@ -343,31 +343,11 @@ class Scheduler:
         want_lp = self._want_logprobs(self.running)
         self.stats.decode_forwards += 1
         self.stats.row_steps += B
-        zeros = torch.zeros(B, dtype=torch.long, device=self.device)
         if not k:
-            uniform = bool((n == n[0]).all())
-            logits = model(last[:, None], start_pos=int(n[0]) if uniform else n, cache=cache).logits[:, -1]
-            tok = proc.sample(logits)
-            engine._emit(reqs, proc, tok[:, None], zeros, logits[:, None], want_lp, self.stats)
-            self._n, self._last = n + 1, tok
+            self._n, self._last = engine._plain_step(reqs, proc, last, n, cache, want_lp, self.stats)
         else:
-            from .speculative import mtp_next_tokens, speculative_accept
-
-            drafts = self._drafts
-            out = model(torch.cat((last[:, None], drafts), dim=1), start_pos=n, cache=cache, return_hidden=True)
-            n_acc, toks = speculative_accept(out.logits, drafts, self._q, proc)
-            self.stats.drafted += B * k
-            self.stats.accepted += int(n_acc.sum())
-            engine._emit(reqs, proc, toks, n_acc, out.logits, want_lp, self.stats)
-            new_last = toks.gather(1, n_acc[:, None])[:, 0]
-            A = int(n_acc.max()) + 1
-            nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
-            h_mtp, mtp_logits = model.mtp_step(0, nt, out.hidden_states[:, :A], start_pos=n, cache=cache,
-                                               logits_at=n_acc)
-            n = n + n_acc + 1
-            h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
-            self._drafts, self._q = engine._draft(proc, h_last, mtp_logits, n, cache, k)
-            self._n, self._last = n, new_last
+            self._n, self._last, self._drafts, self._q = engine._verify_step(
+                reqs, proc, last, self._drafts, self._q, n, cache, k, want_lp, self.stats)
         self.stats.decode_s += time.perf_counter() - t0
         self._collect(list(self.running), updates, offset=0)
 
