@@ -12,6 +12,16 @@ import sys
 import time
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """How the model is loaded and run; shared by generate, chat, bench and serve."""
+    p.add_argument("--speculative", nargs="?", type=int, const=1, default=0, metavar="K",
+                   help="MTP speculative decoding with K drafts per step (default K: 1)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-fast", action="store_true", help="plain PyTorch linears (no oneDNN prepacking)")
+
+
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
     p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
@@ -23,12 +33,7 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: 
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, metavar="STRING", help="stop string (repeatable)")
-    p.add_argument("--speculative", nargs="?", type=int, const=1, default=0, metavar="K",
-                   help="MTP speculative decoding with K drafts per step (default K: 1)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: the checkpoint's)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-fast", action="store_true", help="plain PyTorch linears (no oneDNN prepacking)")
+    add_model_flags(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode pieces (experimental)")
 
 

@@ -7,6 +7,8 @@ import os
 import socket
 import sys
 
+from ..engine.cli import add_model_flags
+
 DEFAULT_MAX_MODEL_LEN = 8192
 
 
@@ -31,12 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt tokens prefilled in one step (default: max(max-model-len, 2048))")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--max-body-bytes", default="2MiB", help="request body size limit (default 2MiB)")
-    p.add_argument("--speculative", nargs="?", type=int, const=1, default=0, metavar="K",
-                   help="MTP speculative decoding with K drafts per step (default K: 1)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: the checkpoint's)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-fast", action="store_true", help="plain PyTorch linears (no oneDNN prepacking)")
+    add_model_flags(p)
     p.add_argument("--seed", type=int, default=None, help="seed of the shared sampler (unseeded requests)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
