@@ -75,9 +75,9 @@ class Entry:
     shared_copy_of: str | None = None  # MTP's stored copies of the embedding / head
 
 
-def checkpoint_entries(cfg: ModelConfig) -> list[Entry]:
+def checkpoint_entries(cfg: ModelConfig, model: DeepseekV3ForCausalLM | None = None) -> list[Entry]:
     """Every tensor an official-layout checkpoint of `cfg` holds (excluding FP8 scales), in order."""
-    model = _meta_model(cfg)
+    model = _meta_model(cfg) if model is None else model
     L = cfg.num_hidden_layers
     I = cfg.moe_intermediate_size
     out: list[Entry] = []
@@ -433,11 +433,9 @@ def load_weights(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype = to
         log.warning("config has num_nextn_predict_layers=%d but the checkpoint holds no MTP weights "
                     "(model.layers.%d.*); loading without MTP", cfg.num_nextn_predict_layers, L)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    entries = checkpoint_entries(cfg)
+    model = _meta_model(cfg)
+    entries = checkpoint_entries(cfg, model)
     block = tuple((cfg.quantization_config or {}).get("weight_block_size", [128, 128]))
-
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(cfg)
     meta_state = dict(model.named_parameters(remove_duplicate=False))
     meta_state.update(dict(model.named_buffers(remove_duplicate=False)))
 
@@ -704,13 +702,3 @@ def save_model(model: DeepseekV3ForCausalLM, directory: str | os.PathLike, dtype
         atomic_write_text(directory / fname, text)
     out_cfg.save(directory)  # last: its presence marks a complete model directory
     return directory
-
-
-def checkpoint_nbytes(cfg: ModelConfig, bytes_per_param: float = 2.0) -> int:
-    n = 0
-    state = {}
-    model = _meta_model(cfg)
-    state.update(dict(model.named_parameters(remove_duplicate=False)))
-    for e in checkpoint_entries(cfg):
-        n += math.prod(_expected_shape(state, e)) if e.param in state else 0
-    return int(n * bytes_per_param)
