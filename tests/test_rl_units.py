@@ -173,3 +173,18 @@ def test_file_task(tmp_path):
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object with 'prompt' and 'answer'"):
         FileTask(bad)
+
+
+def test_cli_rejects_bad_task_and_data_with_a_message(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["grpo", str(tmp_path), "--task", "chess"]) == 2
+    assert "--task 'chess'" in capsys.readouterr().err
+    from nanoseek.rl.tasks import get_task
+    from nanoseek.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--task 'chess': expected 'arithmetic', 'countdown' or a JSONL file"):
+        get_task("chess")
+    assert main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.txt" in err and "Traceback" not in err

@@ -58,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
     from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .tokenizer import TokenizerError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, TokenizerError, FileNotFoundError) as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from .verify import countdown_correct, extract_answer, has_r1_format, numbers_equal
 
 R1_ZERO_TEMPLATE = (
@@ -151,7 +152,7 @@ class FileTask(Task):
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read task file {self.path}: {e}") from e
+            raise ConfigError(f"cannot read task file {self.path}: {e}") from e
         for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -159,12 +160,12 @@ class FileTask(Task):
                 row = json.loads(line)
                 prompt, answer = row["prompt"] if "prompt" in row else row["question"], str(row["answer"])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path}:{i}: expected a JSON object with 'prompt' and 'answer' ({e})") from e
+                raise ConfigError(f"{self.path}:{i}: expected a JSON object with 'prompt' and 'answer' ({e})") from e
             if "####" in answer:
                 answer = answer.rsplit("####", 1)[1]
             rows.append(Problem(str(prompt), answer.strip()))
         if len(rows) < 2:
-            raise ValueError(f"{self.path} holds {len(rows)} problem(s); need at least 2 (train and test)")
+            raise ConfigError(f"{self.path} holds {len(rows)} problem(s); need at least 2 (train and test)")
         n_test = max(1, int(len(rows) * test_fraction))
         self._splits = {"train": rows[:-n_test], "test": rows[-n_test:]}
 
@@ -188,4 +189,4 @@ def get_task(spec: str, seed: int = 0) -> Task:
         return CountdownTask(seed)
     if Path(spec).is_file():
         return FileTask(spec)
-    raise ValueError(f"--task {spec!r}: expected 'arithmetic', 'countdown' or a JSONL file")
+    raise ConfigError(f"--task {spec!r}: expected 'arithmetic', 'countdown' or a JSONL file")
