@@ -211,6 +211,11 @@ class Engine:
         self.config = self.model.config
         p = self.model.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
+        # On CPU the absorbed attention core of a bf16/fp16 model runs in fp32 (attention.py); its
+        # latent cache is then kept in fp32 too (same values: each latent is written once, exactly),
+        # so decode does not convert the whole cached context to fp32 in every layer at every step.
+        self.cache_dtype = torch.float32 if self.device.type == "cpu" and self.dtype in (
+            torch.bfloat16, torch.float16) else self.dtype
         self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.tokenizer = self._load_tokenizer(tokenizer)
         eos = self.config.eos_token_id
@@ -305,9 +310,10 @@ class Engine:
         return self.encode(text, add_bos=False)
 
     def kv_cache_bytes_per_token(self, speculative: bool = False) -> int:
-        """Latent cache bytes per token: layers x (kv_lora_rank + qk_rope_head_dim) x element size."""
+        """Latent cache bytes per token: layers x (kv_lora_rank + qk_rope_head_dim) x element size
+        (of `cache_dtype`: fp32 for bf16/fp16 models on CPU)."""
         n = self.config.num_hidden_layers + (1 if speculative else 0)
-        return n * self.config.kv_cache_dim * torch.empty(0, dtype=self.dtype).element_size()
+        return n * self.config.kv_cache_dim * torch.empty(0, dtype=self.cache_dtype).element_size()
 
     # -- internals --------------------------------------------------------------------------------
     def _spec_k(self, speculative: bool | int) -> int:
@@ -373,7 +379,7 @@ class Engine:
         B, T = len(live), max(lens)
         max_len = max(n + r.max_tokens for n, r in zip(lens, live)) + 2 * k + 2
         n_layers = cfg.num_hidden_layers + (1 if k else 0)
-        cache = LatentCache(cfg, B, max_len, n_layers=n_layers, dtype=self.dtype, device=self.device)
+        cache = LatentCache(cfg, B, max_len, n_layers=n_layers, dtype=self.cache_dtype, device=self.device)
         ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
         for b, r in enumerate(live):
             ids[b, : lens[b]] = torch.tensor(r.prompt)
@@ -426,8 +432,7 @@ class Engine:
     def _plain_step(self, live: list, proc: LogitsProcessor, last: torch.Tensor, n: torch.Tensor,
                     cache: LatentCache, want_lp: bool, stats: GenerationStats) -> tuple[torch.Tensor, torch.Tensor]:
         """One ordinary decode step for every live row; returns the new (n, last)."""
-        uniform = bool((n == n[0]).all())
-        start = int(n[0]) if uniform else n  # an int start lets the attention skip per-row masking
+        start = _start(n)
         logits = self.model(last[:, None], start_pos=start, cache=cache).logits[:, -1]
         tok = proc.sample(logits)
         zeros = torch.zeros(len(live), dtype=torch.long, device=self.device)
@@ -440,7 +445,7 @@ class Engine:
         """One speculative step: verify `last` + k drafts in one forward, emit the accepted tokens,
         then draft the next k from the MTP module. Returns the new (n, last, drafts, q)."""
         model, B = self.model, len(live)
-        out = model(torch.cat((last[:, None], drafts), dim=1), start_pos=n, cache=cache, return_hidden=True)
+        out = model(torch.cat((last[:, None], drafts), dim=1), start_pos=_start(n), cache=cache, return_hidden=True)
         n_acc, toks = speculative_accept(out.logits, drafts, q, proc)
         stats.drafted += B * k
         stats.accepted += int(n_acc.sum())
@@ -448,7 +453,7 @@ class Engine:
         new_last = toks.gather(1, n_acc[:, None])[:, 0]
         A = int(n_acc.max()) + 1
         nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
-        h_mtp, mtp_logits = model.mtp_step(0, nt, out.hidden_states[:, :A], start_pos=n, cache=cache,
+        h_mtp, mtp_logits = model.mtp_step(0, nt, out.hidden_states[:, :A], start_pos=_start(n), cache=cache,
                                            logits_at=n_acc)
         n = n + n_acc + 1
         h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
@@ -471,7 +476,7 @@ class Engine:
                 qs.append(qj)
             drafts.append(d)
             if j + 1 < k:
-                h, logits = self.model.mtp_step(0, d[:, None], h, start_pos=n_next + j, cache=cache)
+                h, logits = self.model.mtp_step(0, d[:, None], h, start_pos=_start(n_next + j), cache=cache)
                 logits = logits[:, -1]
         q = torch.stack(qs, dim=1) if qs else None
         return torch.stack(drafts, dim=1), q
@@ -501,3 +506,11 @@ class Engine:
                 if r.finished:
                     break
         proc.update(committed)
+
+
+def _start(n: torch.Tensor) -> int | torch.Tensor:
+    """The start_pos for a forward of rows at positions n [B]: an int when all rows agree (always at
+    batch 1), which lets attention slice the cache and skip per-row masks, else the tensor."""
+    if n.shape[0] == 1 or bool((n == n[0]).all()):
+        return int(n[0])
+    return n

@@ -95,7 +95,7 @@ class Scheduler:
             raise SamplingError(f"max_batch must be >= 1, got {max_batch}")
         self.engine = engine
         self.model, self.config = engine.model, engine.config
-        self.device, self.dtype = engine.device, engine.dtype
+        self.device, self.dtype = engine.device, engine.cache_dtype  # the latent pool's dtype
         self.k = engine._spec_k(speculative)
         self.slack = 2 * self.k + 2 if self.k else 1  # positions written past the last kept token
         self.max_batch = max_batch

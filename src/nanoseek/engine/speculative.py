@@ -38,6 +38,13 @@ def speculative_accept(target_logits: torch.Tensor, drafts: torch.Tensor, draft_
     B, K1, V = target_logits.shape
     k = K1 - 1
     device = target_logits.device
+    if proc.all_greedy and proc.counts is None:
+        # greedy without penalties: p_i is one-hot on argmax(logits_i), so d_i is accepted while it
+        # equals that argmax and every emitted token is the argmax (the loop below, in two ops)
+        best = target_logits.argmax(dim=-1)  # [B, k+1]
+        n_acc = (drafts == best[:, :k]).cumprod(dim=1).sum(dim=1)
+        tokens = best.masked_fill(torch.arange(K1, device=device)[None, :] > n_acc[:, None], -1)
+        return n_acc, tokens
     tokens = torch.full((B, K1), -1, dtype=torch.long, device=device)
     n_acc = torch.zeros(B, dtype=torch.long, device=device)
     running = torch.ones(B, dtype=torch.bool, device=device)

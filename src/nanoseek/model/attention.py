@@ -134,6 +134,25 @@ class MLA(nn.Module):
         o = o[..., : self.v_dim].transpose(1, 2).reshape(B, T, Hh * self.v_dim)
         return self.o_proj(o)
 
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's weight as per-head [H, nope, C] (W_UK) and [H, v, C] (W_UV) views in `dtype`.
+
+        Under no-grad a converted copy is kept while the weight is unchanged (same version counter
+        and storage), so a bf16 model's fp32 attention core does not re-convert it every step.
+        """
+        w = self.kv_b_proj.weight
+        if w.dtype != dtype and not torch.is_grad_enabled():
+            key = (w._version, w.data_ptr(), w.dtype, dtype)
+            cached = self.__dict__.get("_absorbed_cache")
+            if cached is None or cached[0] != key:
+                cached = (key, w.detach().to(dtype))
+                self.__dict__["_absorbed_cache"] = cached
+            w = cached[1]
+        else:
+            w = w.to(dtype)
+        w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim:]
+
     def forward_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
                          start_pos: int | torch.Tensor) -> torch.Tensor:
         """Attention of T new queries over the S cached latents, never expanding K or V.
@@ -145,12 +164,13 @@ class MLA(nn.Module):
         B, T, Hh, _ = q_nope.shape
         S, C = cached.shape[1], self.kv_lora_rank
         out_dtype = q_nope.dtype
-        if cached.device.type == "cpu" and cached.dtype != torch.float32:
+        if cached.device.type == "cpu" and (q_nope.dtype != torch.float32 or cached.dtype != torch.float32):
             # CPU bf16/fp16 GEMMs with 8-32 rows are 2-10x slower than fp32 ones (docs/engine.md):
-            # the attention core runs in fp32 on an fp32 copy of the (small) cache slice and weights.
+            # the attention core runs in fp32. The engine keeps such models' latent cache in fp32
+            # (the values are the same), so `.float()` of the cache is then a no-op, not a copy of
+            # the whole context every layer and step.
             q_nope, q_pe, cached = q_nope.float(), q_pe.float(), cached.float()
-        w = self.kv_b_proj.weight.to(cached.dtype).view(Hh, self.nope_dim + self.v_dim, C)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H, nope, C], [H, v, C]
+        w_uk, w_uv = self.absorbed_weights(cached.dtype)  # [H, nope, C], [H, v, C]
         # Per-head bmm (not einsum: it copies the strided weight views on every call).
         q_lat = torch.bmm(q_nope.reshape(B * T, Hh, self.nope_dim).transpose(0, 1), w_uk)  # [H, B*T, C]
         q_full = torch.cat((q_lat.transpose(0, 1), q_pe.reshape(B * T, Hh, self.rope_dim)), dim=-1)
@@ -160,8 +180,9 @@ class MLA(nn.Module):
         if isinstance(start_pos, torch.Tensor):
             future = torch.arange(S, device=scores.device)[None, None, :] > start_pos[:, :, None]  # [B, T, S]
         elif T > 1:
-            q_pos = torch.arange(start_pos, start_pos + T, device=scores.device)
-            future = (torch.arange(S, device=scores.device)[None, :] > q_pos[:, None])[None]  # [1, T, S]
+            # only the last T - 1 slots can be in some query's future: mask that [T, T - 1] corner
+            tail = torch.ones(T, T - 1, dtype=torch.bool, device=scores.device).triu_()
+            scores.view(B, T, Hh, S)[..., S - T + 1:].masked_fill_(tail[None, :, None, :], float("-inf"))
         if future is not None:
             scores = scores.view(B, T, Hh, S).masked_fill(future[:, :, None, :], float("-inf")).view(B, T * Hh, S)
         probs = scores.softmax(dim=-1).to(cached.dtype)
