@@ -132,7 +132,10 @@ def test_streaming_yields_what_generate_returns(engine):
 
 # ---- the fast path -----------------------------------------------------------------------------
 
-def test_prepacked_fast_path_matches_plain_and_leaves_training_alone():
+def test_prepacked_fast_path_matches_plain_and_leaves_training_alone(monkeypatch):
+    from nanoseek.engine import fastpath
+
+    monkeypatch.setattr(fastpath, "PACK_MIN_FP32", 0)  # pack every weight of the tiny model
     model = _model(seed=3)
     plain = Engine(model, fast=False).generate(PROMPTS, max_tokens=8, temperature=0, logprobs=0, ignore_eos=True)
     fast_engine = Engine(model, fast=True)

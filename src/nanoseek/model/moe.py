@@ -107,18 +107,14 @@ class Experts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
+    # Up to this many tokens (decode at small batch, speculative verification) run `_forward_few`.
+    FEW_TOKENS = 4
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], idx/weights [N, k] -> (output [N, H], tokens per expert [E])."""
         N, k = idx.shape
-        if N == 1:  # one token (batch-1 decode): no sort, gather or scatter; same sum order as below
-            counts = torch.bincount(idx[0], minlength=self.n_experts)
-            order = idx[0].argsort()
-            out = None
-            for j, e in zip(order.tolist(), idx[0, order].tolist()):
-                y = self.expert_ffn(e, x)
-                y = y * weights[0, j].to(y.dtype)
-                out = y if out is None else out + y
-            return out, counts
+        if N == 1 or (N <= self.FEW_TOKENS and not torch.is_grad_enabled()):
+            return self._forward_few(x, idx, weights)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
@@ -137,6 +133,46 @@ class Experts(nn.Module):
         out = x.new_zeros(x.shape, dtype=ys.dtype).index_add_(0, token_of, ys)
         return out, counts
 
+
+    def _forward_few(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grouped computation below for a few tokens, without its sort, gather and scatter ops.
+
+        The same numbers in the same order: each chosen expert runs once on the rows that chose it
+        (in token order, as the stable sort gives them), is scaled by the same gate weights, and
+        each token sums its experts' outputs in ascending expert order, in fp32, rounded once to
+        the output dtype (what index_add_ into zeros computes on CPU, bf16 included).
+        Bookkeeping is on Python lists (one .tolist()).
+        """
+        N, k = idx.shape
+        counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)
+        idx_l = idx.tolist()
+        w = None
+        rows_of: dict[int, list[tuple[int, int]]] = {}
+        for t in range(N):
+            for j, e in enumerate(idx_l[t]):
+                rows_of.setdefault(e, []).append((t, j))
+        acc: list[torch.Tensor | None] = [None] * N
+        for e in sorted(rows_of):
+            rows = rows_of[e]
+            if len(rows) == 1:
+                t, j = rows[0]
+                y = self.expert_ffn(e, x[t:t + 1] if N > 1 else x)
+                if w is None:
+                    w = weights.to(y.dtype)
+                y = y * w[t, j]
+                acc[t] = y if acc[t] is None else acc[t].float() + y.float()
+                continue
+            ts = [t for t, _ in rows]
+            xs = x if ts == list(range(N)) else x[torch.tensor(ts, device=x.device)]
+            y = self.expert_ffn(e, xs)
+            if w is None:
+                w = weights.to(y.dtype)
+            y = y * w[ts, [j for _, j in rows]].unsqueeze(-1)
+            for i, t in enumerate(ts):
+                acc[t] = y[i:i + 1] if acc[t] is None else acc[t].float() + y[i:i + 1].float()
+        dtype = y.dtype
+        out = acc[0] if N == 1 else torch.cat(acc)
+        return out.to(dtype), counts
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
