@@ -46,16 +46,18 @@ def onednn_supports(dtype: torch.dtype) -> bool:
         return False
 
 
-# fp32 weights up to this many numbers stay on the plain `F.linear` (MKL): for such small matrices
-# the oneDNN primitive's fixed cost (~10 us per call on the 2-core machine, vs 3-6 us for MKL)
-# outweighs its faster streaming (docs/engine.md). bf16/fp16 weights are always packed: MKL's
-# small bf16 GEMMs are slower still.
+# fp32 weights up to this many numbers run on the plain `F.linear` (MKL) when the input has at
+# most PLAIN_MAX_ROWS rows (decode): for such small matrices the oneDNN primitive's fixed cost
+# (~10 us per call on the 2-core machine, vs 3-6 us for MKL) outweighs its faster streaming
+# (docs/engine.md). Prefill-sized inputs and bf16/fp16 weights (MKL's small bf16 GEMMs are slower
+# still) always take the packed product.
 PACK_MIN_FP32 = 131072
+PLAIN_MAX_ROWS = 16
 
 
-def worth_packing(w: torch.Tensor) -> bool:
-    """Pack this [out, in] weight? (Always for bf16/fp16; fp32 only above PACK_MIN_FP32 numbers.)"""
-    return w.dtype != torch.float32 or w.numel() > PACK_MIN_FP32
+def prefer_plain(w: torch.Tensor, x: torch.Tensor) -> bool:
+    """Use plain F.linear for this [.., in] input on this [out, in] weight (small fp32, few rows)?"""
+    return w.dtype == torch.float32 and w.numel() <= PACK_MIN_FP32 and x.numel() <= PLAIN_MAX_ROWS * x.shape[-1]
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
@@ -94,8 +96,7 @@ class PackedModel:
         self.mlps: list[tuple[MLP, _PackedPair]] = []
         fused = set()
         for m in model.modules():
-            if type(m) is MLP and m.gate_proj.weight.device.type == "cpu" and onednn_supports(m.gate_proj.weight.dtype) \
-                    and worth_packing(m.gate_proj.weight) and worth_packing(m.up_proj.weight):
+            if type(m) is MLP and m.gate_proj.weight.device.type == "cpu" and onednn_supports(m.gate_proj.weight.dtype):
                 # gate and up read the same input: one packed [2I, H] product instead of two
                 pair = _PackedPair(m.gate_proj.weight, m.up_proj.weight)
                 self.mlps.append((m, pair))
@@ -103,15 +104,12 @@ class PackedModel:
                 fused.update((id(m.gate_proj), id(m.up_proj)))
         for m in model.modules():
             if type(m) is nn.Linear and id(m) not in fused and m.weight.device.type == "cpu" \
-                    and onednn_supports(m.weight.dtype) and worth_packing(m.weight):
+                    and onednn_supports(m.weight.dtype):
                 entry = _Packed(m.weight)
                 self.linears.append((m, entry))
                 m.forward = functools.partial(_packed_linear_forward, m, entry)  # instance attribute
-            elif type(m) is Experts and m.gate_up_proj.device.type == "cpu" and onednn_supports(m.gate_up_proj.dtype) \
-                    and worth_packing(m.gate_up_proj[0]):
-                pack_down = worth_packing(m.down_proj[0])
-                entries = [(_PackedSlice(m.gate_up_proj, e), _PackedSlice(m.down_proj, e) if pack_down else None)
-                           for e in range(m.n_experts)]
+            elif type(m) is Experts and m.gate_up_proj.device.type == "cpu" and onednn_supports(m.gate_up_proj.dtype):
+                entries = [(_PackedSlice(m.gate_up_proj, e), _PackedSlice(m.down_proj, e)) for e in range(m.n_experts)]
                 self.experts.append((m, entries))
                 m.expert_ffn = functools.partial(_packed_expert_ffn, m, entries)
 
@@ -131,7 +129,7 @@ class PackedModel:
         for m, entries in self.experts:
             for gu, dn in entries:
                 for p, src in ((gu, m.gate_up_proj), (dn, m.down_proj)):
-                    if p is not None and not p.fresh(src):
+                    if not p.fresh(src):
                         p.source = src
                         p.pack()
                         n += 1
@@ -201,7 +199,7 @@ class _PackedPair:
 def _packed_mlp_forward(m: MLP, pair: _PackedPair, x: torch.Tensor) -> torch.Tensor:
     g, u = m.gate_proj.weight, m.up_proj.weight
     if (torch.is_grad_enabled() and (g.requires_grad or x.requires_grad)) or x.dtype != pair.dtype \
-            or not pair.fresh(g, u):
+            or not pair.fresh(g, u) or prefer_plain(g, x):
         return MLP.forward(m, x)
     gate, up = _linear(x, pair.packed, None).chunk(2, dim=-1)
     return m.down_proj(F.silu(gate) * up)
@@ -210,16 +208,18 @@ def _packed_mlp_forward(m: MLP, pair: _PackedPair, x: torch.Tensor) -> torch.Ten
 def _packed_linear_forward(m: nn.Linear, entry: _Packed, x: torch.Tensor) -> torch.Tensor:
     w = m.weight
     if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or x.dtype != entry.dtype \
-            or not entry.fresh(w):
+            or not entry.fresh(w) or prefer_plain(w, x):
         return F.linear(x, w, m.bias)
     return _linear(x, entry.packed, m.bias)
 
 
-def _packed_expert_ffn(m: Experts, entries: list[tuple[_Packed, _Packed | None]], e: int, x: torch.Tensor) -> torch.Tensor:
+def _packed_expert_ffn(m: Experts, entries: list[tuple[_Packed, _Packed]], e: int, x: torch.Tensor) -> torch.Tensor:
     gu, dn = entries[e]
     if (torch.is_grad_enabled() and (m.gate_up_proj.requires_grad or x.requires_grad)) or x.dtype != gu.dtype \
-            or not gu.fresh(m.gate_up_proj) or (dn is not None and not dn.fresh(m.down_proj)):
+            or not gu.fresh(m.gate_up_proj) or not dn.fresh(m.down_proj):
         return Experts.expert_ffn(m, e, x)
-    gate, up = _linear(x, gu.packed, None).chunk(2, dim=-1)
+    w_gu = m.gate_up_proj[e]
+    gate, up = (F.linear(x, w_gu) if prefer_plain(w_gu, x) else _linear(x, gu.packed, None)).chunk(2, dim=-1)
     h = F.silu(gate) * up
-    return _linear(h, dn.packed, None) if dn is not None else F.linear(h, m.down_proj[e])
+    w_dn = m.down_proj[e]
+    return F.linear(h, w_dn) if prefer_plain(w_dn, h) else _linear(h, dn.packed, None)
