@@ -493,19 +493,21 @@ class Engine:
             chosen, top = raw_logprobs(flat_logits, toks.clamp(min=0).reshape(-1), want_lp)
             lps = chosen.view(len(live), K).tolist()
             tops = [top[b * K:(b + 1) * K] for b in range(len(live))] if top is not None else None
-        committed = torch.full_like(toks, -1)
+        committed = [[-1] * len(toks_l[0]) for _ in toks_l] if proc.counts is not None else None
         for b, r in enumerate(live):
             for i in range(counts[b]):
                 before = len(r.output)
                 r.add(toks_l[b][i], lps[b][i] if lps else None, tops[b][i] if tops else None)
                 if len(r.output) > before:
-                    committed[b, i] = toks_l[b][i]
+                    if committed is not None:
+                        committed[b][i] = toks_l[b][i]
                     stats.generated_tokens += 1
                     if not first:
                         stats.decode_tokens += 1
                 if r.finished:
                     break
-        proc.update(committed)
+        if committed is not None:  # penalties count what was emitted
+            proc.update(torch.tensor(committed, device=toks.device))
 
 
 def _start(n: torch.Tensor) -> int | torch.Tensor:

@@ -77,8 +77,21 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self._fp32_weight())
         return route(logits, self.e_score_correction_bias, self.cfg)
+
+    def _fp32_weight(self) -> torch.Tensor:
+        """The router weight in fp32; under no-grad a bf16/fp16 model keeps the converted copy while
+        the weight is unchanged (same version counter and storage) instead of converting per call."""
+        w = self.weight
+        if w.dtype == torch.float32 or torch.is_grad_enabled():
+            return w.float()
+        key = (w._version, w.data_ptr(), w.dtype)
+        cached = self.__dict__.get("_fp32_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, w.detach().float())
+            self.__dict__["_fp32_cache"] = cached
+        return cached[1]
 
     def _apply(self, fn, recurse=True):
         # The correction bias stays fp32 under model.to(bf16): its +-0.001 steps vanish in bf16.
