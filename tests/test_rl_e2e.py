@@ -11,7 +11,6 @@ import nanoseek
 from nanoseek.config import ConfigError
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.rl.recipe import run_r1_zero
-from nanoseek.rl.tasks import ArithmeticTask
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +41,27 @@ def test_quick_recipe_runs_and_reports(recipe_dir):
     assert model.config.vocab_size > 0
 
 
+def test_the_completions_of_a_group_are_independent_samples(recipe_dir, tmp_path):
+    out, _ = recipe_dir
+    cfg = GRPOConfig(model=str(out / "base"), out_dir=str(tmp_path / "g"), steps=1, max_new_tokens=12,
+                     task="arithmetic:digits=1-2,ops=+")
+    t = GRPOTrainer(cfg, show_progress=False)
+    problems = t.task.problems("train", 2)
+    _, results = t.rollout(problems, 8, temperature=1.0, seed=3)
+    for g in range(2):  # a barely trained model at temperature 1: 8 draws are not all the same
+        assert len({tuple(r.token_ids) for r in results[8 * g: 8 * g + 8]}) > 1
+    _, again = t.rollout(problems, 8, temperature=1.0, seed=3)
+    assert [r.token_ids for r in again] == [r.token_ids for r in results]  # and seeded: reproducible
+
+
 def test_grpo_resume_and_variants(recipe_dir, tmp_path):
     out, _ = recipe_dir
     base = out / "base"
     run = tmp_path / "g"
     cfg = GRPOConfig(model=str(base), out_dir=str(run), steps=2, prompts_per_step=2, group_size=4, max_new_tokens=16,
                      eval_interval=0, eval_problems=4, ckpt_interval=1, variant="dapo", eps_high=0.28,
-                     dynamic_sampling=True, mask_truncated=True)
+                     dynamic_sampling=True, mask_truncated=True, task="arithmetic:digits=1-2,ops=+")
     t = GRPOTrainer(cfg, show_progress=False)
-    t.task = ArithmeticTask(seed=0, digits=(1, 2), ops="+")
     t.fit()
     with pytest.raises(ConfigError, match="pass --resume"):
         GRPOTrainer(cfg, show_progress=False)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from nanoseek.rl.loss import group_advantages, kl_k3, policy_loss
-from nanoseek.rl.tasks import ArithmeticTask, CountdownTask, FileTask, Problem, R1_ZERO_TEMPLATE, RewardConfig
+from nanoseek.config import ConfigError
+from nanoseek.rl.tasks import (ArithmeticTask, CountdownTask, FileTask, Problem, R1_ZERO_TEMPLATE, RewardConfig,
+                               get_task)
 from nanoseek.rl.verify import countdown_correct, evaluate_expression, extract_answer, has_r1_format, numbers_equal
 
 
@@ -20,6 +22,15 @@ def test_equal_rewards_give_zero_advantage():
     adv = group_advantages(torch.tensor([1.0, 0.0]), group_size=2)
     assert adv[0] > 0 > adv[1] and adv.sum().abs() < 1e-6
     assert torch.allclose(group_advantages(torch.tensor([3.0, 1.0]), 2, scale_by_std=False), torch.tensor([1.0, -1.0]))
+
+
+def test_tied_rewards_that_are_not_exact_in_floating_point_give_exactly_zero():
+    # 0.1 (format reward only) for every completion: mean != 0.1 in fp32, and a 1e-5 residue of one
+    # sign, normalized by Adam, once pushed down everything the policy sampled.
+    for scale in (True, False):
+        adv = group_advantages(torch.tensor([0.1] * 8 + [1.1] * 4 + [0.1] * 4), 8, scale_by_std=scale)
+        assert torch.equal(adv[:8], torch.zeros(8))
+        assert adv[8] > 0 > adv[12]
 
 
 def test_kl_k3_nonnegative_and_zero_for_identical_policies():
@@ -160,6 +171,20 @@ def test_prompt_uses_the_r1_zero_template():
     assert ArithmeticTask().prompt(p).endswith("User: What is 2 + 2?. Assistant:")
 
 
+def test_task_options_on_the_command_line():
+    t = get_task("arithmetic:digits=1-2,ops=+")
+    assert (t.digits, t.ops) == ((1, 2), "+")
+    assert all(p.meta["op"] == "+" and max(p.meta["a"], p.meta["b"]) < 100 for p in t.problems("train", 200))
+    t = get_task("countdown:numbers=4,max=50")
+    assert (t.n_numbers, t.max_number) == ((4, 4), 50)
+    assert all(len(p.meta["numbers"]) == 4 for p in t.problems("test", 20))
+    for bad, words in [("arithmetic:digits=two", "digits must be"), ("arithmetic:base=2", "unknown option"),
+                       ("arithmetic:ops=/", "ops must be"), ("arithmetic:digits", "key=value"),
+                       ("countdown:max=1", "max must be"), ("arithmetic:digits=0-3", "1 <= N <= M"), ("gsm8k", "expected")]:
+        with pytest.raises(ConfigError, match=words):
+            get_task(bad)
+
+
 def test_file_task(tmp_path):
     f = tmp_path / "t.jsonl"
     f.write_text('{"prompt": "2+2?", "answer": "#### 4"}\n{"prompt": "capital of France?", "answer": "Paris"}\n'
@@ -188,3 +213,41 @@ def test_cli_rejects_bad_task_and_data_with_a_message(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "missing.txt" in err and "Traceback" not in err
+
+
+# ---- the recipe's base corpus --------------------------------------------------------------------
+
+def test_column_sums_are_schoolbook_addition():
+    import random
+    import re
+
+    from nanoseek.rl.recipe import column_sums
+
+    assert column_sums(67, 94) == "7 + 4 = 11 , 6 + 9 + 1 = 16"
+    assert column_sums(9, 4) == "9 + 4 = 13"
+    rng = random.Random(0)
+    for _ in range(500):
+        a, b = rng.randint(0, 99_999), rng.randint(0, 99_999)
+        sums = [int(x) for x in re.findall(r"= (\d+)", column_sums(a, b))]
+        # units digits of every column, then the last column's whole sum (its carry included)
+        value = sum(s % 10 * 10**i for i, s in enumerate(sums[:-1])) + sums[-1] * 10 ** (len(sums) - 1)
+        assert value == a + b
+
+
+def test_base_corpus_mixes_worked_and_glance_answers_and_never_holds_a_test_question(tmp_path):
+    import json
+
+    from nanoseek.rl.recipe import RECIPE_TASK, write_base_corpus
+
+    path = write_base_corpus(tmp_path / "c.jsonl", 400, worked_fraction=0.5)
+    docs = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    task = get_task(RECIPE_TASK)
+    test_questions = {p.question for p in task.problems("test", task.test_size)}
+    two_column = [d for d in docs if "," in d.split("<think>")[-1]]
+    assert 100 < len(two_column) < 300  # worked two-column answers: about half of the ~75% two-column problems
+    for d in docs:
+        q = d.split("User: ")[-1].split(". Assistant:")[0]
+        assert q not in test_questions
+        assert has_r1_format(d.split("Assistant:")[-1])
+        a, b = (int(x) for x in q.removeprefix("What is ").removesuffix("?").split(" + "))
+        assert task.is_correct(Problem(q, str(a + b)), d.split("Assistant:")[-1])

@@ -16,6 +16,7 @@ only beside a complete array, and a tokenization killed halfway leaves nothing t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -282,21 +283,24 @@ def build_token_shards(files: Sequence[str | os.PathLike], tokenizer: "Tokenizer
 
 def prepare_data(inputs: Sequence[str | os.PathLike] | None, tokenizer: "Tokenizer", cache_dir: str | os.PathLike,
                  val_fraction: float = 0.02, seed: int = 0, text_field: str = "text",
-                 show_progress: bool = True) -> tuple[TokenShards, TokenShards]:
+                 show_progress: bool = True, add_bos: bool = False) -> tuple[TokenShards, TokenShards]:
     """Resolve `inputs` (None/[] = the standard library), split by file, tokenize both sides.
+
+    `add_bos` starts every document with the tokenizer's bos, as the engine starts every prompt.
 
     Returns (train, val). With a single input file, the last `val_fraction` of its tokens (from a
     document boundary when possible) is the validation set. `val_fraction=0` gives an empty
     validation shard.
     """
     files = resolve_inputs(inputs)
+    shards = functools.partial(build_token_shards, tokenizer=tokenizer, cache_dir=cache_dir, text_field=text_field,
+                               show_progress=show_progress, add_bos=add_bos)
     if len(files) >= 2:
         train_files, val_files = split_files(files, val_fraction, seed)
-        train = build_token_shards(train_files, tokenizer, cache_dir, "train", text_field, show_progress)
-        val = (build_token_shards(val_files, tokenizer, cache_dir, "val", text_field, show_progress)
-               if val_files else TokenShards.empty(train.dtype, "val"))
+        train = shards(train_files, name="train")
+        val = shards(val_files, name="val") if val_files else TokenShards.empty(train.dtype, "val")
         return train, val
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    whole = build_token_shards(files, tokenizer, cache_dir, "all", text_field, show_progress)
+    whole = shards(files, name="all")
     return whole.split_tail(val_fraction)

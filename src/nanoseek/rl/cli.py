@@ -51,7 +51,12 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
 def _cmd_recipe(args: argparse.Namespace) -> int:
     from .recipe import run_r1_zero
 
-    run_r1_zero(args.out, quick=args.quick, show_progress=not args.quiet)
+    try:
+        result = run_r1_zero(args.out, quick=args.quick, show_progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to continue from {args.out}")
+        return 130
+    print(result["report"])
     return 0
 
 

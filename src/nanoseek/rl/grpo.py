@@ -150,7 +150,10 @@ class GRPOTrainer:
         if temperature == 0:
             params = SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=0.0)
         else:
-            params = SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=temperature, seed=seed)
+            # One seed per row: a seeded row draws from its own generator, so a shared seed would
+            # make the G completions of a prompt identical and every advantage zero.
+            params = [SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=temperature,
+                                     seed=seed * 100_003 + i) for i in range(len(prompts))]
         results = self.engine.generate(prompts, params)
         self.model.train()
         return prompts, results
@@ -200,11 +203,15 @@ class GRPOTrainer:
         seqs, plens, clens = self._pack([prompts[i] for i in keep], [results[i].token_ids for i in keep])
         adv_k = adv[keep]
         with torch.no_grad():
-            logp_old, _, mask = completion_logprobs(self.model, seqs, plens, clens)
             logp_ref = completion_logprobs(self.ref, seqs, plens, clens)[0] if self.ref is not None else None
+            # With one update per rollout batch pi_old is the current policy: its log-probs are the
+            # first pass's, detached, and a separate no-grad forward would only repeat them.
+            logp_old = completion_logprobs(self.model, seqs, plens, clens)[0] if cfg.mu > 1 else None
         stats = None
         for _ in range(cfg.mu):
             logp, entropy, mask = completion_logprobs(self.model, seqs, plens, clens)
+            if logp_old is None:
+                logp_old = logp.detach()
             loss, stats = policy_loss(logp, logp_old, adv_k, mask, variant=cfg.variant, eps_low=cfg.eps_low,
                                       eps_high=cfg.eps_high, beta=cfg.beta, logp_ref=logp_ref,
                                       max_len=cfg.max_new_tokens)

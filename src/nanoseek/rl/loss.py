@@ -33,7 +33,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     adv = r - r.mean(dim=1, keepdim=True)
     if scale_by_std:
         adv = adv / (r.std(dim=1, keepdim=True, unbiased=False) + eps)
-    return adv.reshape(-1)
+    # A group of equal rewards must give exactly 0: the mean of eight 0.1s is not 0.1 in floating
+    # point, and Adam would blow the resulting 1e-5 "advantage", same-signed for every completion,
+    # up to a full-size step that pushes down everything the policy sampled.
+    tied = (r == r[:, :1]).all(dim=1, keepdim=True)
+    return adv.masked_fill(tied, 0.0).reshape(-1)
 
 
 def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:

@@ -1,83 +1,136 @@
 """`nanoseek recipe r1-zero`: an R1-Zero-style loop that fits a laptop CPU.
 
-1. Base model. Generated two-digit addition problems in the R1-Zero template, each followed by a
-   worked answer whose reasoning spells the digits out (`<think> 2 4 + 6 = 3 0 </think>
-   <answer> 30 </answer>`): the byte-level BPE keeps numbers as whole tokens, and spelling digits is
-   what lets a small model add numbers it never saw. The base model is pretrained on these
-   documents for a short while, on purpose not to convergence: it knows the format and part of the
-   arithmetic, and it is unsure (its samples at temperature 1 are often wrong).
-2. GRPO on the training problems with rule-checked rewards (correct answer + format), sampled at
-   temperature 1, then evaluation on the held-out problems, sampled (T = 1) and greedy.
+1. **Base model.** `tiny` pretrained on generated addition problems (operands of 1-2 digits) in
+   the R1-Zero template, each followed by a worked answer: schoolbook column sums, units first,
+   then the result (`<think> 7 + 4 = 11 , 6 + 9 + 1 = 16 </think> <answer> 161 </answer>`).
+   The byte-level BPE keeps numbers of up to 3 digits as whole tokens, so a small model cannot add
+   `67 + 94` in one token; the column sums are single-digit facts it learns quickly. The base
+   model is trained on purpose only partly: it has the format and much of the arithmetic, and it
+   is unsure, so its samples at temperature 1 are right far less often than its greedy answers.
+2. **GRPO** on the training problems with rule-checked rewards (correct answer + format), sampled
+   at temperature 1, then evaluation on the held-out problems, sampled (T = 1) and greedy.
 
-It writes `report.md` with the before/after table and `grpo.png` (reward, response length,
-held-out accuracy). `--quick` runs a few-minute smoke version of the same pipeline.
+Both stages resume: a finished base model is reused, an interrupted GRPO run continues from its
+newest checkpoint. It writes `report.md` (the before/after table) and `grpo/grpo.png` (reward,
+response length, held-out accuracy). `--quick` runs a few-minute smoke version of the pipeline.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .tasks import ArithmeticTask, Problem
+from .tasks import ArithmeticTask, Problem, get_task
 
-RECIPE_TASK = dict(digits=(1, 2), ops="+")
-
-
-def spelled(n: int) -> str:
-    return " ".join(str(n))
+RECIPE_TASK = "arithmetic:digits=1-2,ops=+"
 
 
-def demonstration(task: ArithmeticTask, p: Problem) -> str:
-    a, b, op = p.meta["a"], p.meta["b"], p.meta["op"]
-    return (task.prompt(p) + f" <think> {spelled(a)} {op} {spelled(b)} = {spelled(int(p.answer))} </think>"
-            f" <answer> {p.answer} </answer>")
+@dataclass(frozen=True)
+class RecipeSettings:
+    base_examples: int = 80_000  # generated solved problems in the pretraining corpus
+    worked_fraction: float = 0.5  # share of them worked column by column; the rest answered at a glance
+    base_steps: int = 1500
+    base_batch: int = 16
+    base_seq_len: int = 128
+    base_lr: float = 3e-3
+    grpo_steps: int = 300
+    prompts_per_step: int = 16
+    group_size: int = 8
+    grpo_lr: float = 1e-4
+    max_new_tokens: int = 40
+    eval_interval: int = 50
+    eval_problems: int = 200
 
 
-def write_base_corpus(path: Path, n: int, seed: int = 0) -> Path:
-    task = ArithmeticTask(seed=seed, **RECIPE_TASK)
+FULL = RecipeSettings()
+QUICK = RecipeSettings(base_examples=2000, base_steps=20, grpo_steps=3, prompts_per_step=4, group_size=4,
+                       eval_interval=3, eval_problems=20)
+
+
+def column_sums(a: int, b: int) -> str:
+    """Schoolbook addition, units first: 67 + 94 -> '7 + 4 = 11 , 6 + 9 + 1 = 16'."""
+    steps, carry = [], 0
+    for i in range(max(len(str(a)), len(str(b)))):
+        x, y = a // 10**i % 10, b // 10**i % 10
+        s = x + y + carry
+        steps.append(f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {s}")
+        carry = s // 10
+    return " , ".join(steps)
+
+
+def demonstration(task: ArithmeticTask, p: Problem, worked: bool = True) -> str:
+    """The prompt, then an answer in R1-Zero's format: worked column by column, or at a glance."""
+    a, b = p.meta["a"], p.meta["b"]
+    thought = column_sums(a, b) if worked else f"{a} + {b} = {p.answer}"
+    return task.prompt(p) + f" <think> {thought} </think> <answer> {p.answer} </answer>"
+
+
+def write_base_corpus(path: Path, n: int, seed: int = 0, worked_fraction: float = 1.0) -> Path:
+    """`n` solved training problems as JSONL documents (the held-out test problems never appear);
+    a `worked_fraction` of them worked column by column, the others answered at a glance."""
+    task = get_task(RECIPE_TASK, seed)
+    assert isinstance(task, ArithmeticTask)
+    rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         for p in task.problems("train", n):
-            f.write(json.dumps({"text": demonstration(task, p)}) + "\n")
+            f.write(json.dumps({"text": demonstration(task, p, worked=rng.random() < worked_fraction)}) + "\n")
+    tmp.replace(path)
     return path
 
 
-def run_r1_zero(out: str | Path, quick: bool = False, show_progress: bool = True) -> dict:
+def run_r1_zero(out: str | Path, quick: bool = False, show_progress: bool = True,
+                settings: RecipeSettings | None = None) -> dict:
     from ..train import TrainConfig, Trainer
+    from ..train.state import list_checkpoints
     from .grpo import GRPOConfig, GRPOTrainer
 
+    s = settings or (QUICK if quick else FULL)
     out = Path(out)
     t0 = time.perf_counter()
-    corpus = write_base_corpus(out / "data" / "arithmetic.jsonl", 2000 if quick else 20000)
     base_dir = out / "base"
-    base_steps = 20 if quick else 400
-    if not (base_dir / "config.json").exists():
-        Trainer(TrainConfig(model="tiny", data=[str(corpus)], out_dir=str(base_dir), seq_len=128, batch_size=16,
-                            max_steps=base_steps, lr=3e-3, warmup_steps=20 if not quick else 2,
-                            eval_interval=base_steps, ckpt_interval=base_steps, tensorboard=False,
-                            sample_tokens=4, seed=0), show_progress=show_progress).fit()
+    if not (base_dir / "model.safetensors").exists():
+        corpus = out / "data" / "arithmetic.jsonl"
+        if not corpus.exists():
+            write_base_corpus(corpus, s.base_examples, worked_fraction=s.worked_fraction)
+        Trainer(TrainConfig(model="tiny", data=[str(corpus)], out_dir=str(base_dir), seq_len=s.base_seq_len,
+                            batch_size=s.base_batch, max_steps=s.base_steps, lr=s.base_lr,
+                            warmup_steps=min(20, s.base_steps // 10 + 1), eval_interval=s.base_steps,
+                            ckpt_interval=max(1, s.base_steps // 4), tensorboard=False, sample_tokens=0, seed=0),
+                resume=bool(list_checkpoints(base_dir)), show_progress=show_progress).fit()
     t_base = time.perf_counter() - t0
-    cfg = GRPOConfig(model=str(base_dir), task="arithmetic", out_dir=str(out / "grpo"),
-                     steps=3 if quick else 60, prompts_per_step=4 if quick else 8, group_size=4 if quick else 8,
-                     max_new_tokens=24, temperature=1.0, lr=1e-4 if not quick else 1e-4, beta=0.0,
-                     eval_interval=3 if quick else 20, eval_problems=20 if quick else 200,
-                     ckpt_interval=3 if quick else 20, seed=0)
-    trainer = GRPOTrainer(cfg, show_progress=show_progress)
-    trainer.task = ArithmeticTask(seed=cfg.task_seed, **RECIPE_TASK)
+    cfg = GRPOConfig(model=str(base_dir), task=RECIPE_TASK, out_dir=str(out / "grpo"), steps=s.grpo_steps,
+                     prompts_per_step=s.prompts_per_step, group_size=s.group_size, max_new_tokens=s.max_new_tokens,
+                     temperature=1.0, lr=s.grpo_lr, beta=0.0, eval_interval=s.eval_interval,
+                     eval_problems=s.eval_problems, ckpt_interval=s.eval_interval, seed=0)
+    trainer = GRPOTrainer(cfg, resume=bool(list_checkpoints(out / "grpo")), show_progress=show_progress)
     history = trainer.fit()
     t_total = time.perf_counter() - t0
-    before, after = history["before"], history["after"]
+    evals = [r for r in _records(out / "grpo") if "test_acc_sampled" in r]
+    before, after = evals[0], evals[-1]
     report = (
         "# R1-Zero recipe result\n\n"
-        f"Base model: `tiny` pretrained {base_steps} steps on generated addition ({t_base / 60:.1f} min); "
-        f"GRPO: {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} samples. "
+        f"Task `{RECIPE_TASK}` (held-out: {cfg.eval_problems} fixed test problems never seen in training). "
+        f"Base model: `tiny` pretrained {s.base_steps} steps x {s.base_batch} x {s.base_seq_len} tokens on "
+        f"{s.base_examples} worked problems ({t_base / 60:.1f} min this run). GRPO: {cfg.steps} steps x "
+        f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples, lr {cfg.lr}. "
         f"Total wall time {t_total / 60:.1f} min.\n\n"
-        f"| held-out accuracy ({cfg.eval_problems} problems) | base | after GRPO |\n|---|---|---|\n"
-        f"| sampled, temperature 1 | {before['test_acc_sampled']:.3f} | {after['test_acc_sampled']:.3f} |\n"
-        f"| greedy | {before['test_acc_greedy']:.3f} | {after['test_acc_greedy']:.3f} |\n\n"
+        f"| held-out accuracy | base | after GRPO | change |\n|---|---|---|---|\n"
+        f"| sampled, temperature 1 | {before['test_acc_sampled']:.3f} | {after['test_acc_sampled']:.3f} | "
+        f"{100 * (after['test_acc_sampled'] - before['test_acc_sampled']):+.1f} pts |\n"
+        f"| greedy | {before['test_acc_greedy']:.3f} | {after['test_acc_greedy']:.3f} | "
+        f"{100 * (after['test_acc_greedy'] - before['test_acc_greedy']):+.1f} pts |\n\n"
         "![reward, response length and held-out accuracy](grpo/grpo.png)\n"
     )
     (out / "report.md").write_text(report, encoding="utf-8")
-    print(report)
-    return {"before": before, "after": after, "minutes": t_total / 60}
+    return {"before": before, "after": after, "minutes": t_total / 60, "history": history, "report": report}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    from .grpo import read_records
+
+    return read_records(run_dir)

@@ -182,11 +182,51 @@ class FileTask(Task):
         return got.strip() == problem.answer.strip()
 
 
+def _task_options(spec: str) -> tuple[str, dict[str, str]]:
+    """`arithmetic:digits=1-2,ops=+` -> ("arithmetic", {"digits": "1-2", "ops": "+"})."""
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--task {spec!r}: options are key=value pairs separated by commas")
+        opts[key.strip()] = value.strip()
+    return name, opts
+
+
+def _int_range(spec: str, key: str, value: str) -> tuple[int, int]:
+    lo, _, hi = value.partition("-")
+    try:
+        out = (int(lo), int(hi or lo))
+    except ValueError:
+        raise ConfigError(f"--task {spec!r}: {key} must be N or N-M, got {value!r}") from None
+    if not 1 <= out[0] <= out[1] <= 18:
+        raise ConfigError(f"--task {spec!r}: {key} must satisfy 1 <= N <= M <= 18, got {value!r}")
+    return out
+
+
 def get_task(spec: str, seed: int = 0) -> Task:
-    if spec == "arithmetic":
-        return ArithmeticTask(seed)
-    if spec == "countdown":
-        return CountdownTask(seed)
+    """A task from its command-line name: `arithmetic[:digits=1-3,ops=+-*]`,
+    `countdown[:numbers=3-4,max=20]`, or a JSONL file."""
     if Path(spec).is_file():
         return FileTask(spec)
-    raise ConfigError(f"--task {spec!r}: expected 'arithmetic', 'countdown' or a JSONL file")
+    name, opts = _task_options(spec)
+    allowed = {"arithmetic": {"digits", "ops"}, "countdown": {"numbers", "max"}}
+    if name not in allowed:
+        raise ConfigError(f"--task {spec!r}: expected 'arithmetic', 'countdown' or a JSONL file")
+    unknown = sorted(set(opts) - allowed[name])
+    if unknown:
+        raise ConfigError(f"--task {spec!r}: unknown option(s) {', '.join(unknown)}; "
+                          f"{name} takes {', '.join(sorted(allowed[name]))}")
+    if name == "arithmetic":
+        ops = opts.get("ops", "+-*")
+        if not ops or set(ops) - set("+-*"):
+            raise ConfigError(f"--task {spec!r}: ops must be made of + - *, got {ops!r}")
+        return ArithmeticTask(seed, digits=_int_range(spec, "digits", opts.get("digits", "1-3")), ops=ops)
+    try:
+        max_number = int(opts.get("max", "20"))
+    except ValueError:
+        raise ConfigError(f"--task {spec!r}: max must be an integer") from None
+    if not 2 <= max_number <= 10_000:
+        raise ConfigError(f"--task {spec!r}: max must be in [2, 10000], got {max_number}")
+    return CountdownTask(seed, n_numbers=_int_range(spec, "numbers", opts.get("numbers", "3")), max_number=max_number)

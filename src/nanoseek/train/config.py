@@ -21,6 +21,7 @@ class TrainConfig:
     model: str = "small"  # preset name or a config.json / model directory (architecture only)
     data: list[str] = field(default_factory=list)  # files/dirs/globs; empty = Python's standard library
     text_field: str = "text"
+    add_bos: bool = True  # begin each document with bos: the engine begins every prompt with it
     tokenizer: str | None = None  # tokenizer.json (or dir); None = train a BPE of the model's vocab size
     init_from: str | None = None  # a model directory to start from (weights, config, tokenizer): fine-tuning
     sft_data: str | None = None  # chat JSONL ({"messages": [...]}) -> supervised fine-tuning on assistant tokens

@@ -127,7 +127,8 @@ class Trainer:
 
             train_data, val_data = prepare_data(cfg.data or None, self.tokenizer, default_cache_dir(),
                                                 val_fraction=cfg.val_fraction, seed=cfg.split_seed,
-                                                text_field=cfg.text_field, show_progress=self.show_progress)
+                                                text_field=cfg.text_field, show_progress=self.show_progress,
+                                                add_bos=cfg.add_bos and self.tokenizer.bos_id is not None)
             self.source = PretrainSource(train_data, val_data, cfg.seq_len, cfg.batch_size, cfg.seed)
 
         self.model = DeepseekV3ForCausalLM(mcfg)
