@@ -388,6 +388,11 @@ def test_prepare_data_single_file_holds_out_its_tail(tok, tmp_path):
     assert 0.05 * len(whole) < len(val) < 0.15 * len(whole)
     assert int(train.tokens[-1]) == tok.eos_id  # validation starts at a document boundary
     assert val.bytes_per_token == train.bytes_per_token > 0
+    # as the trainer asks for it: every document starts with bos, as every engine prompt does
+    train, val = prepare_data([str(path)], tok, tmp_path / "cache", val_fraction=0.1, show_progress=False, add_bos=True)
+    whole = np.concatenate([np.asarray(train.tokens), np.asarray(val.tokens)])
+    assert whole.tolist() == [t for d in DOCS * 8 for t in [tok.bos_id] + tok.encode(d * 3) + [tok.eos_id]]
+    assert int(val.tokens[0]) == tok.bos_id
 
 
 def test_prepare_data_zero_documents_is_an_error(tok, tmp_path):
