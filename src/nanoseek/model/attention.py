@@ -166,9 +166,8 @@ class MLA(nn.Module):
         out_dtype = q_nope.dtype
         if cached.device.type == "cpu" and (q_nope.dtype != torch.float32 or cached.dtype != torch.float32):
             # CPU bf16/fp16 GEMMs with 8-32 rows are 2-10x slower than fp32 ones (docs/engine.md):
-            # the attention core runs in fp32. The engine keeps such models' latent cache in fp32
-            # (the values are the same), so `.float()` of the cache is then a no-op, not a copy of
-            # the whole context every layer and step.
+            # the attention core runs in fp32, on an fp32 copy of the cache slice (converting a bf16
+            # slice measured cheaper than keeping, and reading, an fp32 cache twice the size).
             q_nope, q_pe, cached = q_nope.float(), q_pe.float(), cached.float()
         w_uk, w_uv = self.absorbed_weights(cached.dtype)  # [H, nope, C], [H, v, C]
         # Per-head bmm (not einsum: it copies the strided weight views on every call).
