@@ -1,14 +1,18 @@
 """`nanoseek recipe r1-zero`: an R1-Zero-style loop that fits a laptop CPU.
 
 1. **Base model.** `tiny` pretrained on generated addition problems (operands of 1-2 digits) in
-   the R1-Zero template, each followed by a worked answer: schoolbook column sums, units first,
-   then the result (`<think> 7 + 4 = 11 , 6 + 9 + 1 = 16 </think> <answer> 161 </answer>`).
-   The byte-level BPE keeps numbers of up to 3 digits as whole tokens, so a small model cannot add
-   `67 + 94` in one token; the column sums are single-digit facts it learns quickly. The base
-   model is trained on purpose only partly: it has the format and much of the arithmetic, and it
-   is unsure, so its samples at temperature 1 are right far less often than its greedy answers.
+   the R1-Zero template, each followed by a solution. Like web text, the corpus has two habits:
+   60% of the solutions are worked column by column, units first
+   (`<think> 7 + 4 = 11 , 6 + 9 + 1 = 16 </think> <answer> 161 </answer>`), 40% answer at a glance
+   (`<think> 67 + 94 = 161 </think> <answer> 161 </answer>`). The byte-level BPE keeps numbers of
+   up to 3 digits as whole tokens, so a small model cannot add `67 + 94` in one token: its glance
+   answers are mostly wrong, its worked ones mostly right. The base model keeps both habits and
+   picks one at random when sampled, so its samples at temperature 1 are right far less often
+   than its greedy answers.
 2. **GRPO** on the training problems with rule-checked rewards (correct answer + format), sampled
-   at temperature 1, then evaluation on the held-out problems, sampled (T = 1) and greedy.
+   at temperature 1, then evaluation on the held-out problems, sampled (T = 1) and greedy. Nothing
+   tells the model which habit is better; the reward does, and GRPO shifts it to working the sum
+   out, so responses get longer as accuracy rises (R1-Zero's "thinking longer", in miniature).
 
 Both stages resume: a finished base model is reused, an interrupted GRPO run continues from its
 newest checkpoint. It writes `report.md` (the before/after table) and `grpo/grpo.png` (reward,
@@ -31,17 +35,17 @@ RECIPE_TASK = "arithmetic:digits=1-2,ops=+"
 @dataclass(frozen=True)
 class RecipeSettings:
     base_examples: int = 80_000  # generated solved problems in the pretraining corpus
-    worked_fraction: float = 0.5  # share of them worked column by column; the rest answered at a glance
-    base_steps: int = 1500
+    worked_fraction: float = 0.6  # share of them worked column by column; the rest answered at a glance
+    base_steps: int = 3000
     base_batch: int = 16
     base_seq_len: int = 128
     base_lr: float = 3e-3
-    grpo_steps: int = 300
+    grpo_steps: int = 200
     prompts_per_step: int = 16
     group_size: int = 8
     grpo_lr: float = 1e-4
     max_new_tokens: int = 40
-    eval_interval: int = 50
+    eval_interval: int = 25
     eval_problems: int = 200
 
 
@@ -83,6 +87,20 @@ def write_base_corpus(path: Path, n: int, seed: int = 0, worked_fraction: float 
     return path
 
 
+def worked_share(model_dir: str | Path, n: int = 200, max_new_tokens: int = 40, seed: int = 0) -> float:
+    """Of the held-out problems with a two-digit operand, the share a model answers by working the
+    columns (its completion, sampled at temperature 1, holds a ' , ' between column sums)."""
+    from ..engine import Engine, SamplingParams
+
+    task = get_task(RECIPE_TASK)
+    problems = [p for p in task.problems("test", n) if max(p.meta["a"], p.meta["b"]) >= 10]
+    engine = Engine(str(model_dir), fast=False)
+    results = engine.generate([task.prompt(p) for p in problems],
+                              [SamplingParams(max_tokens=max_new_tokens, temperature=1.0, seed=seed + i)
+                               for i in range(len(problems))])
+    return sum(" , " in r.text for r in results) / max(1, len(results))
+
+
 def run_r1_zero(out: str | Path, quick: bool = False, show_progress: bool = True,
                 settings: RecipeSettings | None = None) -> dict:
     from ..train import TrainConfig, Trainer
@@ -112,18 +130,24 @@ def run_r1_zero(out: str | Path, quick: bool = False, show_progress: bool = True
     t_total = time.perf_counter() - t0
     evals = [r for r in _records(out / "grpo") if "test_acc_sampled" in r]
     before, after = evals[0], evals[-1]
+    shares = [worked_share(d, s.eval_problems, s.max_new_tokens) for d in (base_dir, out / "grpo")]
+    lengths = [r["response_length"] for r in _records(out / "grpo") if "response_length" in r]
+    k = max(1, len(lengths) // 10)
     report = (
         "# R1-Zero recipe result\n\n"
         f"Task `{RECIPE_TASK}` (held-out: {cfg.eval_problems} fixed test problems never seen in training). "
         f"Base model: `tiny` pretrained {s.base_steps} steps x {s.base_batch} x {s.base_seq_len} tokens on "
-        f"{s.base_examples} worked problems ({t_base / 60:.1f} min this run). GRPO: {cfg.steps} steps x "
+        f"{s.base_examples} solved problems ({s.worked_fraction:.0%} worked) ({t_base / 60:.1f} min this run). GRPO: {cfg.steps} steps x "
         f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples, lr {cfg.lr}. "
         f"Total wall time {t_total / 60:.1f} min.\n\n"
         f"| held-out accuracy | base | after GRPO | change |\n|---|---|---|---|\n"
         f"| sampled, temperature 1 | {before['test_acc_sampled']:.3f} | {after['test_acc_sampled']:.3f} | "
         f"{100 * (after['test_acc_sampled'] - before['test_acc_sampled']):+.1f} pts |\n"
         f"| greedy | {before['test_acc_greedy']:.3f} | {after['test_acc_greedy']:.3f} | "
-        f"{100 * (after['test_acc_greedy'] - before['test_acc_greedy']):+.1f} pts |\n\n"
+        f"{100 * (after['test_acc_greedy'] - before['test_acc_greedy']):+.1f} pts |\n"
+        f"| two-digit problems worked column by column (sampled) | {shares[0]:.3f} | {shares[1]:.3f} | |\n"
+        f"| mean response length, first / last {k} GRPO steps (tokens) | {sum(lengths[:k]) / k:.1f} | "
+        f"{sum(lengths[-k:]) / k:.1f} | |\n\n"
         "![reward, response length and held-out accuracy](grpo/grpo.png)\n"
     )
     (out / "report.md").write_text(report, encoding="utf-8")
