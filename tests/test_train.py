@@ -206,3 +206,14 @@ def test_fp8_training_tracks_fp32(corpus, tmp_path):
     a, b = runs[False], runs[True]
     assert a != b  # quantization really happened
     assert all(abs(a[s] - b[s]) / a[s] < 0.03 for s in a), (a, b)
+
+
+def test_a_run_saved_before_add_bos_resumes_without_bos(tmp_path):
+    saved = TrainConfig(out_dir=str(tmp_path)).to_dict()
+    del saved["add_bos"]
+    (tmp_path / "train_config.json").write_text(json.dumps(saved))
+    assert TrainConfig.load(tmp_path / "train_config.json", missing={"add_bos": False}).add_bos is False
+    assert TrainConfig.load(tmp_path / "train_config.json").add_bos is True  # new runs: bos like the engine
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        TrainConfig.load(tmp_path / "bad.json")

@@ -35,7 +35,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.config:
         base = TrainConfig.load(args.config).to_dict()
     elif args.resume and (Path(args.out_dir or TrainConfig.out_dir) / "train_config.json").exists():
-        base = TrainConfig.load(Path(args.out_dir or TrainConfig.out_dir) / "train_config.json").to_dict()
+        # runs saved before `add_bos` existed trained without bos: resume them as they were
+        base = TrainConfig.load(Path(args.out_dir or TrainConfig.out_dir) / "train_config.json",
+                                missing={"add_bos": False}).to_dict()
     else:
         base = TrainConfig().to_dict()
     for f in dataclasses.fields(TrainConfig):

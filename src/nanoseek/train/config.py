@@ -107,8 +107,12 @@ class TrainConfig:
         return cls(**d).validate()
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path, missing: dict[str, Any] | None = None) -> "TrainConfig":
+        """Read a JSON config; `missing` gives values for fields the file does not have."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            d = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} must hold a JSON object of training options")
+        return cls.from_dict({**(missing or {}), **d})
