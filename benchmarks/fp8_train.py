@@ -51,16 +51,40 @@ def cmd_run(args) -> dict:
     n = 0
     if args.precision == "fp8":
         n = enable_fp8_training(trainer.model, backend=args.backend)
+        _ablate(args.ablate)
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t1
-    info = {"precision": args.precision, "fp8_modules": n, "backend": args.backend if n else None,
+    info = {"precision": args.precision, "fp8_modules": n, "ablate": args.ablate, "backend": args.backend if n else None,
             "setup_s": setup, "train_wall_s": wall, "threads": torch.get_num_threads(),
             "params": trainer.model.num_parameters(), "result": result}
     Path(args.out, "fp8_run.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info))
     return info
+
+
+def _ablate(mode: str) -> None:
+    """Switch parts of the emulated quantization off, to see what a difference comes from.
+
+    nograd: gradient tiles stay unquantized (Dgrad's dY, Wgrad's dY); noquant: nothing is quantized,
+    so the run takes the FP8Linear code path (FP32 GEMMs) with exact inputs: the control that
+    separates E4M3 rounding from the path itself. Emulation backend only.
+    """
+    import nanoseek.fp8_linear as fl
+
+    if mode == "none":
+        return
+    quantize_tiles = fl.fake_quantize_tiles
+    if mode == "nograd":
+        # the FP8 linear quantizes gradients with eps=grad_eps (0.0), activations with act_eps (> 0)
+        fl.fake_quantize_tiles = lambda t, power_of_two=False, eps=1e-4: (
+            t.float() if eps == fl.DEFAULT_RECIPE.grad_eps else quantize_tiles(t, power_of_two=power_of_two, eps=eps))
+    elif mode == "noquant":
+        fl.fake_quantize_tiles = lambda t, power_of_two=False, eps=1e-4: t.float()
+        fl.fake_quantize_blockwise = lambda w, power_of_two=False: w.float()
+    else:
+        raise SystemExit(f"--ablate: unknown mode {mode!r}")
 
 
 def _curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -284,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="bf16: bf16 autocast; fp8: bf16 autocast + FP8 GEMMs; fp32: no autocast (a noise floor)")
     r.add_argument("--out", required=True)
     r.add_argument("--tokenizer")
+    r.add_argument("--ablate", choices=["none", "nograd", "noquant"], default="none",
+                   help="with --precision fp8 (emulation): leave gradients (nograd) or everything (noquant) unquantized")
     r.set_defaults(fn=cmd_run)
 
     c = sub.add_parser("compare", help="compare two finished runs")
