@@ -68,3 +68,30 @@ def test_group_limit_respected():
     _, idx, _ = route(logits, torch.zeros(16), cfg)
     groups_used = (idx // 4).unique(dim=None, sorted=False) if False else [set((row // 4).tolist()) for row in idx]
     assert all(len(gs) <= 2 for gs in groups_used)
+
+
+def test_few_token_expert_path_is_bitwise_the_grouped_path(monkeypatch):
+    # decode and speculative verification (<= FEW_TOKENS rows, no grad) skip the sort/gather/scatter;
+    # the numbers must be the grouped path's exactly, in fp32 and in bf16
+    from nanoseek.model.moe import Experts
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", num_experts_per_tok=3)  # three experts a token: the summation order matters
+    for dtype in (torch.float32, torch.bfloat16):
+        experts = Experts(cfg).to(dtype)
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        for N in range(2, Experts.FEW_TOKENS + 1):  # (one token always takes the few path)
+            for trial in range(20):
+                x = torch.randn(N, cfg.hidden_size, dtype=dtype)
+                idx = torch.stack([torch.randperm(cfg.n_routed_experts)[: cfg.num_experts_per_tok] for _ in range(N)])
+                if trial % 3 == 0:
+                    idx[:] = idx[0]  # every row picks the same experts: the in-order slice case
+                weights = torch.rand(N, cfg.num_experts_per_tok)
+                with torch.no_grad():
+                    few, counts = experts(x, idx, weights)
+                    monkeypatch.setattr(Experts, "FEW_TOKENS", 0)
+                    grouped, counts_g = experts(x, idx, weights)
+                    monkeypatch.undo()
+                assert torch.equal(counts, counts_g)
+                assert few.dtype == grouped.dtype and torch.equal(few, grouped), (dtype, N, trial)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cast_cache import cast_cached
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -140,16 +141,7 @@ class MLA(nn.Module):
         Under no-grad a converted copy is kept while the weight is unchanged (same version counter
         and storage), so a bf16 model's fp32 attention core does not re-convert it every step.
         """
-        w = self.kv_b_proj.weight
-        if w.dtype != dtype and not torch.is_grad_enabled():
-            key = (w._version, w.data_ptr(), w.dtype, dtype)
-            cached = self.__dict__.get("_absorbed_cache")
-            if cached is None or cached[0] != key:
-                cached = (key, w.detach().to(dtype))
-                self.__dict__["_absorbed_cache"] = cached
-            w = cached[1]
-        else:
-            w = w.to(dtype)
+        w = cast_cached(self, "_absorbed_cache", self.kv_b_proj.weight, dtype)
         w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim:]
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cast_cache import cast_cached
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,15 +84,7 @@ class Gate(nn.Module):
     def _fp32_weight(self) -> torch.Tensor:
         """The router weight in fp32; under no-grad a bf16/fp16 model keeps the converted copy while
         the weight is unchanged (same version counter and storage) instead of converting per call."""
-        w = self.weight
-        if w.dtype == torch.float32 or torch.is_grad_enabled():
-            return w.float()
-        key = (w._version, w.data_ptr(), w.dtype)
-        cached = self.__dict__.get("_fp32_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, w.detach().float())
-            self.__dict__["_fp32_cache"] = cached
-        return cached[1]
+        return cast_cached(self, "_fp32_cache", self.weight, torch.float32)
 
     def _apply(self, fn, recurse=True):
         # The correction bias stays fp32 under model.to(bf16): its +-0.001 steps vanish in bf16.
@@ -146,7 +139,6 @@ class Experts(nn.Module):
         out = x.new_zeros(x.shape, dtype=ys.dtype).index_add_(0, token_of, ys)
         return out, counts
 
-
     def _forward_few(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The grouped computation below for a few tokens, without its sort, gather and scatter ops.
 
@@ -166,26 +158,23 @@ class Experts(nn.Module):
                 rows_of.setdefault(e, []).append((t, j))
         acc: list[torch.Tensor | None] = [None] * N
         for e in sorted(rows_of):
-            rows = rows_of[e]
-            if len(rows) == 1:
-                t, j = rows[0]
-                y = self.expert_ffn(e, x[t:t + 1] if N > 1 else x)
-                if w is None:
-                    w = weights.to(y.dtype)
-                y = y * w[t, j]
-                acc[t] = y if acc[t] is None else acc[t].float() + y.float()
-                continue
-            ts = [t for t, _ in rows]
-            xs = x if ts == list(range(N)) else x[torch.tensor(ts, device=x.device)]
+            ts = [t for t, _ in rows_of[e]]
+            js = [j for _, j in rows_of[e]]
+            # a lone row or all rows in order are slices; only other subsets need a gather
+            if len(ts) == 1 or ts == list(range(N)):
+                xs = x[ts[0]:ts[0] + len(ts)]
+            else:
+                xs = x[torch.tensor(ts, device=x.device)]
             y = self.expert_ffn(e, xs)
             if w is None:
                 w = weights.to(y.dtype)
-            y = y * w[ts, [j for _, j in rows]].unsqueeze(-1)
+            y = y * (w[ts[0], js[0]] if len(ts) == 1 else w[ts, js].unsqueeze(-1))
             for i, t in enumerate(ts):
                 acc[t] = y[i:i + 1] if acc[t] is None else acc[t].float() + y[i:i + 1].float()
         dtype = y.dtype
         out = acc[0] if N == 1 else torch.cat(acc)
         return out.to(dtype), counts
+
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:

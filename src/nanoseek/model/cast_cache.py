@@ -1,0 +1,26 @@
+"""A weight converted to another dtype, kept while the weight is unchanged.
+
+Inference of a bf16 model on CPU runs a few small pieces in fp32 (the router, MLA's absorbed
+attention core). Converting their weights on every decode step costs more than the step's own
+arithmetic, so under no-grad the converted copy is cached on the module, keyed by the weight's
+version counter and storage: an optimizer step (in-place) or a reload invalidates it, as in GRPO,
+where the same model is trained and sampled in turn. With grad enabled it always converts, so
+autograd sees the conversion.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def cast_cached(owner: nn.Module, slot: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`w.to(dtype)`, cached in `owner.__dict__[slot]` under no-grad while `w` is unchanged."""
+    if w.dtype == dtype or torch.is_grad_enabled():
+        return w.to(dtype)
+    key = (w._version, w.data_ptr(), w.dtype, dtype)
+    cached = owner.__dict__.get(slot)
+    if cached is None or cached[0] != key:
+        cached = (key, w.detach().to(dtype))
+        owner.__dict__[slot] = cached  # a plain attribute: not a buffer, never saved or moved
+    return cached[1]
