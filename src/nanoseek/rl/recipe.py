@@ -105,7 +105,7 @@ def run_r1_zero(out: str | Path, quick: bool = False, show_progress: bool = True
                 settings: RecipeSettings | None = None) -> dict:
     from ..train import TrainConfig, Trainer
     from ..train.state import list_checkpoints
-    from .grpo import GRPOConfig, GRPOTrainer
+    from .grpo import GRPOConfig, GRPOTrainer, read_records
 
     s = settings or (QUICK if quick else FULL)
     out = Path(out)
@@ -128,10 +128,11 @@ def run_r1_zero(out: str | Path, quick: bool = False, show_progress: bool = True
     trainer = GRPOTrainer(cfg, resume=bool(list_checkpoints(out / "grpo")), show_progress=show_progress)
     history = trainer.fit()
     t_total = time.perf_counter() - t0
-    evals = [r for r in _records(out / "grpo") if "test_acc_sampled" in r]
+    records = read_records(out / "grpo")  # the whole run, also the steps before a resume
+    evals = [r for r in records if "test_acc_sampled" in r]
     before, after = evals[0], evals[-1]
     shares = [worked_share(d, s.eval_problems, s.max_new_tokens) for d in (base_dir, out / "grpo")]
-    lengths = [r["response_length"] for r in _records(out / "grpo") if "response_length" in r]
+    lengths = [r["response_length"] for r in records if "response_length" in r]
     k = max(1, len(lengths) // 10)
     report = (
         "# R1-Zero recipe result\n\n"
@@ -154,8 +155,3 @@ def run_r1_zero(out: str | Path, quick: bool = False, show_progress: bool = True
     (out / "report.md").write_text(report, encoding="utf-8")
     return {"before": before, "after": after, "minutes": t_total / 60, "history": history, "report": report}
 
-
-def _records(run_dir: Path) -> list[dict]:
-    from .grpo import read_records
-
-    return read_records(run_dir)
