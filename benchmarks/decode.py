@@ -3,6 +3,7 @@
     python3 benchmarks/decode.py                       # the full table (about 5-10 minutes on 2 cores)
     python3 benchmarks/decode.py --quick               # batch 1 fp32 only, shorter
     python3 benchmarks/decode.py --mtp RUN_DIR         # add MTP speculation on a trained model
+    python3 benchmarks/decode.py --compile             # nanoseek with Engine(compile=True)
 
 The model is the `bench` preset (6 layers, hidden 512, 32 experts top-4; 23.1M activated params),
 built with random weights by transformers itself and written with `save_pretrained`; nanoseek loads
@@ -212,12 +213,13 @@ def main() -> int:
     ap.add_argument("--quiet-below", type=float, default=None, metavar="X",
                     help="before each timed call wait until other processes use less than X of the CPUs (0..1)")
     ap.add_argument("--quiet-timeout", type=float, default=300.0)
+    ap.add_argument("--compile", action="store_true", help="nanoseek with Engine(compile=True) (compile time excluded)")
     ap.add_argument("--json", type=Path, default=None, help="also write all numbers here")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     QUIET.update(max_busy=args.quiet_below, timeout=args.quiet_timeout)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average at start {load_avg()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, nanoseek compile={args.compile}, load average at start {load_avg()}")
     ckpt = make_checkpoint(args.ckpt)
     cfg = preset("bench")
     s = summarize(cfg)
@@ -232,11 +234,11 @@ def main() -> int:
         cases, args.no_long = [], True
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     g = torch.Generator().manual_seed(0)
-    report = {"threads": args.threads, "copy_bandwidth_GBps": bw / 1e9, "cases": []}
+    report = {"threads": args.threads, "compile": args.compile, "copy_bandwidth_GBps": bw / 1e9, "cases": []}
     rows = []
     for dname, B in cases:
         dt = dtypes[dname]
-        hf, ns = HF(ckpt, dt), NS(ckpt, dt)
+        hf, ns = HF(ckpt, dt), NS(ckpt, dt, compile=args.compile)
         ids = torch.randint(0, cfg.vocab_size, (B, args.prompt), generator=g)
         r = measure([hf, ns], ids, args.new, args.rounds)
         esize = torch.empty(0, dtype=dt).element_size()
@@ -254,7 +256,7 @@ def main() -> int:
         P = args.long - args.new
         for dname in ("fp32", "bf16"):
             dt = dtypes[dname]
-            hf, ns = HF(ckpt, dt), NS(ckpt, dt)
+            hf, ns = HF(ckpt, dt), NS(ckpt, dt, compile=args.compile)
             ids = torch.randint(0, cfg.vocab_size, (1, P), generator=g)
             r = measure([hf, ns], ids, args.new, 1)
             r.update(dtype=dname, batch=1, prompt=P, new=args.new, long_context=True)
@@ -286,7 +288,7 @@ def mtp_case(args, ckpt: Path) -> dict:
     random `bench` preset with its (random) MTP module (transformers' checkpoint has no MTP weights).
     Greedy (k = 0, 1, 2; outputs must be identical) and sampled at temperature 0.8 (k = 0, 1)."""
     directory = args.mtp or "bench"
-    ns = NS(directory, torch.float32)
+    ns = NS(directory, torch.float32, compile=args.compile)
     eng = ns.engine
     if args.mtp_prompt_file is not None:
         ids = torch.tensor([eng.encode(args.mtp_prompt_file.read_text())[-args.prompt:]])
@@ -297,7 +299,7 @@ def mtp_case(args, ckpt: Path) -> dict:
         if k and eng.config.num_nextn_predict_layers < 1:
             continue
         kw = dict(max_tokens=args.new, temperature=temp, ignore_eos=True, speculative=k, seed=0)
-        eng.generate(ids.tolist(), **{**kw, "max_tokens": 4})  # warm-up
+        eng.generate(ids.tolist(), **{**kw, "max_tokens": 24 if args.compile else 4})  # warm-up (compiles every step shape)
         best = None
         for _ in range(args.rounds):
             wait_quiet()

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..model import DeepseekV3ForCausalLM, LatentCache
+from ..model.transformer import gather_positions
 from .sampling import LogitsProcessor, SamplingError, SamplingParams, make_params, raw_logprobs
 from .speculative import mtp_next_tokens, speculative_accept
 
@@ -185,7 +186,7 @@ class Engine:
     model: a model object, a preset name, a model directory (Hugging Face layout, FP8 included) or
     a Hub id. tokenizer: "auto" (the directory's tokenizer.json, if any), None, a path, or an object
     with encode/decode/eos_id. fast: use oneDNN-prepacked weights on CPU (see fastpath.py).
-    compile: torch.compile the decode pieces (experimental, see docs/engine.md).
+    compile: compile each decode step whole with torch.compile (see compiled.py, docs/engine.md).
     """
 
     def __init__(self, model: DeepseekV3ForCausalLM | str | os.PathLike, *, dtype: str | torch.dtype | None = None,
@@ -227,11 +228,11 @@ class Engine:
 
         unpack(self.model)  # one model, one fast path: the newest engine's choice wins
         self.packed = PackedModel(self.model) if fast and self.device.type == "cpu" else None
-        self.compiled = False
+        self.compiled = None
         if compile:
-            from .compiled import compile_decode
+            from .compiled import CompiledDecode
 
-            self.compiled = compile_decode(self.model)
+            self.compiled = CompiledDecode(self.model)
         self.last_stats = GenerationStats()
 
     # -- tokenizer ------------------------------------------------------------------------------
@@ -427,11 +428,26 @@ class Engine:
             yield [c for c in (r.chunk() for r in live) if c is not None]
         stats.decode_s = time.perf_counter() - t0
 
+    def _forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache,
+                 hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, final hidden states or None) of a decode-time forward: compiled when it can be."""
+        if self.compiled is not None and self.compiled.usable(ids, start_pos):
+            return self.compiled.forward(ids, start_pos, cache)
+        out = self.model(ids, start_pos=start_pos, cache=cache, return_hidden=hidden)
+        return out.logits, out.hidden_states
+
+    def _mtp_step(self, next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor,
+                  cache: LatentCache, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`model.mtp_step(0, ...)` at decode time: compiled when it can be."""
+        if self.compiled is not None and self.compiled.usable(next_tokens, start_pos):
+            h, logits = self.compiled.mtp_step(next_tokens, hidden, start_pos, cache)
+            return h, gather_positions(logits, logits_at)
+        return self.model.mtp_step(0, next_tokens, hidden, start_pos=start_pos, cache=cache, logits_at=logits_at)
+
     def _plain_step(self, live: list, proc: LogitsProcessor, last: torch.Tensor, n: torch.Tensor,
                     cache: LatentCache, want_lp: bool, stats: GenerationStats) -> tuple[torch.Tensor, torch.Tensor]:
         """One ordinary decode step for every live row; returns the new (n, last)."""
-        start = _start(n)
-        logits = self.model(last[:, None], start_pos=start, cache=cache).logits[:, -1]
+        logits = self._forward(last[:, None], _start(n), cache)[0][:, -1]
         tok = proc.sample(logits)
         zeros = torch.zeros(len(live), dtype=torch.long, device=self.device)
         self._emit(live, proc, tok[:, None], zeros, logits[:, None], want_lp, stats)
@@ -442,17 +458,16 @@ class Engine:
                      stats: GenerationStats):
         """One speculative step: verify `last` + k drafts in one forward, emit the accepted tokens,
         then draft the next k from the MTP module. Returns the new (n, last, drafts, q)."""
-        model, B = self.model, len(live)
-        out = model(torch.cat((last[:, None], drafts), dim=1), start_pos=_start(n), cache=cache, return_hidden=True)
-        n_acc, toks = speculative_accept(out.logits, drafts, q, proc)
+        B = len(live)
+        logits, hidden = self._forward(torch.cat((last[:, None], drafts), dim=1), _start(n), cache, hidden=True)
+        n_acc, toks = speculative_accept(logits, drafts, q, proc)
         stats.drafted += B * k
         stats.accepted += int(n_acc.sum())
-        self._emit(live, proc, toks, n_acc, out.logits, want_lp, stats)
+        self._emit(live, proc, toks, n_acc, logits, want_lp, stats)
         new_last = toks.gather(1, n_acc[:, None])[:, 0]
         A = int(n_acc.max()) + 1
         nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
-        h_mtp, mtp_logits = model.mtp_step(0, nt, out.hidden_states[:, :A], start_pos=_start(n), cache=cache,
-                                           logits_at=n_acc)
+        h_mtp, mtp_logits = self._mtp_step(nt, hidden[:, :A], _start(n), cache, logits_at=n_acc)
         n = n + n_acc + 1
         h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
         drafts, q = self._draft(proc, h_last, mtp_logits, n, cache, k)
@@ -474,7 +489,7 @@ class Engine:
                 qs.append(qj)
             drafts.append(d)
             if j + 1 < k:
-                h, logits = self.model.mtp_step(0, d[:, None], h, start_pos=_start(n_next + j), cache=cache)
+                h, logits = self._mtp_step(d[:, None], h, _start(n_next + j), cache)
                 logits = logits[:, -1]
         q = torch.stack(qs, dim=1) if qs else None
         return torch.stack(drafts, dim=1), q

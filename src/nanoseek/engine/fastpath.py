@@ -16,7 +16,8 @@ packed product is used only when it is valid:
 * the weight has not changed since packing (its version counter and storage are checked on every
   call; `PackedModel.refresh()` repacks what an optimizer step changed, the engine calls it at
   the start of every generate);
-* the input has the weight's dtype (no autocast mixing).
+* the input has the weight's dtype (no autocast mixing);
+* not inside `torch.compile` (its own freezing pass packs the weights it sees as constants).
 
 Otherwise the call falls through to the plain `F.linear`: the reference path stays, and
 `tests/test_engine.py` checks that both agree. Nothing here runs on other devices.
@@ -198,7 +199,7 @@ class _PackedPair:
 
 def _packed_mlp_forward(m: MLP, pair: _PackedPair, x: torch.Tensor) -> torch.Tensor:
     g, u = m.gate_proj.weight, m.up_proj.weight
-    if (torch.is_grad_enabled() and (g.requires_grad or x.requires_grad)) or x.dtype != pair.dtype \
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (g.requires_grad or x.requires_grad)) or x.dtype != pair.dtype \
             or not pair.fresh(g, u) or prefer_plain(g, x):
         return MLP.forward(m, x)
     gate, up = _linear(x, pair.packed, None).chunk(2, dim=-1)
@@ -207,13 +208,15 @@ def _packed_mlp_forward(m: MLP, pair: _PackedPair, x: torch.Tensor) -> torch.Ten
 
 def _packed_linear_forward(m: nn.Linear, entry: _Packed, x: torch.Tensor) -> torch.Tensor:
     w = m.weight
-    if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or x.dtype != entry.dtype \
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or x.dtype != entry.dtype \
             or not entry.fresh(w) or prefer_plain(w, x):
         return F.linear(x, w, m.bias)
     return _linear(x, entry.packed, m.bias)
 
 
 def _packed_expert_ffn(m: Experts, entries: list[tuple[_Packed, _Packed]], e: int, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return Experts.expert_ffn(m, e, x)
     gu, dn = entries[e]
     if (torch.is_grad_enabled() and (m.gate_up_proj.requires_grad or x.requires_grad)) or x.dtype != gu.dtype \
             or not gu.fresh(m.gate_up_proj) or not dn.fresh(m.down_proj):

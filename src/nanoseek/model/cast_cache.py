@@ -5,7 +5,8 @@ attention core). Converting their weights on every decode step costs more than t
 arithmetic, so under no-grad the converted copy is cached on the module, keyed by the weight's
 version counter and storage: an optimizer step (in-place) or a reload invalidates it, as in GRPO,
 where the same model is trained and sampled in turn. With grad enabled it always converts, so
-autograd sees the conversion.
+autograd sees the conversion. Inside `torch.compile` it converts in the graph too (with frozen
+weights the conversion is folded into a constant at compile time).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 def cast_cached(owner: nn.Module, slot: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`w.to(dtype)`, cached in `owner.__dict__[slot]` under no-grad while `w` is unchanged."""
-    if w.dtype == dtype or torch.is_grad_enabled():
+    if w.dtype == dtype or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return w.to(dtype)
     key = (w._version, w.data_ptr(), w.dtype, dtype)
     cached = owner.__dict__.get(slot)

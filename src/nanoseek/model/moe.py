@@ -119,6 +119,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], idx/weights [N, k] -> (output [N, H], tokens per expert [E])."""
         N, k = idx.shape
+        if torch.compiler.is_compiling() and N <= self.FEW_TOKENS and not torch.is_grad_enabled():
+            return self._forward_traced(x, idx, weights)
         if N == 1 or (N <= self.FEW_TOKENS and not torch.is_grad_enabled()):
             return self._forward_few(x, idx, weights)
         flat = idx.reshape(-1)
@@ -174,6 +176,33 @@ class Experts(nn.Module):
         dtype = y.dtype
         out = acc[0] if N == 1 else torch.cat(acc)
         return out.to(dtype), counts
+
+
+    def _forward_traced(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_forward_few` in a form `torch.compile(fullgraph=True)` can trace (the engine's compiled decode step).
+
+        Each expert index becomes a graph scalar (`.item()`), so `gate_up_proj[e]` is a view of
+        that one expert's weights: the step still reads only the chosen experts, with no Python
+        in between. Same summation order as `_forward_few` (per token, ascending expert, fp32);
+        an expert chosen by several tokens runs once per token rather than once on all of them.
+        """
+        N, k = idx.shape
+        order, perm = idx.sort(dim=-1)
+        w = weights.gather(1, perm)
+        rows = []
+        for t in range(N):
+            acc = None
+            for j in range(k):
+                e = order[t, j].item()
+                torch._check(e >= 0)
+                torch._check(e < self.n_experts)
+                y = self.expert_ffn(e, x[t:t + 1])
+                y = y * w[t, j].to(y.dtype)
+                acc = y if acc is None else acc.float() + y.float()
+            rows.append(acc.to(y.dtype))
+        flat = idx.reshape(-1)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+        return torch.cat(rows) if N > 1 else rows[0], counts
 
 
 class MoE(nn.Module):
