@@ -329,4 +329,8 @@ def test_compiled_decode_equals_eager_decode():
     assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) < TOL
     spec = comp.generate(prompt, **kw, speculative=1)
     assert spec.token_ids == ref.token_ids and comp.last_stats.drafted > 0
+    # two rows of the same length: one int position, so the batch runs compiled too (expert
+    # dispatch per token inside the graph)
+    pair = [prompt, [9, 8, 7, 6, 5, 4]]
+    assert [r.token_ids for r in comp.generate(pair, **kw)] == [r.token_ids for r in eager.generate(pair, **kw)]
     assert comp.compiled.failed is None

@@ -6,18 +6,18 @@ streams weights at only 7-10 GB/s. Compiling the *whole* step into one graph fix
 
 * no Python between ops: Inductor fuses the element-wise work (norms, RoPE, SiLU x up, softmax)
   into generated C++ loops;
-* matrix products with at most `Experts.FEW_TOKENS` rows are rewritten as multiply-and-sum
+* matrix products with at most `Experts.TRACED_MAX_TOKENS` (8) rows are rewritten as multiply-and-sum
   reductions (Inductor's `decompose_mm_pass`, enabled here for CPU), which Inductor turns into
   one vectorized, multi-threaded loop per weight: 12-25 GB/s instead of MKL's 7-10 (measured,
   docs/engine.md);
-* the routed experts: at <= FEW_TOKENS tokens the MoE runs `Experts._forward_traced`, where each
+* the routed experts: at <= TRACED_MAX_TOKENS tokens the MoE runs `Experts._forward_traced`, where each
   chosen expert index is a graph scalar (`.item()`), so `gate_up_proj[e]` is a view and the step
   still reads only the chosen experts' weights;
 * the cache position is a Python int, traced as a symbolic size (`dynamic=True`): one graph
   serves every position and cache length.
 
 Weights stay graph inputs (no freezing), so a model trained between generate calls is read as it
-is. Only int-position steps of up to FEW_TOKENS tokens (batch-1 decode, speculative verification
+is. Only int-position steps of up to TRACED_MAX_TOKENS tokens (batch-1 decode, speculative verification
 and MTP drafting, small batches of equal lengths) are compiled; anything else, and everything
 after a compile failure (no C++ compiler, an unsupported op), runs the eager path, with one
 warning. The first step of each new shape (batch size, tokens per step) compiles for 30-60 s on a
@@ -37,7 +37,7 @@ from ..model.moe import Experts
 
 
 def _small_matmuls_as_reductions() -> dict:
-    """Inductor options that rewrite CPU matmuls of <= FEW_TOKENS rows as multiply-sum reductions.
+    """Inductor options that rewrite CPU matmuls of <= TRACED_MAX_TOKENS rows as multiply-sum reductions.
 
     The pass reads its CPU size limits from module globals (set from the config at import), so
     they are set here too; other compiled graphs are affected only for matmuls that small.
@@ -45,12 +45,12 @@ def _small_matmuls_as_reductions() -> dict:
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm as mm_pass
 
-        mm_pass.cpu_max_first_dimension_decomposition = Experts.FEW_TOKENS
+        mm_pass.cpu_max_first_dimension_decomposition = Experts.TRACED_MAX_TOKENS
         mm_pass.cpu_max_other_dimension_decomposition = 1 << 30
     except (ImportError, AttributeError):  # another torch version: compile without the rewrite
         return {}
     return {"post_grad_fusion_options": {"decompose_mm_pass": {
-        "cpu_max_first_dimension_decomposition": Experts.FEW_TOKENS,
+        "cpu_max_first_dimension_decomposition": Experts.TRACED_MAX_TOKENS,
         "cpu_max_other_dimension_decomposition": 1 << 30,
         "skip_dynamic_shape_dim_check": True}}}
 
@@ -84,7 +84,7 @@ class CompiledDecode:
         self._mtp = torch.compile(_fresh(mtp), **opts)
 
     def usable(self, ids: torch.Tensor, start_pos: int | torch.Tensor) -> bool:
-        return self.failed is None and isinstance(start_pos, int) and ids.numel() <= Experts.FEW_TOKENS
+        return self.failed is None and isinstance(start_pos, int) and ids.numel() <= Experts.TRACED_MAX_TOKENS
 
     def _call(self, fn, eager, *args):
         if self.failed is None:

@@ -440,7 +440,8 @@ class Engine:
                   cache: LatentCache, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`model.mtp_step(0, ...)` at decode time: compiled when it can be."""
         if self.compiled is not None and self.compiled.usable(next_tokens, start_pos):
-            h, logits = self.compiled.mtp_step(next_tokens, hidden, start_pos, cache)
+            # contiguous: a sliced `hidden` would make the compiled graph's stride guards recompile
+            h, logits = self.compiled.mtp_step(next_tokens, hidden.contiguous(), start_pos, cache)
             return h, gather_positions(logits, logits_at)
         return self.model.mtp_step(0, next_tokens, hidden, start_pos=start_pos, cache=cache, logits_at=logits_at)
 

@@ -115,11 +115,14 @@ class Experts(nn.Module):
 
     # Up to this many tokens (decode at small batch, speculative verification) run `_forward_few`.
     FEW_TOKENS = 4
+    # Up to this many tokens, code being traced by torch.compile (the engine's compiled decode
+    # step) runs `_forward_traced`.
+    TRACED_MAX_TOKENS = 8
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], idx/weights [N, k] -> (output [N, H], tokens per expert [E])."""
         N, k = idx.shape
-        if torch.compiler.is_compiling() and N <= self.FEW_TOKENS and not torch.is_grad_enabled():
+        if torch.compiler.is_compiling() and N <= self.TRACED_MAX_TOKENS and not torch.is_grad_enabled():
             return self._forward_traced(x, idx, weights)
         if N == 1 or (N <= self.FEW_TOKENS and not torch.is_grad_enabled()):
             return self._forward_few(x, idx, weights)
