@@ -34,7 +34,8 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: 
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, metavar="STRING", help="stop string (repeatable)")
     add_model_flags(p)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode pieces (experimental)")
+    p.add_argument("--compile", action="store_true", help="compile each decode step whole with torch.compile: "
+                   "2-4x faster CPU decode after 30-60 s of compiling per batch shape (needs a C++ compiler)")
 
 
 def _params(args: argparse.Namespace, **extra):
@@ -180,7 +181,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, V, (args.batch, args.prompt_len), generator=g).tolist()
     kw = dict(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts, speculative=args.speculative, **{**kw, "max_tokens": 4})  # warm-up
+    # warm-up; with --compile it also compiles every step shape the timed run will see
+    engine.generate(prompts, speculative=args.speculative, **{**kw, "max_tokens": 24 if args.compile else 4})
     t = time.perf_counter()
     engine.generate(prompts, speculative=args.speculative, **kw)
     wall = time.perf_counter() - t
