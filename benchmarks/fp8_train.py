@@ -5,6 +5,7 @@ GEMMs and with BF16, then the relative difference of the final validation loss (
     python benchmarks/fp8_train.py run --precision fp8  --out runs/fp8val/fp8  ...
     python benchmarks/fp8_train.py compare runs/fp8val/bf16 runs/fp8val/fp8 --plot docs/fp8_loss.png
     python benchmarks/fp8_train.py all --out runs/fp8val --steps 300      # both runs (in parallel) + compare
+    python benchmarks/fp8_train.py seeds runs/fp8val-seed2 runs/fp8val-seed3 ... --plot docs/fp8_seeds.png
 
 Both runs use nanoseek's trainer (`nanoseek.train.Trainer`) with bf16 autocast: the BF16 run is
 the trainer as is; the FP8 run additionally switches the V3 FP8 layers to FP8 GEMMs
@@ -164,6 +165,61 @@ def cmd_compare(args) -> dict:
         rd = 100 * summary["rel_diff_reference"]
         print(f"reference ({args.reference_label}) {vr[-1][1]:.5f}: {rd:+.4f}% vs bf16")
     return summary
+
+
+def cmd_seeds(args) -> dict:
+    """Several seeds, each a directory holding a `bf16` and an `fp8` run: the per-seed relative
+    difference of the final validation loss, its mean and a 95% interval for the mean (Student t).
+    One seed's difference is dominated by how far two trajectories drift apart; the mean over
+    seeds is the estimate of what FP8 itself costs."""
+    rows = []
+    for root in map(Path, args.roots):
+        (_, va), (_, vb) = _curves(root / "bf16"), _curves(root / "fp8")
+        if not va or not vb:
+            raise SystemExit(f"{root}: needs finished bf16/ and fp8/ runs with validation losses")
+        cfg = json.loads((root / "fp8" / "train_config.json").read_text())
+        rows.append({"root": str(root), "seed": cfg.get("seed"), "bf16": va[-1][1], "fp8": vb[-1][1],
+                     "rel_diff": (vb[-1][1] - va[-1][1]) / va[-1][1], "curves": (va, vb)})
+    n = len(rows)
+    d = [r["rel_diff"] for r in rows]
+    mean = sum(d) / n
+    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 if n > 1 else float("nan")
+    t95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}.get(n - 1, 2.0)
+    half = t95 * sd / n ** 0.5
+    print("| seed | BF16 final val loss | FP8 | FP8 vs BF16 |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['bf16']:.4f} | {r['fp8']:.4f} | {100 * r['rel_diff']:+.2f}% |")
+    print(f"\nmean over {n} seeds {100 * mean:+.2f}%, seed-to-seed sd {100 * sd:.2f}%, "
+          f"95% interval for the mean [{100 * (mean - half):+.2f}%, {100 * (mean + half):+.2f}%]")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        per_step: dict[int, list[float]] = {}
+        for r in rows:
+            va, vb = r["curves"]
+            dv = dict(vb)
+            pts = [(s, 100 * (dv[s] - x) / x) for s, x in va if s in dv]
+            for s, y in pts:
+                per_step.setdefault(s, []).append(y)
+            ax.plot([s for s, _ in pts], [y for _, y in pts], "o-", ms=2, lw=1, alpha=0.6, label=f"seed {r['seed']}")
+        steps = sorted(k for k, v in per_step.items() if len(v) == n)
+        ax.plot(steps, [sum(per_step[s]) / n for s in steps], "k-", lw=2.5, label=f"mean of {n} seeds")
+        ax.axhspan(-0.25, 0.25, color="tab:green", alpha=0.15, label="V3 bound +-0.25%")
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("FP8 vs BF16 validation loss [%]")
+        ax.set_title(f"FP8 (emulated E4M3) vs BF16, same seed\nfinal: mean {100 * mean:+.2f}%, 95% interval +-{100 * half:.2f}%", fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=110)
+    for r in rows:
+        r.pop("curves")
+    return {"seeds": rows, "mean_rel_diff": mean, "sd": sd, "ci95": [mean - half, mean + half]}
 
 
 def _shared_tokenizer(args, root: Path) -> str:
@@ -328,6 +384,11 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--json")
     a.add_argument("--parallel", action="store_true", help="run both at once (use --threads 1 on 2 cores)")
     a.set_defaults(fn=cmd_all)
+
+    sd = sub.add_parser("seeds", help="mean FP8-vs-BF16 difference over several seeds (dirs with bf16/ and fp8/)")
+    sd.add_argument("roots", nargs="+")
+    sd.add_argument("--plot", default=None)
+    sd.set_defaults(fn=cmd_seeds)
 
     g = sub.add_parser("gpu", help="FP8 vs BF16 GEMM TFLOP/s and training step (needs an FP8 GPU)")
     g.add_argument("--gpu-preset", default="bench")
