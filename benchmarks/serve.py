@@ -52,6 +52,8 @@ def start_server(args, tok_dir: Path) -> tuple[subprocess.Popen, str]:
            "--max-queue", "256", "--seed", "0"]
     if args.speculative:
         cmd += ["--speculative"]
+    if args.compile:
+        cmd += ["--compile"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
     line = proc.stdout.readline()
     m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
@@ -101,12 +103,12 @@ def engine_baseline(args, vocab: int) -> dict[int, float]:
     from nanoseek.engine import Engine
 
     torch.set_num_threads(args.threads)
-    engine = Engine(args.model, seed=0)
+    engine = Engine(args.model, seed=0, compile=args.compile)
     rng = random.Random(0)
     out = {}
     for c in args.concurrency:
         prompts = [[rng.randrange(10, vocab) for _ in range(args.prompt_len)] for _ in range(c)]
-        engine.generate(prompts, max_tokens=4, temperature=0, ignore_eos=True)
+        engine.generate(prompts, max_tokens=16 if args.compile else 4, temperature=0, ignore_eos=True)
         t0 = time.perf_counter()
         engine.generate(prompts, max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
         out[c] = c * args.max_tokens / (time.perf_counter() - t0)
@@ -162,6 +164,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="server torch threads")
     p.add_argument("--rounds", type=int, default=3, help="requests per client at each level (at least 8 in all)")
     p.add_argument("--speculative", action="store_true")
+    p.add_argument("--compile", action="store_true", help="serve with --compile (warm-up compiles the step shapes)")
     p.add_argument("--engine-baseline", action="store_true",
                    help="first run Engine.generate with batch = each concurrency, in this process (no HTTP)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -176,7 +179,8 @@ def main() -> int:
         print(f"tokenizer: {vocab} tokens in {time.time() - t0:.1f} s", file=sys.stderr)
         proc, url = start_server(args, Path(tmp))
         try:
-            level(url, 2, 4, args.prompt_len, 8, vocab)  # warm-up
+            for c in ((1, 2, 8) if args.compile else (2,)):  # warm-up (with --compile: every step shape)
+                level(url, c, max(4, c), args.prompt_len, 8, vocab)
             rows = []
             for c in args.concurrency:
                 n = max(8, args.rounds * c)
@@ -188,7 +192,7 @@ def main() -> int:
             proc.terminate()
             proc.wait(10)
     base = rows[0]["tokens_per_s"]
-    print(f"\nnanoseek serve {args.model} ({args.threads} threads; prompt {args.prompt_len} tokens, output "
+    print(f"\nnanoseek serve {args.model}{' --compile' if args.compile else ''} ({args.threads} threads; prompt {args.prompt_len} tokens, output "
           f"{args.max_tokens} tokens, streaming /v1/completions; cpu_count {os.cpu_count()})\n")
     eng = " engine batch=C tok/s (x batch 1) |" if baseline else ""
     print("| concurrency | requests | output tok/s | x c=1 | latency p50 / p99 (s) | TTFT p50 / p99 (s) | ITL p50 (ms) "

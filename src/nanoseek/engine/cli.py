@@ -20,6 +20,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-fast", action="store_true", help="plain PyTorch linears (no oneDNN prepacking)")
+    p.add_argument("--compile", action="store_true", help="compile each decode step whole with torch.compile: "
+                   "2-4x faster CPU decode after 30-60 s of compiling per batch shape (needs a C++ compiler)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
@@ -34,8 +36,6 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: 
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, metavar="STRING", help="stop string (repeatable)")
     add_model_flags(p)
-    p.add_argument("--compile", action="store_true", help="compile each decode step whole with torch.compile: "
-                   "2-4x faster CPU decode after 30-60 s of compiling per batch shape (needs a C++ compiler)")
 
 
 def _params(args: argparse.Namespace, **extra):

@@ -13,15 +13,17 @@ streams weights at only 7-10 GB/s. Compiling the *whole* step into one graph fix
 * the routed experts: at <= TRACED_MAX_TOKENS tokens the MoE runs `Experts._forward_traced`, where each
   chosen expert index is a graph scalar (`.item()`), so `gate_up_proj[e]` is a view and the step
   still reads only the chosen experts' weights;
-* the cache position is a Python int, traced as a symbolic size (`dynamic=True`): one graph
-  serves every position and cache length.
+* the cache position is a Python int traced as a symbolic size (`dynamic=True`), or, for rows at
+  different positions (a server's batch), a tensor whose largest value becomes a graph scalar:
+  one graph serves every position and cache length.
 
 Weights stay graph inputs (no freezing), so a model trained between generate calls is read as it
-is. Only int-position steps of up to TRACED_MAX_TOKENS tokens (batch-1 decode, speculative verification
-and MTP drafting, small batches of equal lengths) are compiled; anything else, and everything
-after a compile failure (no C++ compiler, an unsupported op), runs the eager path, with one
-warning. The first step of each new shape (batch size, tokens per step) compiles for 30-60 s on a
-2-core CPU; Inductor caches the result on disk, so later processes start faster.
+is. Steps of up to TRACED_MAX_TOKENS tokens in all (batch-1 decode, speculative verification and
+MTP drafting, batches of up to 8 rows) are compiled; larger ones and prefill run the eager path,
+as does everything after a compile failure (no C++ compiler, an unsupported op), with one
+warning. The first step of each new shape (batch size, tokens per step, int or per-row positions)
+compiles for 20-60 s on a 2-core CPU; Inductor caches the result on disk, so later processes
+start faster.
 """
 
 from __future__ import annotations
@@ -72,19 +74,19 @@ class CompiledDecode:
     def _build(self) -> None:
         model = self.model
 
-        def forward(ids: torch.Tensor, start_pos: int, cache: LatentCache):
+        def forward(ids: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache):
             out = model(ids, start_pos=start_pos, cache=cache, return_hidden=True)
             return out.logits, out.hidden_states
 
-        def mtp(next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int, cache: LatentCache):
+        def mtp(next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache):
             return model.mtp_step(0, next_tokens, hidden, start_pos=start_pos, cache=cache)
 
         opts = {"dynamic": True, "fullgraph": True, "options": _small_matmuls_as_reductions()}
         self._forward = torch.compile(_fresh(forward), **opts)
         self._mtp = torch.compile(_fresh(mtp), **opts)
 
-    def usable(self, ids: torch.Tensor, start_pos: int | torch.Tensor) -> bool:
-        return self.failed is None and isinstance(start_pos, int) and ids.numel() <= Experts.TRACED_MAX_TOKENS
+    def usable(self, ids: torch.Tensor) -> bool:
+        return self.failed is None and ids.numel() <= Experts.TRACED_MAX_TOKENS
 
     def _call(self, fn, eager, *args):
         if self.failed is None:
@@ -96,14 +98,15 @@ class CompiledDecode:
                               RuntimeWarning, stacklevel=3)
         return eager(*args)
 
-    def forward(self, ids: torch.Tensor, start_pos: int, cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor,
+                cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B, T, vocab], final hidden states [B, T, hidden]) of the tokens ids at start_pos."""
         def eager(ids, start_pos, cache):
             out = self.model(ids, start_pos=start_pos, cache=cache, return_hidden=True)
             return out.logits, out.hidden_states
         return self._call(self._forward, eager, ids, start_pos, cache)
 
-    def mtp_step(self, next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int,
+    def mtp_step(self, next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor,
                  cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
         """`model.mtp_step(0, ...)` with logits at every position."""
         def eager(next_tokens, hidden, start_pos, cache):

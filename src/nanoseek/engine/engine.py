@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -431,7 +431,7 @@ class Engine:
     def _forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache,
                  hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, final hidden states or None) of a decode-time forward: compiled when it can be."""
-        if self.compiled is not None and self.compiled.usable(ids, start_pos):
+        if self.compiled is not None and self.compiled.usable(ids):
             return self.compiled.forward(ids, start_pos, cache)
         out = self.model(ids, start_pos=start_pos, cache=cache, return_hidden=hidden)
         return out.logits, out.hidden_states
@@ -439,7 +439,7 @@ class Engine:
     def _mtp_step(self, next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor,
                   cache: LatentCache, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`model.mtp_step(0, ...)` at decode time: compiled when it can be."""
-        if self.compiled is not None and self.compiled.usable(next_tokens, start_pos):
+        if self.compiled is not None and self.compiled.usable(next_tokens):
             # contiguous: a sliced `hidden` would make the compiled graph's stride guards recompile
             h, logits = self.compiled.mtp_step(next_tokens, hidden.contiguous(), start_pos, cache)
             return h, gather_positions(logits, logits_at)

@@ -108,7 +108,10 @@ class MLA(nn.Module):
             if isinstance(start_pos, torch.Tensor):
                 pos = start_pos.view(-1, 1) + torch.arange(T, device=layer.device)  # [B, T]
                 end = int(pos.max()) + 1
-                if end > cache.max_len:
+                if torch.compiler.is_compiling():  # a graph cannot raise on a data-dependent value
+                    torch._check(end >= T)
+                    torch._check(end <= cache.max_len)
+                elif end > cache.max_len:
                     raise ValueError(f"cache holds {cache.max_len} positions; cannot write position {end - 1}")
                 layer[torch.arange(B, device=layer.device)[:, None], pos] = latent
                 return self.forward_absorbed(q_nope, q_pe, layer[:, :end], pos)
