@@ -69,6 +69,9 @@ class CompiledDecode:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.failed: str | None = None
+        # Graphs per function: 1, 2, 3-4 and 5-8 rows (see Experts._forward_traced), each with int
+        # or per-row positions; dynamo's default limit of 8 would leave no room to spare.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         self._build()
 
     def _build(self) -> None:

@@ -188,12 +188,24 @@ class Experts(nn.Module):
         that one expert's weights: the step still reads only the chosen experts, with no Python
         in between. Same summation order as `_forward_few` (per token, ascending expert, fp32);
         an expert chosen by several tokens runs once per token rather than once on all of them.
+
+        The loop over tokens is unrolled in the graph, so its length must not be the token count
+        itself (one graph per batch size: a server's batch changes size all the time). It runs
+        over 1, 2, 4 or 8 slots instead; the extra slots repeat the last token, whose experts
+        were just read and are still in cache, and are dropped.
         """
         N, k = idx.shape
+        slots = next(s for s in (1, 2, 4, 8) if N <= s)  # a range guard on N, not its value
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            # append a fixed number of copies, then cut: a pad of `slots - N` rows would make the
+            # graph depend on whether that is 0 or 1 (one graph per batch size again)
+            return torch.cat((t, t[-1:].expand(slots, *t.shape[1:])))[:slots]
+
         order, perm = idx.sort(dim=-1)
-        w = weights.gather(1, perm)
+        x, order, w = padded(x), padded(order), padded(weights.gather(1, perm))
         rows = []
-        for t in range(N):
+        for t in range(slots):
             acc = None
             for j in range(k):
                 e = order[t, j].item()
@@ -205,7 +217,7 @@ class Experts(nn.Module):
             rows.append(acc.to(y.dtype))
         flat = idx.reshape(-1)
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
-        return torch.cat(rows) if N > 1 else rows[0], counts
+        return (torch.cat(rows)[:N] if slots > 1 else rows[0]), counts
 
 
 class MoE(nn.Module):
