@@ -309,6 +309,29 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
         return self.encode(text, add_bos=False)
 
+    def warm_up(self, max_batch: int = 8, speculative: int = 0) -> int:
+        """With `compile=True`: compile every decode-step shape now rather than at the first request
+        that needs it (a server calls this before it accepts requests). Each row-count bucket of
+        the compiled step (1, 2, 3-4, 5-8 rows) with one shared and with per-row positions, plus the
+        speculative shapes when `speculative` > 0. Returns how many generate calls it made (0
+        without compile). Takes minutes on a small CPU the first time; Inductor's disk cache makes
+        later starts faster."""
+        if self.compiled is None:
+            return 0
+        from ..model.moe import Experts
+
+        calls = 0
+        for b in (1, 2, 4, 8):
+            if b > min(max_batch, Experts.TRACED_MAX_TOKENS):
+                break
+            same = [[1 + i, 2, 3, 4] for i in range(b)]
+            mixed = [[1 + i] * (2 + i) for i in range(b)]
+            for prompts in ((same, mixed) if b > 1 else (same,)):
+                for k in sorted({0, speculative}):
+                    self.generate(prompts, max_tokens=6, temperature=0, ignore_eos=True, speculative=k)
+                    calls += 1
+        return calls
+
     def kv_cache_bytes_per_token(self, speculative: bool = False) -> int:
         """Latent cache bytes per token: layers x (kv_lora_rank + qk_rope_head_dim) x element size."""
         n = self.config.num_hidden_layers + (1 if speculative else 0)

@@ -55,6 +55,10 @@ def build(args: argparse.Namespace):
     model_thread = ModelThread()  # every torch call on one thread (see ModelThread)
     engine = model_thread.call(lambda: Engine(args.model, dtype=args.dtype, device=args.device, tokenizer=tokenizer,
                                               fast=not args.no_fast, compile=args.compile, seed=args.seed))
+    if args.compile:  # compile every decode shape before the first request, not during one
+        print("nanoseek serve: compiling the decode step for every batch shape (minutes the first time)...",
+              file=sys.stderr, flush=True)
+        model_thread.call(lambda: engine.warm_up(args.max_batch, args.speculative or 0))
     ctx = args.max_model_len or min(engine.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     if args.max_model_len is not None and not 2 <= args.max_model_len <= engine.config.max_position_embeddings:
         raise SystemExit(f"nanoseek serve: error: --max-model-len must be in [2, {engine.config.max_position_embeddings}]"
