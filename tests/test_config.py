@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-import nanoseek
 from nanoseek.config import ConfigError, ModelConfig, PRESETS, preset
 
 # The official deepseek-ai/DeepSeek-V3 config.json (the fields that matter), as published.
