@@ -44,17 +44,18 @@ def _small_matmuls_as_reductions() -> dict:
     The pass reads its CPU size limits from module globals (set from the config at import), so
     they are set here too; other compiled graphs are affected only for matmuls that small.
     """
+    limits = {"cpu_max_first_dimension_decomposition": Experts.TRACED_MAX_TOKENS,
+              "cpu_max_other_dimension_decomposition": 1 << 30}
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm as mm_pass
 
-        mm_pass.cpu_max_first_dimension_decomposition = Experts.TRACED_MAX_TOKENS
-        mm_pass.cpu_max_other_dimension_decomposition = 1 << 30
-    except (ImportError, AttributeError):  # another torch version: compile without the rewrite
+        for name, value in limits.items():
+            if not hasattr(mm_pass, name):
+                return {}  # another torch version: compile without the rewrite
+            setattr(mm_pass, name, value)
+    except ImportError:
         return {}
-    return {"post_grad_fusion_options": {"decompose_mm_pass": {
-        "cpu_max_first_dimension_decomposition": Experts.TRACED_MAX_TOKENS,
-        "cpu_max_other_dimension_decomposition": 1 << 30,
-        "skip_dynamic_shape_dim_check": True}}}
+    return {"post_grad_fusion_options": {"decompose_mm_pass": {**limits, "skip_dynamic_shape_dim_check": True}}}
 
 
 def _fresh(fn):
@@ -64,18 +65,14 @@ def _fresh(fn):
 
 
 class CompiledDecode:
-    """Compiled `model(ids, start_pos, cache)` and MTP-step callables with an eager fallback."""
+    """Compiled `model(ids, start_pos, cache)` and MTP-step callables. Each returns None once
+    compiling has failed (warned once): the engine then runs its own eager path."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
         self.failed: str | None = None
         # Graphs per function: 1, 2, 3-4 and 5-8 rows (see Experts._forward_traced), each with int
         # or per-row positions; dynamo's default limit of 8 would leave no room to spare.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-        self._build()
-
-    def _build(self) -> None:
-        model = self.model
 
         def forward(ids: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache):
             out = model(ids, start_pos=start_pos, cache=cache, return_hidden=True)
@@ -91,27 +88,21 @@ class CompiledDecode:
     def usable(self, ids: torch.Tensor) -> bool:
         return self.failed is None and ids.numel() <= Experts.TRACED_MAX_TOKENS
 
-    def _call(self, fn, eager, *args):
-        if self.failed is None:
-            try:
-                return fn(*args)
-            except Exception as e:  # noqa: BLE001 - any compile/runtime failure: back to eager for good
-                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                warnings.warn(f"torch.compile failed ({self.failed}); decoding on the plain path",
-                              RuntimeWarning, stacklevel=3)
-        return eager(*args)
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - any compile/runtime failure: back to eager for good
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"torch.compile failed ({self.failed}); decoding on the plain path",
+                          RuntimeWarning, stacklevel=3)
+            return None
 
     def forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor,
-                cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits [B, T, vocab], final hidden states [B, T, hidden]) of the tokens ids at start_pos."""
-        def eager(ids, start_pos, cache):
-            out = self.model(ids, start_pos=start_pos, cache=cache, return_hidden=True)
-            return out.logits, out.hidden_states
-        return self._call(self._forward, eager, ids, start_pos, cache)
+        return self._call(self._forward, ids, start_pos, cache)
 
     def mtp_step(self, next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor,
-                 cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+                 cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`model.mtp_step(0, ...)` with logits at every position."""
-        def eager(next_tokens, hidden, start_pos, cache):
-            return self.model.mtp_step(0, next_tokens, hidden, start_pos=start_pos, cache=cache)
-        return self._call(self._mtp, eager, next_tokens, hidden, start_pos, cache)
+        return self._call(self._mtp, next_tokens, hidden, start_pos, cache)

@@ -321,8 +321,8 @@ class Engine:
         from ..model.moe import Experts
 
         calls = 0
-        for b in (1, 2, 4, 8):
-            if b > min(max_batch, Experts.TRACED_MAX_TOKENS):
+        for b in Experts.TRACED_SLOTS:
+            if b > max_batch:
                 break
             same = [[1 + i, 2, 3, 4] for i in range(b)]
             mixed = [[1 + i] * (2 + i) for i in range(b)]
@@ -455,7 +455,9 @@ class Engine:
                  hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, final hidden states or None) of a decode-time forward: compiled when it can be."""
         if self.compiled is not None and self.compiled.usable(ids):
-            return self.compiled.forward(ids, start_pos, cache)
+            out = self.compiled.forward(ids, start_pos, cache)
+            if out is not None:
+                return out
         out = self.model(ids, start_pos=start_pos, cache=cache, return_hidden=hidden)
         return out.logits, out.hidden_states
 
@@ -464,8 +466,9 @@ class Engine:
         """`model.mtp_step(0, ...)` at decode time: compiled when it can be."""
         if self.compiled is not None and self.compiled.usable(next_tokens):
             # contiguous: a sliced `hidden` would make the compiled graph's stride guards recompile
-            h, logits = self.compiled.mtp_step(next_tokens, hidden.contiguous(), start_pos, cache)
-            return h, gather_positions(logits, logits_at)
+            out = self.compiled.mtp_step(next_tokens, hidden.contiguous(), start_pos, cache)
+            if out is not None:
+                return out[0], gather_positions(out[1], logits_at)
         return self.model.mtp_step(0, next_tokens, hidden, start_pos=start_pos, cache=cache, logits_at=logits_at)
 
     def _plain_step(self, live: list, proc: LogitsProcessor, last: torch.Tensor, n: torch.Tensor,

@@ -17,7 +17,8 @@ packed product is used only when it is valid:
   call; `PackedModel.refresh()` repacks what an optimizer step changed, the engine calls it at
   the start of every generate);
 * the input has the weight's dtype (no autocast mixing);
-* not inside `torch.compile` (its own freezing pass packs the weights it sees as constants).
+* not inside `torch.compile` (the compiled step, compiled.py, reads the plain weights and turns
+  its few-row products into fused reductions, faster than the packed call).
 
 Otherwise the call falls through to the plain `F.linear`: the reference path stays, and
 `tests/test_engine.py` checks that both agree. Nothing here runs on other devices.

@@ -115,9 +115,11 @@ class Experts(nn.Module):
 
     # Up to this many tokens (decode at small batch, speculative verification) run `_forward_few`.
     FEW_TOKENS = 4
-    # Up to this many tokens, code being traced by torch.compile (the engine's compiled decode
-    # step) runs `_forward_traced`.
-    TRACED_MAX_TOKENS = 8
+    # Code being traced by torch.compile (the engine's compiled decode step) runs `_forward_traced`
+    # up to TRACED_MAX_TOKENS tokens; its loop over tokens is unrolled over the smallest of these
+    # slot counts that fits.
+    TRACED_SLOTS = (1, 2, 4, 8)
+    TRACED_MAX_TOKENS = TRACED_SLOTS[-1]
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], idx/weights [N, k] -> (output [N, H], tokens per expert [E])."""
@@ -195,7 +197,7 @@ class Experts(nn.Module):
         were just read and are still in cache, and are dropped.
         """
         N, k = idx.shape
-        slots = next(s for s in (1, 2, 4, 8) if N <= s)  # a range guard on N, not its value
+        slots = next(s for s in self.TRACED_SLOTS if N <= s)  # a range guard on N, not its value
 
         def padded(t: torch.Tensor) -> torch.Tensor:
             # append a fixed number of copies, then cut: a pad of `slots - N` rows would make the
