@@ -174,6 +174,9 @@ def cmd_seeds(args) -> dict:
     seeds is the estimate of what FP8 itself costs."""
     rows = []
     for root in map(Path, args.roots):
+        needed = [root / p / f for p in ("bf16", "fp8") for f in ("metrics.jsonl", "train_config.json")]
+        if missing := [str(f) for f in needed if not f.is_file()]:
+            raise SystemExit(f"{root}: not a finished seed directory (missing {', '.join(missing)})")
         (_, va), (_, vb) = _curves(root / "bf16"), _curves(root / "fp8")
         if not va or not vb:
             raise SystemExit(f"{root}: needs finished bf16/ and fp8/ runs with validation losses")
