@@ -91,6 +91,29 @@ def test_logits_at_and_per_row_positions_need_a_cache(model):
         model(ids, start_pos=torch.tensor([0, 0]))
 
 
+def test_prefill_runs_the_last_layer_only_where_logits_are_wanted(model):
+    """With a cache, logits_at prunes the last layer to those tokens (absorbed attention from them);
+    logits still equal the full forward's, every token is cached, and decoding on goes on right."""
+    ids = torch.randint(0, 1024, (2, 9), generator=torch.Generator().manual_seed(3))
+    last = model.model.layers[model.config.num_hidden_layers - 1]
+    seen = []
+    hook = last.mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    try:
+        with torch.no_grad():
+            full = model(ids).logits
+            cache = model.new_cache(2, 12)
+            at = model(ids, cache=cache, logits_at=torch.tensor([8, 4])).logits
+            at2 = model(ids, cache=model.new_cache(2, 12), logits_at=torch.tensor([[0, 8], [3, 4]])).logits
+            nxt = model(ids[:, -1:] * 0 + 7, start_pos=9, cache=cache).logits[:, -1]
+            ref = model(torch.cat((ids, ids[:, -1:] * 0 + 7), dim=1)).logits[:, -1]
+    finally:
+        hook.remove()
+    assert seen[1:3] == [1, 2]  # the pruned calls ran the last block on 1 and 2 tokens per row
+    assert (at - torch.stack([full[0, 8], full[1, 4]])).abs().max() <= TOL
+    assert (at2[0] - full[0, [0, 8]]).abs().max() <= TOL and (at2[1] - full[1, 3:5]).abs().max() <= TOL
+    assert (nxt - ref).abs().max() <= TOL
+
+
 # ---- batching ------------------------------------------------------------------------------------
 
 def test_batched_generation_equals_one_by_one(engine):

@@ -51,6 +51,11 @@ class LatentCache:
         return sum(t.shape[-1] * t.element_size() for t in self.layers)
 
 
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D] at per-row indices [B, K] -> [B, K, D]."""
+    return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -92,35 +97,55 @@ class MLA(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+                cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0,
+                at: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, hidden]; cos/sin: [B or 1, T, rope_dim/2] for the tokens' positions.
 
         `start_pos` is an int (every row starts there) or a LongTensor [B] of per-row start
         positions (batched decode of sequences of different lengths, speculative verification).
         Without a cache, or when filling an empty cache (start_pos == 0), the expanded path runs;
         with tokens already cached, or per-row positions, the absorbed path attends over the cache.
+
+        `at` (LongTensor [B, K] of indices into T; needs `cache`): every token's latent is cached,
+        but only the tokens at `at` attend, on the absorbed path; returns [B, K, hidden]. A
+        prefill's last layer needs nothing else: only the prompt's last token reaches the logits.
         """
-        q_nope, q_pe = self._query(x, cos, sin)
         latent = self._latent(x, cos, sin)
+        if at is not None:
+            if cache is None:
+                raise ValueError("attending from selected positions needs a cache")
+            B = x.shape[0]
+            q_nope, q_pe = self._query(take(x, at), take(cos.expand(B, -1, -1), at), take(sin.expand(B, -1, -1), at))
+            pos = (start_pos.view(-1, 1) if isinstance(start_pos, torch.Tensor) else start_pos) + at
+            return self.forward_absorbed(q_nope, q_pe, self._store(cache, latent, start_pos), pos)
+        q_nope, q_pe = self._query(x, cos, sin)
         if cache is not None:
-            B, T = x.shape[:2]
-            layer = cache.layers[self.layer_idx]
+            cached = self._store(cache, latent, start_pos)
             if isinstance(start_pos, torch.Tensor):
-                pos = start_pos.view(-1, 1) + torch.arange(T, device=layer.device)  # [B, T]
-                end = int(pos.max()) + 1
-                if torch.compiler.is_compiling():  # a graph cannot raise on a data-dependent value
-                    torch._check(end >= T)
-                    torch._check(end <= cache.max_len)
-                elif end > cache.max_len:
-                    raise ValueError(f"cache holds {cache.max_len} positions; cannot write position {end - 1}")
-                layer[torch.arange(B, device=layer.device)[:, None], pos] = latent
-                return self.forward_absorbed(q_nope, q_pe, layer[:, :end], pos)
-            if start_pos + T > cache.max_len:
-                raise ValueError(f"cache holds {cache.max_len} positions; cannot write {start_pos}..{start_pos + T - 1}")
-            layer[:, start_pos:start_pos + T] = latent
+                return self.forward_absorbed(q_nope, q_pe, cached, start_pos.view(-1, 1) + torch.arange(x.shape[1], device=cached.device))
             if start_pos > 0:
-                return self.forward_absorbed(q_nope, q_pe, layer[:, :start_pos + T], start_pos)
+                return self.forward_absorbed(q_nope, q_pe, cached, start_pos)
         return self.forward_expanded(q_nope, q_pe, latent)
+
+    def _store(self, cache: LatentCache, latent: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """Write the new tokens' latents [B, T, C] into this layer's cache; returns the cache up to
+        the last position written (per-row starts: the furthest row's)."""
+        B, T = latent.shape[:2]
+        layer = cache.layers[self.layer_idx]
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos.view(-1, 1) + torch.arange(T, device=layer.device)  # [B, T]
+            end = int(pos.max()) + 1
+            if torch.compiler.is_compiling():  # a graph cannot raise on a data-dependent value
+                torch._check(end >= T)
+                torch._check(end <= cache.max_len)
+            elif end > cache.max_len:
+                raise ValueError(f"cache holds {cache.max_len} positions; cannot write position {end - 1}")
+            layer[torch.arange(B, device=layer.device)[:, None], pos] = latent
+            return layer[:, :end]
+        if start_pos + T > cache.max_len:
+            raise ValueError(f"cache holds {cache.max_len} positions; cannot write {start_pos}..{start_pos + T - 1}")
+        layer[:, start_pos:start_pos + T] = latent
+        return layer[:, :start_pos + T]
 
     def forward_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         B, T, Hh, _ = q_nope.shape

@@ -132,7 +132,7 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
         token_of = order // k
-        xs = x[token_of]
+        xs = x.index_select(0, token_of)
         outs = []
         # split(), not slicing: each slice's backward would materialize a zero tensor the size of xs.
         # Only experts that received tokens are visited: with top-k routing at decode that is <= N*k.
@@ -141,7 +141,8 @@ class Experts(nn.Module):
                 continue
             outs.append(self.expert_ffn(e, seg))
         ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[-1])
-        ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+        w = weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+        ys = ys * w if torch.is_grad_enabled() else ys.mul_(w)  # in place saves a [N * k, H] buffer
         # ys may be bf16 under autocast while x is the fp32 residual stream.
         out = x.new_zeros(x.shape, dtype=ys.dtype).index_add_(0, token_of, ys)
         return out, counts

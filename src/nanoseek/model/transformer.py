@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import MLA, LatentCache
+from .attention import MLA, LatentCache, take
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -38,8 +38,11 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+                cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0,
+                at: torch.Tensor | None = None) -> torch.Tensor:
+        """`at` [B, K] (needs `cache`): cache every token, compute the block's output only there: [B, K, hidden]."""
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, at)
+        x = (x if at is None else take(x, at)) + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -116,7 +119,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         everything cached. `return_mtp` adds the MTP logits, computed over the same sequence
         (training): depth k predicts token i + 1 + k from position i. `logits_at` (LongTensor [B]
         or [B, K] of indices into T) computes the head only there: logits [B, vocab] or
-        [B, K, vocab]; `hidden_states` stays full.
+        [B, K, vocab]; `hidden_states` stays full. With a cache and no hidden states or MTP asked
+        for, the last layer also runs only there (after caching every token's latent): a prefill
+        skips that layer's attention, MoE and shared expert for all other tokens.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -126,11 +131,18 @@ class DeepseekV3ForCausalLM(nn.Module):
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(self.positions(start_pos, T, input_ids.device), x.dtype)
-        for layer in self.model.layers[: cfg.num_hidden_layers]:
-            x = layer(x, cos, sin, cache, start_pos)
+        only = None  # the last layer's output is needed only at logits_at
+        if logits_at is not None and cache is not None and not (return_hidden or return_mtp) and T > 1:
+            only = logits_at.view(B, -1)
+        L = cfg.num_hidden_layers
+        for i, layer in enumerate(self.model.layers[:L]):
+            x = layer(x, cos, sin, cache, start_pos, only if i == L - 1 else None)
         h = self.model.norm(x)
-        out = CausalLMOutput(logits=self.lm_head(gather_positions(h, logits_at)),
-                             hidden_states=h if return_hidden else None)
+        if only is None:
+            logits = self.lm_head(gather_positions(h, logits_at))
+        else:
+            logits = self.lm_head(h if logits_at.dim() == 2 else h[:, 0])
+        out = CausalLMOutput(logits=logits, hidden_states=h if return_hidden else None)
         if return_mtp:
             out.mtp_logits = self.mtp_forward(input_ids, h, cos, sin)
         return out
