@@ -228,7 +228,7 @@ def gather_positions(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tenso
         return x
     if index.dim() == 1:
         return x[torch.arange(x.shape[0], device=x.device), index]
-    return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
+    return take(x, index)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
