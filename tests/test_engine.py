@@ -104,8 +104,9 @@ def test_prefill_runs_the_last_layer_only_where_logits_are_wanted(model):
             cache = model.new_cache(2, 12)
             at = model(ids, cache=cache, logits_at=torch.tensor([8, 4])).logits
             at2 = model(ids, cache=model.new_cache(2, 12), logits_at=torch.tensor([[0, 8], [3, 4]])).logits
-            nxt = model(ids[:, -1:] * 0 + 7, start_pos=9, cache=cache).logits[:, -1]
-            ref = model(torch.cat((ids, ids[:, -1:] * 0 + 7), dim=1)).logits[:, -1]
+            seven = torch.full((2, 1), 7)
+            nxt = model(seven, start_pos=9, cache=cache).logits[:, -1]
+            ref = model(torch.cat((ids, seven), dim=1)).logits[:, -1]
     finally:
         hook.remove()
     assert seen[1:3] == [1, 2]  # the pruned calls ran the last block on 1 and 2 tokens per row

@@ -117,19 +117,19 @@ class MLA(nn.Module):
             B = x.shape[0]
             q_nope, q_pe = self._query(take(x, at), take(cos.expand(B, -1, -1), at), take(sin.expand(B, -1, -1), at))
             pos = (start_pos.view(-1, 1) if isinstance(start_pos, torch.Tensor) else start_pos) + at
-            return self.forward_absorbed(q_nope, q_pe, self._store(cache, latent, start_pos), pos)
+            return self.forward_absorbed(q_nope, q_pe, self._store(cache, latent, start_pos)[0], pos)
         q_nope, q_pe = self._query(x, cos, sin)
         if cache is not None:
-            cached = self._store(cache, latent, start_pos)
-            if isinstance(start_pos, torch.Tensor):
-                return self.forward_absorbed(q_nope, q_pe, cached, start_pos.view(-1, 1) + torch.arange(x.shape[1], device=cached.device))
-            if start_pos > 0:
-                return self.forward_absorbed(q_nope, q_pe, cached, start_pos)
+            cached, pos = self._store(cache, latent, start_pos)
+            if isinstance(pos, torch.Tensor) or pos > 0:
+                return self.forward_absorbed(q_nope, q_pe, cached, pos)
         return self.forward_expanded(q_nope, q_pe, latent)
 
-    def _store(self, cache: LatentCache, latent: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
-        """Write the new tokens' latents [B, T, C] into this layer's cache; returns the cache up to
-        the last position written (per-row starts: the furthest row's)."""
+    def _store(self, cache: LatentCache, latent: torch.Tensor,
+               start_pos: int | torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """Write the new tokens' latents [B, T, C] into this layer's cache. Returns the cache up to
+        the last position written (per-row starts: the furthest row's) and the tokens' positions in
+        `forward_absorbed`'s form: the int start, or per-row starts as [B, T] positions."""
         B, T = latent.shape[:2]
         layer = cache.layers[self.layer_idx]
         if isinstance(start_pos, torch.Tensor):
@@ -141,11 +141,11 @@ class MLA(nn.Module):
             elif end > cache.max_len:
                 raise ValueError(f"cache holds {cache.max_len} positions; cannot write position {end - 1}")
             layer[torch.arange(B, device=layer.device)[:, None], pos] = latent
-            return layer[:, :end]
+            return layer[:, :end], pos
         if start_pos + T > cache.max_len:
             raise ValueError(f"cache holds {cache.max_len} positions; cannot write {start_pos}..{start_pos + T - 1}")
         layer[:, start_pos:start_pos + T] = latent
-        return layer[:, :start_pos + T]
+        return layer[:, :start_pos + T], start_pos
 
     def forward_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         B, T, Hh, _ = q_nope.shape

@@ -183,7 +183,6 @@ class Experts(nn.Module):
         out = acc[0] if N == 1 else torch.cat(acc)
         return out.to(dtype), counts
 
-
     def _forward_traced(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`_forward_few` in a form `torch.compile(fullgraph=True)` can trace (the engine's compiled decode step).
 
