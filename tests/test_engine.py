@@ -117,6 +117,15 @@ def test_prefill_runs_the_last_layer_only_where_logits_are_wanted(model):
 
 # ---- batching ------------------------------------------------------------------------------------
 
+def test_engine_is_exported_at_the_top_level(model):
+    """`nanoseek.Engine(...)` is the documented entry point; a misspelt name still fails clearly."""
+    assert nanoseek.Engine is Engine and nanoseek.SamplingError is SamplingError
+    out = nanoseek.Engine(model).generate([5, 17, 3], max_tokens=3, temperature=0)
+    assert len(out.token_ids) == 3
+    with pytest.raises(AttributeError, match="Engin"):
+        nanoseek.Engin  # noqa: B018
+
+
 def test_batched_generation_equals_one_by_one(engine):
     batch = engine.generate(PROMPTS, max_tokens=10, temperature=0, logprobs=0, ignore_eos=True)
     for prompt, r in zip(PROMPTS, batch):

@@ -12,7 +12,18 @@ def load_model(*args, **kwargs):  # noqa: D103 - documented in nanoseek.checkpoi
     return _load(*args, **kwargs)
 
 
+def __getattr__(name: str):
+    # The engine (and its sampling types) import lazily: `import nanoseek` for the model alone stays light.
+    if name in _ENGINE_NAMES:
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")
+
+
+_ENGINE_NAMES = ("Engine", "GenerationResult", "GenerationStats", "StreamChunk", "SamplingParams", "SamplingError")
+
 __all__ = [
     "ConfigError", "ModelConfig", "PRESETS", "preset", "CausalLMOutput", "DeepseekV3ForCausalLM",
-    "LatentCache", "load_model", "__version__",
+    "LatentCache", "load_model", "__version__", *_ENGINE_NAMES,
 ]
