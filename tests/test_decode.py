@@ -82,3 +82,28 @@ def test_bf16_decode_stays_close():
             steps.append(model(ids[:, t:t + 1], start_pos=t, cache=cache).logits)
     diff = (torch.cat(steps, 1).float() - full).abs().max().item()
     assert diff < 0.05 * full.abs().max().item()
+
+
+def test_halved_causal_attention_equals_one_sdpa_call(monkeypatch):
+    """Prompts of HALVED_ATTENTION_TOKENS run causal attention as two query halves: same result."""
+    import torch.nn.functional as F
+
+    from nanoseek.model import attention
+
+    lo, hi = attention.HALVED_ATTENTION_TOKENS
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape[2]) or sdpa(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    for T in (lo - 1, lo, 401, hi, hi + 1):
+        q, k, v = (torch.randn(2, 3, T, 24, generator=g) for _ in range(3))
+        calls.clear()
+        out = attention.causal_attention(q, k, v, 0.3)
+        ref = sdpa(q, k, v, is_causal=True, scale=0.3)
+        assert len(calls) == (2 if lo <= T <= hi else 1), T
+        assert (out - ref).abs().max() < 1e-5, T
+        q.requires_grad_(True)  # training keeps the single fused call (and its backward)
+        calls.clear()
+        attention.causal_attention(q, k, v, 0.3)
+        assert len(calls) == 1

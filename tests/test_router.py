@@ -95,3 +95,40 @@ def test_few_token_expert_path_is_bitwise_the_grouped_path(monkeypatch):
                     monkeypatch.undo()
                 assert torch.equal(counts, counts_g)
                 assert few.dtype == grouped.dtype and torch.equal(few, grouped), (dtype, N, trial)
+
+
+def test_paired_expert_path_matches_the_grouped_path(monkeypatch):
+    """fp32 CPU inference with many rows per expert runs experts two at a time (one bmm per pair over
+    a strided view of the stacked weights). Same results as one expert at a time, within rounding;
+    an expert with more than PAIR_MAX_ROWS rows runs alone; training and bf16 never pair."""
+    from nanoseek.model.moe import Experts
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", n_routed_experts=16, num_experts_per_tok=3)
+    experts = Experts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    used = []
+    paired = Experts._forward_paired
+    monkeypatch.setattr(Experts, "_forward_paired", lambda self, *a: used.append(1) or paired(self, *a))
+    N = 200
+    x = torch.randn(N, cfg.hidden_size)
+    logits = torch.randn(N, cfg.n_routed_experts)
+    logits[:150, 3] += 10  # expert 3 gets > PAIR_MAX_ROWS rows: it runs alone
+    logits[:, 7] -= 10  # expert 7 gets none
+    idx = logits.topk(cfg.num_experts_per_tok, dim=-1).indices
+    weights = torch.rand(N, cfg.num_experts_per_tok)
+    with torch.no_grad():
+        out, counts = experts(x, idx, weights)
+        assert used and counts[3] > Experts.PAIR_MAX_ROWS and counts[7] == 0
+        used.clear()
+        monkeypatch.setattr(Experts, "PAIR_MIN_ROWS", 10**9)
+        ref, counts_ref = experts(x, idx, weights)
+        assert not used
+    assert torch.equal(counts, counts_ref)
+    assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+    monkeypatch.setattr(Experts, "PAIR_MIN_ROWS", 8)
+    experts(x, idx, weights).__getitem__(0).sum().backward()  # grad enabled: the plain grouped path
+    with torch.no_grad():
+        experts.to(torch.bfloat16)(x.bfloat16(), idx, weights)
+    assert not used

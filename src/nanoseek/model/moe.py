@@ -132,6 +132,8 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
         token_of = order // k
+        if self._pairs_pay(x, N * k):
+            return self._forward_paired(x, token_of, counts, weights.reshape(-1)[order]), counts
         xs = x.index_select(0, token_of)
         outs = []
         # split(), not slicing: each slice's backward would materialize a zero tensor the size of xs.
@@ -146,6 +148,71 @@ class Experts(nn.Module):
         # ys may be bf16 under autocast while x is the fp32 residual stream.
         out = x.new_zeros(x.shape, dtype=ys.dtype).index_add_(0, token_of, ys)
         return out, counts
+
+    # fp32 CPU inference with at least PAIR_MIN_ROWS rows per expert on average (a prefill) runs the
+    # experts two at a time; experts with more than PAIR_MAX_ROWS rows run alone (see _forward_paired).
+    PAIR_MIN_ROWS = 8
+    PAIR_MAX_ROWS = 96
+
+    def _pairs_pay(self, x: torch.Tensor, picks: int) -> bool:
+        return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.gate_up_proj.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and picks >= self.PAIR_MIN_ROWS * self.n_experts)
+
+    def _forward_paired(self, x: torch.Tensor, token_of: torch.Tensor, counts: torch.Tensor,
+                        w_sorted: torch.Tensor) -> torch.Tensor:
+        """The grouped computation with experts paired up: one batched matmul (`bmm`) per pair.
+
+        With 2 threads, one 64-row product splits its columns across both cores and pays a
+        synchronization per call; a batch of two products gives each core a whole product. Measured
+        on the 2-core machine (fp32, hidden 512, 64 rows): 11-14% less time per expert than two
+        prepacked oneDNN calls (docs/engine.md). A pair's weights need no copy: any two experts
+        e1 < e2 of the stacked [E, out, in] parameter are one strided view with batch stride
+        (e2 - e1) * out * in. Experts of similar row counts are paired, so padding to the larger
+        count wastes little; rows beyond PAIR_MAX_ROWS (where one large product already keeps both
+        cores busy) and bf16 (whose strided bmm is slower than the packed products) are not paired.
+
+        Tokens are gathered into a padded [pair, rows, H] layout (pad rows read token 0 and carry
+        weight 0 into a dummy output row), so each token's sum runs in pair order rather than
+        ascending expert order: the same terms, rounded in another order (~1e-7 relative).
+        """
+        E, H, I = self.n_experts, x.shape[-1], self.inter
+        N = x.shape[0]
+        cl = counts.tolist()
+        small = sorted((e for e in range(E) if 0 < cl[e] <= self.PAIR_MAX_ROWS), key=lambda e: -cl[e])
+        groups = [sorted(small[i:i + 2]) for i in range(0, len(small), 2)]
+        groups += [[e] for e in range(E) if cl[e] > self.PAIR_MAX_ROWS]
+        base = [0] * E  # padded row where expert e's first row goes
+        spans = []  # (experts, rows per expert, first padded row)
+        R = 0
+        for g in groups:
+            M = max(cl[e] for e in g)
+            for slot, e in enumerate(g):
+                base[e] = R + slot * M
+            spans.append((g, M, R))
+            R += len(g) * M
+        dev = x.device
+        expert_of = torch.repeat_interleave(torch.arange(E, device=dev), counts)  # expert of each sorted pick
+        starts = counts.cumsum(0) - counts
+        pos = torch.tensor(base, device=dev)[expert_of] + torch.arange(expert_of.shape[0], device=dev) - starts[expert_of]
+        src = torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, pos, token_of)
+        dst = torch.full((R,), N, dtype=torch.long, device=dev).index_copy_(0, pos, token_of)
+        w_pad = torch.zeros(R, dtype=x.dtype, device=dev).index_copy_(0, pos, w_sorted.to(x.dtype))
+        xs = x.index_select(0, src)
+        ys = torch.empty_like(xs)
+        for g, M, r0 in spans:
+            rows = xs[r0:r0 + len(g) * M]
+            if len(g) == 1:
+                ys[r0:r0 + M] = self.expert_ffn(g[0], rows)
+                continue
+            n = len(g)
+            gu = _stride_pair(self.gate_up_proj, g)
+            h = torch.bmm(rows.view(n, M, H), gu.transpose(1, 2))
+            gate, up = h.split(I, dim=-1)
+            act = F.silu(gate).mul_(up)
+            torch.bmm(act, _stride_pair(self.down_proj, g).transpose(1, 2), out=ys[r0:r0 + n * M].view(n, M, H))
+        ys.mul_(w_pad.unsqueeze(-1))
+        return x.new_zeros(N + 1, H).index_add_(0, dst, ys)[:N]
 
     def _forward_few(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The grouped computation below for a few tokens, without its sort, gather and scatter ops.
@@ -220,6 +287,13 @@ class Experts(nn.Module):
         flat = idx.reshape(-1)
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
         return (torch.cat(rows)[:N] if slots > 1 else rows[0]), counts
+
+
+def _stride_pair(w: torch.Tensor, pair: list[int]) -> torch.Tensor:
+    """Experts pair[0] < pair[1] of a stacked [E, out, in] weight as one [2, out, in] view (no copy)."""
+    a, b = pair
+    s0 = w.stride(0)
+    return w.as_strided((2, *w.shape[1:]), ((b - a) * s0, *w.stride()[1:]), w.storage_offset() + a * s0)
 
 
 class MoE(nn.Module):
