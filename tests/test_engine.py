@@ -360,8 +360,17 @@ def test_compiled_decode_equals_eager_decode():
         pytest.skip(f"torch.compile unavailable here: {comp.compiled.failed}")
     assert got.token_ids == ref.token_ids
     assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) < TOL
-    spec = comp.generate(prompt, **kw, speculative=1)
-    assert spec.token_ids == ref.token_ids and comp.last_stats.drafted > 0
+    fused = []
+    verify = comp.compiled.greedy_verify
+    comp.compiled.greedy_verify = lambda *a: fused.append(1) or verify(*a)
+    for k in (1, 2):  # greedy verification, acceptance and the next draft run as one compiled graph
+        fused.clear()
+        spec = comp.generate(prompt, **kw, speculative=k)
+        assert spec.token_ids == ref.token_ids and comp.last_stats.drafted > 0 and fused
+        assert max(abs(a - b) for a, b in zip(spec.logprobs, ref.logprobs)) < TOL
+    fused.clear()
+    sampled = comp.generate(prompt, max_tokens=10, temperature=0.8, seed=3, ignore_eos=True, speculative=1)
+    assert len(sampled.token_ids) == 10 and not fused  # sampled rows keep the rejection-sampling path
     # rows of different lengths (per-row positions, as in a server's batch) run compiled too,
     # with the expert dispatch per token inside the graph
     rows = PROMPTS[:3]

@@ -81,12 +81,29 @@ class CompiledDecode:
         def mtp(next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache):
             return model.mtp_step(0, next_tokens, hidden, start_pos=start_pos, cache=cache)
 
+        def greedy_verify(last: torch.Tensor, drafts: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache):
+            # One speculative step for greedy rows, verification and the next draft in one graph.
+            # The tokens following the verified positions are the main model's argmaxes `best`:
+            # inside the accepted prefix they equal the drafts, at n_acc it is the new token, and
+            # the MTP module's output past n_acc is never read (its cache slots are rewritten).
+            B, k = drafts.shape
+            out = model(torch.cat((last[:, None], drafts), dim=1), start_pos=start_pos, cache=cache, return_hidden=True)
+            best = out.logits.argmax(dim=-1)  # [B, k + 1]
+            n_acc = (drafts == best[:, :k]).long().cumprod(dim=1).sum(dim=1)
+            h_mtp, mtp_logits = model.mtp_step(0, best, out.hidden_states, start_pos=start_pos, cache=cache,
+                                               logits_at=n_acc)
+            h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
+            return out.logits, best, n_acc, h_last, mtp_logits
+
         opts = {"dynamic": True, "fullgraph": True, "options": _small_matmuls_as_reductions()}
         self._forward = torch.compile(_fresh(forward), **opts)
         self._mtp = torch.compile(_fresh(mtp), **opts)
+        self._greedy_verify = torch.compile(_fresh(greedy_verify), **opts)
 
-    def usable(self, ids: torch.Tensor) -> bool:
-        return self.failed is None and ids.numel() <= Experts.TRACED_MAX_TOKENS
+    def usable(self, ids: torch.Tensor | int) -> bool:
+        """Can a step on these token ids (or this many tokens in all) run compiled?"""
+        n = ids if isinstance(ids, int) else ids.numel()
+        return self.failed is None and n <= Experts.TRACED_MAX_TOKENS
 
     def _call(self, fn, *args):
         try:
@@ -101,6 +118,13 @@ class CompiledDecode:
                 cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits [B, T, vocab], final hidden states [B, T, hidden]) of the tokens ids at start_pos."""
         return self._call(self._forward, ids, start_pos, cache)
+
+    def greedy_verify(self, last: torch.Tensor, drafts: torch.Tensor, start_pos: int | torch.Tensor,
+                      cache: LatentCache) -> tuple[torch.Tensor, ...] | None:
+        """A greedy speculative step in one graph: the main model on [last, drafts] (logits [B, k+1, V]),
+        its argmaxes `best` [B, k+1], the accepted draft count n_acc [B], and the MTP module run on
+        `best` with its hidden state [B, 1, H] and logits [B, V] at each row's position n_acc."""
+        return self._call(self._greedy_verify, last, drafts, start_pos, cache)
 
     def mtp_step(self, next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor,
                  cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor] | None:

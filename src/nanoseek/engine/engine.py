@@ -486,17 +486,27 @@ class Engine:
         """One speculative step: verify `last` + k drafts in one forward, emit the accepted tokens,
         then draft the next k from the MTP module. Returns the new (n, last, drafts, q)."""
         B = len(live)
-        logits, hidden = self._forward(torch.cat((last[:, None], drafts), dim=1), _start(n), cache, hidden=True)
-        n_acc, toks = speculative_accept(logits, drafts, q, proc)
+        start = _start(n)
+        fused = None
+        if self.compiled is not None and proc.all_greedy and proc.counts is None \
+                and self.compiled.usable(B * (k + 1)):
+            fused = self.compiled.greedy_verify(last, drafts, start, cache)
+        if fused is not None:  # verification, acceptance and the MTP step in one compiled call
+            logits, best, n_acc, h_last, mtp_logits = fused
+            toks = best.masked_fill(torch.arange(k + 1, device=best.device)[None, :] > n_acc[:, None], -1)
+        else:
+            logits, hidden = self._forward(torch.cat((last[:, None], drafts), dim=1), start, cache, hidden=True)
+            n_acc, toks = speculative_accept(logits, drafts, q, proc)
         stats.drafted += B * k
         stats.accepted += int(n_acc.sum())
         self._emit(live, proc, toks, n_acc, logits, want_lp, stats)
         new_last = toks.gather(1, n_acc[:, None])[:, 0]
-        A = int(n_acc.max()) + 1
-        nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
-        h_mtp, mtp_logits = self._mtp_step(nt, hidden[:, :A], _start(n), cache, logits_at=n_acc)
+        if fused is None:
+            A = int(n_acc.max()) + 1
+            nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
+            h_mtp, mtp_logits = self._mtp_step(nt, hidden[:, :A], start, cache, logits_at=n_acc)
+            h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
         n = n + n_acc + 1
-        h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
         drafts, q = self._draft(proc, h_last, mtp_logits, n, cache, k)
         return n, new_last, drafts, q
 
