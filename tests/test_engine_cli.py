@@ -45,6 +45,28 @@ def test_generate_speculative_and_stream(capsys):
     assert "acceptance" in cap.err and "tokens/forward" in cap.err
 
 
+def test_compile_flag_compiles_before_the_timed_request(capsys, monkeypatch):
+    """`generate --compile` runs a short warm-up with the request's own sampling settings and drafts
+    first, so the decode speed it prints is the compiled step's, not the compiler's."""
+    from nanoseek.engine import compiled, engine as engine_mod
+
+    calls = []
+    generate = engine_mod.Engine.generate
+    monkeypatch.setattr(engine_mod.Engine, "generate",
+                        lambda self, prompts, params=None, **kw: calls.append((params, kw)) or generate(self, prompts, params, **kw))
+    monkeypatch.setattr(compiled.CompiledDecode, "usable", lambda self, ids: False)  # no compiling in this test
+    argv = ["generate", "tiny", "1 2 3", "--ids", "--max-tokens", "5", "--temperature", "0.7", "--seed", "2",
+            "--speculative", "2", "--compile"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "compiling the decode step" in err and "compiled in" in err
+    (warm, warm_kw), (real, real_kw) = calls
+    assert warm.temperature == real.temperature == 0.7 and warm_kw["speculative"] == real_kw["speculative"] == 2
+    assert warm_kw["max_tokens"] == 24 and warm_kw["ignore_eos"] and real.max_tokens == 5
+    calls.clear()
+    assert main(argv[:-1]) == 0 and len(calls) == 1  # without --compile: no warm-up
+
+
 @pytest.mark.parametrize("argv, match", [
     (["generate", "tiny", "hello"], "needs a tokenizer"),
     (["generate", "tiny", "1 2", "--ids", "--temperature", "-1"], "temperature must be >= 0"),

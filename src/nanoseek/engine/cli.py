@@ -83,6 +83,21 @@ def _stats_line(engine) -> str:
     return line + "]"
 
 
+def compile_now(engine, params, speculative: int, quiet: bool = False) -> None:
+    """With --compile: compile the batch-1 step shapes `params` will use before the real request, so
+    that its decode speed (and the chat's first answer) is not the compiler's. A short generation
+    with the same sampling settings; Inductor's disk cache makes it quick after the first time."""
+    if engine.compiled is None:
+        return
+    if not quiet:
+        print("compiling the decode step (20-60 s per shape the first time, cached on disk after that) ...",
+              file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    engine.generate([[0, 5, 6, 7]], params, max_tokens=24, ignore_eos=True, stop=None, speculative=speculative)
+    if not quiet:
+        print(f"compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
 @_errors
 def _cmd_generate(args: argparse.Namespace) -> int:
     engine = _engine(args)
@@ -91,6 +106,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt = args.prompt
     params = _params(args, logprobs=0 if args.json else None)
+    compile_now(engine, params, args.speculative, quiet=args.quiet)
     if args.stream and not args.json:
         for chunk in engine.stream(prompt, params, speculative=args.speculative):
             if engine.tokenizer is not None:
@@ -139,6 +155,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     params = _params(args)
+    compile_now(engine, params, args.speculative)
     print("nanoseek chat: /reset clears the conversation, /exit (or Ctrl-D) quits.", flush=True)
     while True:
         try:
