@@ -128,6 +128,10 @@ def test_paired_expert_path_matches_the_grouped_path(monkeypatch):
     assert torch.equal(counts, counts_ref)
     assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
     monkeypatch.setattr(Experts, "PAIR_MIN_ROWS", 8)
+    with torch.no_grad():  # > PAIR_MAX_ROWS rows per expert on average: one large product per expert
+        big = torch.randint(0, cfg.n_routed_experts, (Experts.PAIR_MAX_ROWS * cfg.n_routed_experts + 1, 1))
+        experts(torch.randn(big.shape[0], cfg.hidden_size), big, torch.ones(big.shape))
+    assert not used
     experts(x, idx, weights).__getitem__(0).sum().backward()  # grad enabled: the plain grouped path
     with torch.no_grad():
         experts.to(torch.bfloat16)(x.bfloat16(), idx, weights)

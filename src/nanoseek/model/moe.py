@@ -149,15 +149,16 @@ class Experts(nn.Module):
         out = x.new_zeros(x.shape, dtype=ys.dtype).index_add_(0, token_of, ys)
         return out, counts
 
-    # fp32 CPU inference with at least PAIR_MIN_ROWS rows per expert on average (a prefill) runs the
-    # experts two at a time; experts with more than PAIR_MAX_ROWS rows run alone (see _forward_paired).
+    # fp32 CPU inference with PAIR_MIN_ROWS to PAIR_MAX_ROWS rows per expert on average (a prefill of
+    # a few hundred tokens) runs the experts two at a time; within it, an expert with more than
+    # PAIR_MAX_ROWS rows runs alone (see _forward_paired).
     PAIR_MIN_ROWS = 8
     PAIR_MAX_ROWS = 96
 
     def _pairs_pay(self, x: torch.Tensor, picks: int) -> bool:
         return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.gate_up_proj.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and picks >= self.PAIR_MIN_ROWS * self.n_experts)
+                and self.PAIR_MIN_ROWS * self.n_experts <= picks <= self.PAIR_MAX_ROWS * self.n_experts)
 
     def _forward_paired(self, x: torch.Tensor, token_of: torch.Tensor, counts: torch.Tensor,
                         w_sorted: torch.Tensor) -> torch.Tensor:
