@@ -378,3 +378,23 @@ def test_compiled_decode_equals_eager_decode():
     assert [r.token_ids for r in got_rows] == [r.token_ids for r in ref_rows]
     assert max(abs(a - b) for g, r in zip(got_rows, ref_rows) for a, b in zip(g.logprobs, r.logprobs)) < TOL
     assert comp.compiled.failed is None
+
+
+def test_warm_up_covers_every_compiled_step_shape(model, monkeypatch):
+    """`warm_up` (a server's start with --compile) runs each row-count bucket with shared and per-row
+    positions, and with speculation both the greedy (one fused graph) and the sampled step."""
+    eng = Engine(model)
+    assert eng.warm_up() == 0  # nothing to compile without compile=True
+    eng.compiled = object()  # only its presence matters here: generate is recorded, not run
+    calls = []
+    monkeypatch.setattr(eng, "generate", lambda prompts, **kw: calls.append((len(prompts), len(set(map(len, prompts))),
+                                                                            kw["temperature"], kw["speculative"])))
+    assert eng.warm_up(max_batch=8, speculative=2) == len(calls)
+    rows = {b for b, _, _, _ in calls}
+    assert rows == {1, 2, 4, 8}
+    assert {(b, mixed > 1) for b, mixed, _, _ in calls} >= {(b, m) for b in (2, 4, 8) for m in (False, True)}
+    spec = {(t > 0) for _, _, t, k in calls if k == 2}
+    assert spec == {False, True} and any(k == 0 for *_, k in calls)
+    calls.clear()
+    eng.warm_up(max_batch=2)
+    assert {k for *_, k in calls} == {0} and {b for b, *_ in calls} == {1, 2}

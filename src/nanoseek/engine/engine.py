@@ -313,7 +313,7 @@ class Engine:
         """With `compile=True`: compile every decode-step shape now rather than at the first request
         that needs it (a server calls this before it accepts requests). Each row-count bucket of
         the compiled step (1, 2, 3-4, 5-8 rows) with one shared and with per-row positions, plus the
-        speculative shapes when `speculative` > 0. Returns how many generate calls it made (0
+        speculative shapes when `speculative` > 0 (greedy, one fused graph, and sampled). Returns how many generate calls it made (0
         without compile). Takes minutes on a small CPU the first time; Inductor's disk cache makes
         later starts faster."""
         if self.compiled is None:
@@ -330,6 +330,9 @@ class Engine:
                 for k in sorted({0, speculative}):
                     self.generate(prompts, max_tokens=6, temperature=0, ignore_eos=True, speculative=k)
                     calls += 1
+                    if k:  # greedy speculation runs one fused graph; sampled rows its separate steps
+                        self.generate(prompts, max_tokens=6, temperature=1.0, seed=0, ignore_eos=True, speculative=k)
+                        calls += 1
         return calls
 
     def kv_cache_bytes_per_token(self, speculative: bool = False) -> int:
