@@ -27,12 +27,12 @@ from nanoseek.model import attention  # noqa: E402
 from nanoseek.model.moe import Experts  # noqa: E402
 
 
+_DEFAULTS = (Experts.PAIR_MIN_ROWS, attention.HALVED_ATTENTION_TOKENS)
+
+
 def _paths(on: bool) -> None:
     Experts.PAIR_MIN_ROWS = _DEFAULTS[0] if on else 1 << 60
     attention.HALVED_ATTENTION_TOKENS = _DEFAULTS[1] if on else (1, 0)
-
-
-_DEFAULTS = (Experts.PAIR_MIN_ROWS, attention.HALVED_ATTENTION_TOKENS)
 
 
 def run(dtype: torch.dtype, batch: int, prompt: int, rounds: int, ckpt: Path) -> dict:

@@ -34,8 +34,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..model.attention import LatentCache
+from ..model.attention import LatentCache, take
 from ..model.moe import Experts
+from .speculative import greedy_accept
 
 
 def _small_matmuls_as_reductions() -> dict:
@@ -86,14 +87,12 @@ class CompiledDecode:
             # The tokens following the verified positions are the main model's argmaxes `best`:
             # inside the accepted prefix they equal the drafts, at n_acc it is the new token, and
             # the MTP module's output past n_acc is never read (its cache slots are rewritten).
-            B, k = drafts.shape
             out = model(torch.cat((last[:, None], drafts), dim=1), start_pos=start_pos, cache=cache, return_hidden=True)
             best = out.logits.argmax(dim=-1)  # [B, k + 1]
-            n_acc = (drafts == best[:, :k]).long().cumprod(dim=1).sum(dim=1)
+            n_acc, tokens = greedy_accept(best, drafts)
             h_mtp, mtp_logits = model.mtp_step(0, best, out.hidden_states, start_pos=start_pos, cache=cache,
                                                logits_at=n_acc)
-            h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
-            return out.logits, best, n_acc, h_last, mtp_logits
+            return out.logits, tokens, n_acc, take(h_mtp, n_acc[:, None]), mtp_logits
 
         opts = {"dynamic": True, "fullgraph": True, "options": _small_matmuls_as_reductions()}
         self._forward = torch.compile(_fresh(forward), **opts)
@@ -122,8 +121,9 @@ class CompiledDecode:
     def greedy_verify(self, last: torch.Tensor, drafts: torch.Tensor, start_pos: int | torch.Tensor,
                       cache: LatentCache) -> tuple[torch.Tensor, ...] | None:
         """A greedy speculative step in one graph: the main model on [last, drafts] (logits [B, k+1, V]),
-        its argmaxes `best` [B, k+1], the accepted draft count n_acc [B], and the MTP module run on
-        `best` with its hidden state [B, 1, H] and logits [B, V] at each row's position n_acc."""
+        `greedy_accept`'s emitted tokens [B, k+1] and accepted draft count n_acc [B], and the MTP
+        module run on the argmaxes, with its hidden state [B, 1, H] and logits [B, V] at each row's
+        position n_acc."""
         return self._call(self._greedy_verify, last, drafts, start_pos, cache)
 
     def mtp_step(self, next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor,

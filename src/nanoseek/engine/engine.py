@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..model import DeepseekV3ForCausalLM, LatentCache
+from ..model.attention import take
 from ..model.transformer import gather_positions
 from .sampling import LogitsProcessor, SamplingError, SamplingParams, make_params, raw_logprobs
 from .speculative import mtp_next_tokens, speculative_accept
@@ -313,9 +314,9 @@ class Engine:
         """With `compile=True`: compile every decode-step shape now rather than at the first request
         that needs it (a server calls this before it accepts requests). Each row-count bucket of
         the compiled step (1, 2, 3-4, 5-8 rows) with one shared and with per-row positions, plus the
-        speculative shapes when `speculative` > 0 (greedy, one fused graph, and sampled). Returns how many generate calls it made (0
-        without compile). Takes minutes on a small CPU the first time; Inductor's disk cache makes
-        later starts faster."""
+        speculative shapes when `speculative` > 0 (greedy, one fused graph, and sampled). Returns
+        how many generate calls it made (0 without compile). Takes minutes on a small CPU the first
+        time; Inductor's disk cache makes later starts faster."""
         if self.compiled is None:
             return 0
         from ..model.moe import Experts
@@ -423,8 +424,7 @@ class Engine:
             nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
             nxt[torch.arange(B, device=self.device), n - 1] = tok
             h_mtp, mtp_logits = model.mtp_step(0, nxt, out.hidden_states, start_pos=0, cache=cache, logits_at=n - 1)
-            drafts, q = self._draft(proc, h_mtp.gather(1, (n - 1).view(B, 1, 1).expand(B, 1, h_mtp.shape[-1])),
-                                    mtp_logits, n, cache, k)
+            drafts, q = self._draft(proc, take(h_mtp, (n - 1)[:, None]), mtp_logits, n, cache, k)
         stats.prefill_s = time.perf_counter() - t0
         last = tok
         yield [c for c in (r.chunk() for r in live) if c is not None]
@@ -495,8 +495,7 @@ class Engine:
                 and self.compiled.usable(B * (k + 1)):
             fused = self.compiled.greedy_verify(last, drafts, start, cache)
         if fused is not None:  # verification, acceptance and the MTP step in one compiled call
-            logits, best, n_acc, h_last, mtp_logits = fused
-            toks = best.masked_fill(torch.arange(k + 1, device=best.device)[None, :] > n_acc[:, None], -1)
+            logits, toks, n_acc, h_last, mtp_logits = fused
         else:
             logits, hidden = self._forward(torch.cat((last[:, None], drafts), dim=1), start, cache, hidden=True)
             n_acc, toks = speculative_accept(logits, drafts, q, proc)
@@ -508,7 +507,7 @@ class Engine:
             A = int(n_acc.max()) + 1
             nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
             h_mtp, mtp_logits = self._mtp_step(nt, hidden[:, :A], start, cache, logits_at=n_acc)
-            h_last = h_mtp.gather(1, n_acc.view(B, 1, 1).expand(B, 1, h_mtp.shape[-1]))
+            h_last = take(h_mtp, n_acc[:, None])
         n = n + n_acc + 1
         drafts, q = self._draft(proc, h_last, mtp_logits, n, cache, k)
         return n, new_last, drafts, q

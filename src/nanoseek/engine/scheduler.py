@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import LatentCache
+from ..model.attention import take
 from .engine import Engine, GenerationStats, Prompt, _Request
 from .sampling import LogitsProcessor, SamplingError, SamplingParams
 
@@ -313,7 +314,7 @@ class Scheduler:
             nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
             nxt[torch.arange(b, device=self.device), n - 1] = tok
             h_mtp, mtp_logits = model.mtp_step(0, nxt, out.hidden_states, start_pos=0, cache=cache, logits_at=n - 1)
-            h_last = h_mtp.gather(1, (n - 1).view(b, 1, 1).expand(b, 1, h_mtp.shape[-1]))
+            h_last = take(h_mtp, (n - 1)[:, None])
             drafts, q = engine._draft(proc, h_last, mtp_logits, n, cache, k)
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefill_s += time.perf_counter() - t0

@@ -39,12 +39,7 @@ def speculative_accept(target_logits: torch.Tensor, drafts: torch.Tensor, draft_
     k = K1 - 1
     device = target_logits.device
     if proc.all_greedy and proc.counts is None:
-        # greedy without penalties: p_i is one-hot on argmax(logits_i), so d_i is accepted while it
-        # equals that argmax and every emitted token is the argmax (the loop below, in two ops)
-        best = target_logits.argmax(dim=-1)  # [B, k+1]
-        n_acc = (drafts == best[:, :k]).cumprod(dim=1).sum(dim=1)
-        tokens = best.masked_fill(torch.arange(K1, device=device)[None, :] > n_acc[:, None], -1)
-        return n_acc, tokens
+        return greedy_accept(target_logits.argmax(dim=-1), drafts)
     tokens = torch.full((B, K1), -1, dtype=torch.long, device=device)
     n_acc = torch.zeros(B, dtype=torch.long, device=device)
     running = torch.ones(B, dtype=torch.bool, device=device)
@@ -80,6 +75,19 @@ def speculative_accept(target_logits: torch.Tensor, drafts: torch.Tensor, draft_
             break
         if extra is not None:
             extra[rows[accepted], d[accepted]] += 1
+    return n_acc, tokens
+
+
+def greedy_accept(best: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule for greedy rows without penalties, given the main model's argmaxes best [B, k+1].
+
+    p_i is one-hot on best_i, so d_i is accepted while it equals best_{i-1} and every emitted token
+    is an argmax (the general loop in two ops; pure tensor ops, so a compiled step can trace it).
+    Returns (n_accepted [B], tokens [B, k+1], -1 past each row's last emitted token).
+    """
+    k = drafts.shape[1]
+    n_acc = (drafts == best[:, :k]).long().cumprod(dim=1).sum(dim=1)
+    tokens = best.masked_fill(torch.arange(k + 1, device=best.device)[None, :] > n_acc[:, None], -1)
     return n_acc, tokens
 
 
