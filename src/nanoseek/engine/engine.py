@@ -419,12 +419,7 @@ class Engine:
         tok = proc.sample(logits)
         self._emit(live, proc, tok[:, None], torch.zeros(B, dtype=torch.long, device=self.device), logits[:, None],
                    want_lp, stats, first=True)
-        drafts = q = None
-        if k:  # fill the MTP module's cache over the prompt; its output at the last position drafts
-            nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
-            nxt[torch.arange(B, device=self.device), n - 1] = tok
-            h_mtp, mtp_logits = model.mtp_step(0, nxt, out.hidden_states, start_pos=0, cache=cache, logits_at=n - 1)
-            drafts, q = self._draft(proc, take(h_mtp, (n - 1)[:, None]), mtp_logits, n, cache, k)
+        drafts, q = self._prefill_drafts(proc, ids, n, tok, out.hidden_states, cache, k) if k else (None, None)
         stats.prefill_s = time.perf_counter() - t0
         last = tok
         yield [c for c in (r.chunk() for r in live) if c is not None]
@@ -511,6 +506,16 @@ class Engine:
         n = n + n_acc + 1
         drafts, q = self._draft(proc, h_last, mtp_logits, n, cache, k)
         return n, new_last, drafts, q
+
+    def _prefill_drafts(self, proc: LogitsProcessor, ids: torch.Tensor, n: torch.Tensor, tok: torch.Tensor,
+                        hidden: torch.Tensor, cache: LatentCache, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """After a prefill of right-padded `ids` (row lengths n, first sampled tokens `tok`): fill the
+        MTP module's cache over the prompts and draft k tokens from its output at each row's last
+        position. Position i reads the token at i + 1, which at a row's last position is `tok`."""
+        nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
+        nxt[torch.arange(ids.shape[0], device=ids.device), n - 1] = tok
+        h_mtp, mtp_logits = self.model.mtp_step(0, nxt, hidden, start_pos=0, cache=cache, logits_at=n - 1)
+        return self._draft(proc, take(h_mtp, (n - 1)[:, None]), mtp_logits, n, cache, k)
 
     def _draft(self, proc: LogitsProcessor, h_last: torch.Tensor, mtp_logits: torch.Tensor, n_next: torch.Tensor,
                cache: LatentCache, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:

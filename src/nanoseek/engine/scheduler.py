@@ -3,8 +3,8 @@
 `Engine.generate` runs a fixed set of prompts to completion. A server needs more: requests arrive
 while others are decoding, finish at different times, and clients hang up. `Scheduler` is the
 step-level API for that, on the same model, cache layout, sampler and speculative rule as the
-engine (it reuses the engine's request bookkeeping, `_emit` and `_draft`, so outputs are the
-engine's outputs):
+engine (it reuses the engine's request bookkeeping, `_emit`, `_prefill_drafts` and `_draft`, so
+outputs are the engine's outputs):
 
     sched = Scheduler(engine, max_batch=32, kv_cache_bytes=2**30)
     sched.add("a", "Once upon a time", SamplingParams(max_tokens=50, temperature=0))
@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import LatentCache
-from ..model.attention import take
 from .engine import Engine, GenerationStats, Prompt, _Request
 from .sampling import LogitsProcessor, SamplingError, SamplingParams
 
@@ -309,13 +308,7 @@ class Scheduler:
         # the first token is counted (penalties) before the MTP module drafts the next, as in Engine._run
         engine._emit(reqs, proc, tok[:, None], torch.zeros(b, dtype=torch.long, device=self.device),
                      out.logits[:, None], self._want_logprobs(joiners), self.stats, first=True)
-        drafts = q = None
-        if k:
-            nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
-            nxt[torch.arange(b, device=self.device), n - 1] = tok
-            h_mtp, mtp_logits = model.mtp_step(0, nxt, out.hidden_states, start_pos=0, cache=cache, logits_at=n - 1)
-            h_last = take(h_mtp, (n - 1)[:, None])
-            drafts, q = engine._draft(proc, h_last, mtp_logits, n, cache, k)
+        drafts, q = engine._prefill_drafts(proc, ids, n, tok, out.hidden_states, cache, k) if k else (None, None)
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefill_s += time.perf_counter() - t0
         self.prefill_steps += 1
