@@ -77,9 +77,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if unknown := [d for d in args.dtypes.split(",") if d not in dtypes]:
+        ap.error(f"--dtypes takes fp32 and/or bf16, comma-separated; got {', '.join(unknown)}")
+    if args.batch < 1 or args.rounds < 1 or args.prompt < 2:
+        ap.error("--batch and --rounds must be >= 1 and --prompt >= 2")
     torch.set_num_threads(args.threads)
     ckpt = D.make_checkpoint(args.ckpt)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     print("| dtype | batch | nanoseek ms (best / median) | without pairs and halves | transformers "
           "| ratio best (median) | ratio without |")
     print("|---|---|---|---|---|---|---|")
