@@ -4,6 +4,7 @@
     python3 benchmarks/decode.py --quick               # batch 1 fp32 only, shorter
     python3 benchmarks/decode.py --mtp RUN_DIR         # add MTP speculation on a trained model
     python3 benchmarks/decode.py --compile             # nanoseek with Engine(compile=True)
+    python3 benchmarks/decode.py --compile --only-long --long-rounds 3   # the 4,096-token case alone
 
 The model is the `bench` preset (6 layers, hidden 512, 32 experts top-4; 23.1M activated params),
 built with random weights by transformers itself and written with `save_pretrained`; nanoseek loads
@@ -204,6 +205,8 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--long", type=int, default=4096, help="context for the long-context case (prompt = long - new)")
+    ap.add_argument("--long-rounds", type=int, default=1, help="timed rounds of the long-context case (default 1)")
+    ap.add_argument("--only-long", action="store_true", help="only the long-context case (and no MTP case)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fp32 batch 1 only, no long context")
     ap.add_argument("--no-long", action="store_true")
@@ -230,8 +233,14 @@ def main() -> int:
     cases = [("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8)]
     if args.quick:
         cases = [("fp32", 1)]
+    if args.only_mtp and args.only_long:
+        ap.error("--only-mtp and --only-long exclude each other")
+    if args.long_rounds < 1 or args.rounds < 1:
+        ap.error("--rounds and --long-rounds must be >= 1")
     if args.only_mtp:
         cases, args.no_long = [], True
+    if args.only_long:
+        cases, args.no_long = [], False
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     g = torch.Generator().manual_seed(0)
     report = {"threads": args.threads, "compile": args.compile, "copy_bandwidth_GBps": bw / 1e9, "cases": []}
@@ -258,16 +267,17 @@ def main() -> int:
             dt = dtypes[dname]
             hf, ns = HF(ckpt, dt), NS(ckpt, dt, compile=args.compile)
             ids = torch.randint(0, cfg.vocab_size, (1, P), generator=g)
-            r = measure([hf, ns], ids, args.new, 1)
+            r = measure([hf, ns], ids, args.new, args.long_rounds)
             r.update(dtype=dname, batch=1, prompt=P, new=args.new, long_context=True)
             report["cases"].append(r)
             rows.append(r)
             _print_case(r)
             del hf, ns
-    report["mtp"] = mtp_case(args, ckpt)
+    report["mtp"] = None if args.only_long else mtp_case(args, ckpt)
     print()
     print(markdown(rows, report))
-    print(report["mtp"]["text"])
+    if report["mtp"]:
+        print(report["mtp"]["text"])
     print(f"load average at end {load_avg()}; waited {QUIET['waited']:.0f} s for quiet CPUs")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
