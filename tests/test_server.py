@@ -178,6 +178,27 @@ def test_logprobs(client, engine):
     assert all(len(t) <= 2 for t in lp.top_logprobs)
 
 
+@pytest.mark.parametrize("echo", [False, True])
+def test_completion_text_offsets_index_the_returned_text(client, echo):
+    # Random weights emit special tokens (skipped in the text) and partial UTF-8 bytes: a token's
+    # offset must still point into the returned text, the same whether streamed or not.
+    kw = dict(model="tiny-test", prompt=["hi", "Hello there"], max_tokens=24, temperature=0, logprobs=1, echo=echo,
+              extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw)
+    parts: dict[int, list] = {}
+    texts: dict[int, str] = {}
+    for ch in client.completions.create(**kw, stream=True):
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.logprobs is not None:
+                parts.setdefault(c.index, []).extend(c.logprobs.text_offset)
+    for c in whole.choices:
+        off = c.logprobs.text_offset
+        assert len(off) == 24 and off == parts[c.index] and texts[c.index] == c.text
+        assert off == sorted(off) and all(0 <= o <= len(c.text) for o in off)
+        assert off[0] == (len(["hi", "Hello there"][c.index]) if echo else 0)
+
+
 def test_context_length_and_max_tokens(client, engine):
     r = client.chat.completions.create(model="tiny-test", messages=MSGS, max_completion_tokens=3, temperature=0,
                                        extra_body={"ignore_eos": True})
@@ -185,8 +206,9 @@ def test_context_length_and_max_tokens(client, engine):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=120)
     assert e.value.code == "context_length_exceeded" and "128" in e.value.message
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny-test", prompt="word " * 200, max_tokens=1)
+    assert e.value.param == "prompt" and "in the prompt" in e.value.message
     # without max_tokens a chat may use the rest of the context
     r = client.chat.completions.create(model="tiny-test", messages=MSGS, temperature=0, extra_body={"ignore_eos": True})
     assert r.usage.total_tokens == 128 and r.choices[0].finish_reason == "length"
@@ -287,6 +309,13 @@ BAD_BODIES = [
     ("/v1/completions", b'{"model": "x", "prompt": "hi", "logprobs": true, "top_p": -1}', "top_p"),
     ("/v1/completions", b'{"model": "x", "prompt": "hi", "stream": "maybe"}', "stream"),
     ("/v1/completions", b'\xff\xfe\x00garbage', None),
+    # lone UTF-16 surrogates: valid JSON, not valid Unicode text
+    ("/v1/completions", b'{"model": "x", "prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", b'{"model": "x", "prompt": ["ok", "\\udfff"]}', "prompt"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "a\\ud800"}]}', "messages"),
+    ("/v1/chat/completions",
+     b'{"model": "x", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}], "stream": true}',
+     "messages"),
     ("/v1/completions", b"[" * 50000 + b"]" * 50000, None),
 ]
 
@@ -320,6 +349,28 @@ def test_oversized_wrong_method_and_unknown_route(server):
     r = requests.get(server.base + "/models/other", headers=server.headers())
     assert r.status_code == 404 and assert_error_schema(r.content)["code"] == "model_not_found"
     assert server.get("/health")[0] == 200
+
+
+def test_a_client_gone_before_its_body_is_not_a_server_error(server):
+    import socket
+    from urllib.parse import urlparse
+
+    def server_errors() -> float:
+        return server.metrics().get('nanoseek_requests_total{route="/v1/completions",status="500"}', 0.0)
+
+    before = server_errors()
+    u = urlparse(server.url)
+    with socket.create_connection((u.hostname, u.port)) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":".encode())
+    for _ in range(50):  # the server sees the hang-up asynchronously
+        m = server.metrics()
+        if m.get('nanoseek_requests_total{route="/v1/completions",status="499"}', 0.0) >= 1:
+            break
+        threading.Event().wait(0.1)
+    else:
+        pytest.fail("the early hang-up was not counted as 499")
+    assert server_errors() == before and server.get("/health")[0] == 200
 
 
 def test_metrics_are_prometheus_text(server, client):

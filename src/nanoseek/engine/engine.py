@@ -259,6 +259,10 @@ class Engine:
             if self.tokenizer is None:
                 raise SamplingError("a string prompt needs a tokenizer, and this model has none "
                                     "(no tokenizer.json in its directory): pass token ids, or tokenizer=PATH")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone UTF-16 surrogate (e.g. from JSON "\ud800")
+                raise SamplingError(f"the prompt is not valid Unicode: {e.reason} at character {e.start}") from None
             return list(self.tokenizer.encode(prompt, add_bos=add_bos and getattr(self.tokenizer, "bos_id", None)
                                               is not None))
         ids = [int(i) for i in prompt]

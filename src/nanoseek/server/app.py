@@ -82,7 +82,7 @@ class TokenText:
 
 class _SeqState:
     __slots__ = ("index", "prompt_len", "ids", "text", "lps", "tops", "finish", "parser", "reasoning", "content",
-                 "first_t", "last_t")
+                 "first_t", "last_t", "updates")
 
     def __init__(self, index: int, prompt_len: int, parser: ReasoningParser | None) -> None:
         self.index, self.prompt_len, self.parser = index, prompt_len, parser
@@ -93,6 +93,9 @@ class _SeqState:
         self.finish: str | None = None
         self.reasoning = self.content = ""
         self.first_t = self.last_t = None
+        # (first token, content length before it) of each update that carried tokens: where each
+        # token's text lands in `content` (completions' logprobs text_offset)
+        self.updates: list[tuple[int, int]] = []
 
 
 class Tracker:
@@ -119,6 +122,8 @@ class Tracker:
                 m.itl.observe((now - s.last_t) / k, k)
             s.last_t = now
             m.completion_tokens.inc(k)
+        if k:
+            s.updates.append((len(s.ids), len(s.content)))
         s.ids += u.token_ids
         s.text += u.text
         if u.logprobs is not None:
@@ -287,6 +292,7 @@ class Guard:
                 while True:
                     msg = await receive()
                     if msg["type"] == "http.disconnect":
+                        status[0] = 499  # the client left before its body arrived: no response, no server error
                         return
                     chunks.append(msg.get("body", b""))
                     size += len(chunks[-1])
@@ -426,14 +432,14 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         except SamplingError as e:
             raise APIError(400, str(e), None, "invalid_value") from None
 
-    def _max_tokens(requested: int | None, prompt_len: int) -> int:
+    def _max_tokens(requested: int | None, prompt_len: int, param: str) -> int:
         limit = scheduler.max_tokens_per_sequence
         if prompt_len >= limit or (requested is not None and prompt_len + requested > limit):
             want = prompt_len + (requested or 0)
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                f"{want} tokens ({prompt_len} in the messages, {requested or 0} in the completion). "
-                                "Please reduce the length of the messages or completion.",
-                           "messages", "context_length_exceeded")
+                                f"{want} tokens ({prompt_len} in the {param}, {requested or 0} in the completion). "
+                                f"Please reduce the length of the {param} or completion.",
+                           param, "context_length_exceeded")
         return requested if requested is not None else limit - prompt_len
 
     def _submit(prefix: str, prompts: list, body, requested: int | None, logprobs: int | None):
@@ -441,17 +447,18 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         arrival = time.perf_counter()
         rid = f"{prefix}-{uuid.uuid4().hex}"
         seqs, lens = [], []
+        param = "prompt" if prefix == "cmpl" else "messages"
         for p_i, prompt in enumerate(prompts):
             try:
                 ids = engine.encode(prompt)  # as Engine.generate: BOS added to text when the tokenizer has one
                 if not ids:
                     raise SamplingError(f"prompt {p_i} is empty")
-                mt = _max_tokens(requested, len(ids))
+                mt = _max_tokens(requested, len(ids), param)
                 for j in range(body.n):
                     sid = f"{rid}-{p_i * body.n + j}"
                     seqs.append(scheduler.make_sequence(sid, ids, _params(body, mt, j, logprobs)))
             except SamplingError as e:
-                raise APIError(400, str(e), "prompt" if prefix == "cmpl" else "messages", "invalid_value") from None
+                raise APIError(400, str(e), param, "invalid_value") from None
             lens.append(len(ids))
         try:
             stream = state.worker.submit(seqs, arrival)
@@ -504,13 +511,26 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         return {"content": [dict(entry(i, lp), top_logprobs=[entry(t, v) for t, v in top.items()])
                             for i, lp, top in zip(ids, lps, tops)]}
 
-    def _completion_logprobs(ids: list[int], lps: list[float], tops: list[dict[int, float]], offset: int) -> dict:
+    def _token_offsets(texts: list[str], start: int, end: int) -> list[int]:
+        """Where each token of one update starts in the returned text: the update's text spans
+        [start, end), and a token whose text was held back (part of a UTF-8 character) or dropped (a
+        skipped special token) cannot start past its end."""
+        out, pos = [], start
+        for t in texts:
+            out.append(min(pos, end))
+            pos += len(t)
+        return out
+
+    def _completion_logprobs(ids: list[int], lps: list[float], tops: list[dict[int, float]],
+                             updates: list[tuple[int, int]], text_len: int, offset: int) -> dict:
+        """OpenAI's legacy logprobs object; `updates` as `_SeqState.updates`, `text_len` the length of
+        the completion text these tokens produced, `offset` where it starts in the returned text."""
         tt = state.tokens
         texts = [tt.text_of(i) for i in ids]
-        offsets, pos = [], offset
-        for t in texts:
-            offsets.append(pos)
-            pos += len(t)
+        offsets = []
+        bounds = updates + [(len(ids), text_len)]
+        for (i0, c0), (i1, c1) in zip(bounds, bounds[1:]):
+            offsets += _token_offsets(texts[i0:i1], offset + c0, offset + c1)
         top = [{tt.text_of(t): _finite(v) for t, v in d.items()} for d in tops]
         return {"tokens": texts, "token_logprobs": [_finite(x) for x in lps], "top_logprobs": top,
                 "text_offset": offsets}
@@ -629,7 +649,8 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 pre = echo_text[s.index // n]
                 choice = {"index": s.index, "text": pre + s.content, "logprobs": None, "finish_reason": s.finish}
                 if logprobs is not None:
-                    choice["logprobs"] = _completion_logprobs(s.ids, s.lps, s.tops, len(pre))
+                    choice["logprobs"] = _completion_logprobs(s.ids, s.lps, s.tops, s.updates, len(s.content),
+                                                              len(pre))
                 if body.return_token_ids:
                     choice["token_ids"] = s.ids
                 choices.append(choice)
@@ -653,7 +674,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                     choice = {"index": s.index, "text": c, "logprobs": None, "finish_reason": s.finish}
                     if logprobs is not None and u.token_ids:
                         choice["logprobs"] = _completion_logprobs(u.token_ids, u.logprobs or [], u.top_logprobs or [],
-                                                                  offsets[s.index])
+                                                                  [(0, 0)], len(c), offsets[s.index])
                     offsets[s.index] += len(c)
                     if body.return_token_ids:
                         choice["token_ids"] = u.token_ids
