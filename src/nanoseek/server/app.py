@@ -442,15 +442,28 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                            param, "context_length_exceeded")
         return requested if requested is not None else limit - prompt_len
 
-    def _submit(prefix: str, prompts: list, body, requested: int | None, logprobs: int | None):
+    def _encode_all(prompts: list) -> list:
+        """Token ids of each prompt, or the SamplingError it raised (encoding runs off the event loop)."""
+        out = []
+        for prompt in prompts:
+            try:
+                out.append(engine.encode(prompt))  # as Engine.generate: BOS added to text when the tokenizer has one
+            except SamplingError as e:
+                out.append(e)
+        return out
+
+    async def _submit(prefix: str, prompts: list, body, requested: int | None, logprobs: int | None):
         """Sequences for every prompt x n; returns (request id, stream, prompt lengths)."""
         arrival = time.perf_counter()
         rid = f"{prefix}-{uuid.uuid4().hex}"
         seqs, lens = [], []
         param = "prompt" if prefix == "cmpl" else "messages"
-        for p_i, prompt in enumerate(prompts):
+        # a megabyte of text takes a second to tokenize: in a thread, other streams keep flowing
+        encoded = await asyncio.to_thread(_encode_all, prompts)
+        for p_i, ids in enumerate(encoded):
             try:
-                ids = engine.encode(prompt)  # as Engine.generate: BOS added to text when the tokenizer has one
+                if isinstance(ids, SamplingError):
+                    raise ids
                 if not ids:
                     raise SamplingError(f"prompt {p_i} is empty")
                 mt = _max_tokens(requested, len(ids), param)
@@ -547,12 +560,12 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         thinking = bool(body.chat_template_kwargs and body.chat_template_kwargs.thinking)
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
-            ids = engine.chat_prompt(msgs, thinking=thinking)
+            ids = await asyncio.to_thread(engine.chat_prompt, msgs, thinking)
         except (SamplingError, ValueError) as e:
             raise APIError(400, str(e), "messages", "invalid_value") from None
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        rid, stream, lens = _submit("chatcmpl", [ids], body, requested, logprobs)
+        rid, stream, lens = await _submit("chatcmpl", [ids], body, requested, logprobs)
         tracker = Tracker(state.metrics, stream, lens, body.n, thinking)
         created = int(time.time())
         base = {"id": rid, "created": created, "model": config.model_name, "system_fingerprint": "nanoseek"}
@@ -625,7 +638,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             raise APIError(400, "text prompts need a tokenizer, and this model has none: send token ids, "
                                 "or serve it with --tokenizer", "prompt", "no_tokenizer")
         logprobs = body.logprobs
-        rid, stream, lens = _submit("cmpl", prompts, body, body.max_tokens, logprobs)
+        rid, stream, lens = await _submit("cmpl", prompts, body, body.max_tokens, logprobs)
         tracker = Tracker(state.metrics, stream, lens, body.n, None)
         n = body.n
         echo_text = []
