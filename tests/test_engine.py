@@ -8,7 +8,7 @@ import torch
 
 import nanoseek
 from conftest import randomize
-from nanoseek.engine import Engine, SamplingError
+from nanoseek.engine import Engine, SamplingError, SamplingParams
 
 TOL = 1e-4
 
@@ -161,6 +161,21 @@ def test_streaming_yields_what_generate_returns(engine):
         mine = [c for c in chunks if c.index == i]
         assert [t for c in mine for t in c.token_ids] == ref[i].token_ids
         assert mine[-1].finish_reason == "length" and all(c.finish_reason is None for c in mine[:-1])
+
+
+def test_top_logprobs_are_per_row_in_a_batch_and_streamed(engine):
+    ps = [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=n) for n in (2, 5, 0)]
+    res = engine.generate(PROMPTS[:3], ps)
+    assert [len(t) for t in res[0].top_logprobs] == [2] * 4 and [len(t) for t in res[1].top_logprobs] == [5] * 4
+    assert res[2].top_logprobs is None and len(res[2].logprobs) == 4
+    alone = engine.generate(PROMPTS[0], ps[0]).top_logprobs
+    assert [list(t) for t in alone] == [list(t) for t in res[0].top_logprobs]
+    chunks = list(engine.stream(PROMPTS[:3], ps))
+    for i in range(3):
+        mine = [c for c in chunks if c.index == i]
+        tops = None if res[i].top_logprobs is None else [t for c in mine for t in c.top_logprobs]
+        assert tops == res[i].top_logprobs
+        assert [x for c in mine for x in c.logprobs] == res[i].logprobs
 
 
 # ---- the fast path -----------------------------------------------------------------------------
@@ -327,6 +342,88 @@ def test_stop_strings_and_streamed_text(model):
     chunks = list(engine.stream(prompt, max_tokens=20, temperature=0, ignore_eos=True, stop=stop))
     assert "".join(c.text for c in chunks) == r.text
     assert chunks[-1].finish_reason == "stop"
+
+
+class ByteTokenizer:
+    """Byte-level like DeepSeek's tokenizer: ids < 256 are bytes (a character may span several
+    tokens), 256 is a special token, and, like SentencePiece, decoding drops one leading space."""
+
+    bos_id, eos_id = None, 256
+
+    def decode(self, ids, skip_special=False):
+        text = b"".join(b"<s>" if i == 256 else bytes([i]) for i in ids if not (skip_special and i == 256))
+        text = text.decode("utf-8", errors="replace")
+        return text[1:] if text.startswith(" ") else text
+
+
+def _feed(tokens, **params):
+    from nanoseek.engine.engine import _Request
+
+    r = _Request(0, [1], SamplingParams(**params), set(), ByteTokenizer(), 10**6)
+    for t in tokens:
+        if r.add(t):
+            break
+    return r
+
+
+def test_stop_string_completed_by_a_later_byte_of_its_character():
+    ids = list(b"ab") + list("中".encode()) + list(b"cd")  # 中 is three tokens
+    for stop, text, used in [("中", "ab", 5), ("b中", "a", 5), ("中c", "ab", 6), ("d", "ab中c", 7)]:
+        r = _feed(ids, stop=stop, max_tokens=10)
+        assert (r.text, r.finish_reason, r.stop_reason, len(r.output)) == (text, "stop", stop, used), stop
+
+
+def test_incremental_detokenization_equals_decoding_everything():
+    g = torch.Generator().manual_seed(0)
+    # text-like bytes, multi-byte characters, stray continuation bytes, spaces and special tokens
+    pool = list(b" abcxyz\n") + list("é中🙂".encode()) + [0x80, 0xBF, 0xF0, 256]
+    tokens = [pool[i] for i in torch.randint(0, len(pool), (3000,), generator=g).tolist()]
+    for skip in (True, False):
+        r = _feed([], max_tokens=10**6, skip_special_tokens=skip)
+        tok = ByteTokenizer()
+        for i, t in enumerate(tokens):
+            r.add(t)
+            if i % 97 == 0 or i == len(tokens) - 1:
+                assert r.text == tok.decode(r.output, skip_special=skip), i
+        assert r._prefix > 2900  # the decode window moved on with the text
+
+
+def test_inputs_outside_the_rules_raise_sampling_errors(model):
+    import numpy as np
+
+    engine = Engine(model, seed=0)
+    p = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    ref = engine.generate([5, 6], p).token_ids
+    assert engine.generate([np.int64(5), np.int64(6)], p).token_ids == ref
+    assert engine.generate(torch.tensor([5, 6]), p).token_ids == ref
+    for bad in ([5.7, 6.2], [[5.7, 6.2]], [[True, 2]]):
+        with pytest.raises(SamplingError, match="integer token ids"):
+            engine.generate(bad, p)
+    with pytest.raises(SamplingError, match="more alternatives than the vocabulary"):
+        engine.generate([5, 6], max_tokens=2, logprobs=model.config.vocab_size + 1)
+    with pytest.raises(SamplingError, match="seed must be"):
+        engine.generate([5, 6], max_tokens=2, seed=2**64)
+    # fields assigned after construction are validated, and stop strings follow `stop`
+    q = SamplingParams(max_tokens=3)
+    q.temperature = -5
+    with pytest.raises(SamplingError, match="temperature"):
+        engine.generate([5, 6], q)
+    chars = Engine(model, tokenizer=CharTokenizer(), seed=0)
+    prompt = CharTokenizer().decode([3, 17, 99])
+    full = chars.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True).text
+    q = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    q.stop = full[4]
+    assert chars.generate(prompt, q).text == full[:full.find(full[4])]
+    # a tokenizer whose ids go past the model's vocabulary
+    wide = Engine(model, tokenizer=CharTokenizer(), seed=0)
+    with pytest.raises(SamplingError, match="outside the model's vocabulary"):
+        wide.generate(CharTokenizer().decode([model.config.vocab_size + 3]), max_tokens=2)
+
+
+def test_a_vanishing_temperature_is_greedy(engine):
+    greedy = engine.generate(PROMPTS[0], max_tokens=6, temperature=0, ignore_eos=True).token_ids
+    for t in (1e-6, 1e-39):
+        assert engine.generate(PROMPTS[0], max_tokens=6, temperature=t, ignore_eos=True, seed=1).token_ids == greedy
 
 
 def test_compile_option_falls_back_to_the_plain_path(model, monkeypatch):

@@ -30,7 +30,8 @@ from nanoseek.engine.speculative import speculative_accept
     (dict(stop={"a"}), "stop must be a string or a list of strings, got set"),
     (dict(stop_token_ids=[1, -2]), "stop_token_ids must be a list of non-negative integers"),
     (dict(stop_token_ids="1"), "stop_token_ids must be a list"),
-    (dict(seed="x"), "seed must be an integer"),
+    (dict(seed="x"), "seed must be None or an integer"),
+    (dict(seed=2**64), "seed must be None or an integer in"),
     (dict(logprobs=-1), "logprobs must be None or an integer >= 0"),
     (dict(temperature="hot"), "temperature must be a number"),
 ])

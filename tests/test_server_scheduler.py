@@ -144,6 +144,32 @@ def test_admission_by_cache_budget_and_batch_size(engine):
     assert sched.num_running == 3 and sched.num_waiting == 2
 
 
+def test_the_pool_shrinks_back_within_the_budget_after_a_long_request(engine):
+    # A long request grows the pool's capacity; once it is gone, more rows of short requests must
+    # not be allocated at that old capacity (which would exceed the budget).
+    bpt = probe_bpt(engine)
+    sched = Scheduler(engine, max_batch=8, kv_cache_bytes=2000 * bpt)
+    g = dict(temperature=0, ignore_eos=True)
+    sched.add("long", [5, 6, 7], SamplingParams(max_tokens=890, **g))
+    sched.add("short", [8, 9], SamplingParams(max_tokens=60, **g))
+    out = {}
+    for u in sched.step():
+        out.setdefault(u.seq_id, []).extend(u.token_ids)
+    assert sched.capacity >= 890
+    sched.abort("long")
+    for i in range(3):
+        sched.add(f"c{i}", [10 + i, 11], SamplingParams(max_tokens=60, **g))
+    most = 0
+    while sched.has_work:
+        for u in sched.step():
+            out.setdefault(u.seq_id, []).extend(u.token_ids)
+        assert sched.cache_bytes_allocated <= sched.kv_cache_bytes
+        most = max(most, sched.num_running)
+    assert most == 4  # the short rows ran together
+    for sid, prompt in [("short", [8, 9])] + [(f"c{i}", [10 + i, 11]) for i in range(3)]:
+        assert out[sid] == engine.generate(prompt, SamplingParams(max_tokens=60, **g)).token_ids
+
+
 def probe_bpt(engine) -> int:
     return engine.kv_cache_bytes_per_token()
 

@@ -102,7 +102,12 @@ def compile_now(engine, params, speculative: int, quiet: bool = False) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     engine = _engine(args)
     if args.ids:
-        prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
+        words = args.prompt.replace(",", " ").split()
+        if not all(w.isdigit() for w in words):
+            from .sampling import SamplingError
+
+            raise SamplingError(f"--ids: PROMPT must be token ids separated by spaces or commas, got {args.prompt!r}")
+        prompt = [int(t) for t in words]
     else:
         prompt = args.prompt
     params = _params(args, logprobs=0 if args.json else None)

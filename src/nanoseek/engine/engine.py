@@ -25,6 +25,7 @@ How a batch runs:
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -61,6 +62,7 @@ class StreamChunk:
     logprobs: list[float] | None = None
     finish_reason: str | None = None  # set on the row's last chunk
     stop_reason: int | str | None = None
+    top_logprobs: list[dict[int, float]] | None = None  # with logprobs=n > 0: the n most likely, per token
 
 
 @dataclass
@@ -117,6 +119,12 @@ class _Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.text = "" if tokenizer is not None else None
+        # Incremental detokenization (decoding the whole output at every token is quadratic):
+        # text = text of output[:read] + what output[prefix:] decodes to beyond output[prefix:read].
+        # Decoding from `prefix`, a few tokens back, keeps what a tokenizer does at the start of a
+        # decode (a dropped leading space) on both sides of the subtraction.
+        self._prefix = self._read = 0
+        self._read_text = self._prefix_text = ""
         self.sent_text = 0
         self.sent_tokens = 0
         self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1
@@ -134,13 +142,16 @@ class _Request:
         self.output.append(token)
         if self.logprobs is not None:
             self.logprobs.append(float(logprob) if logprob is not None else float("nan"))
-        if self.top_logprobs is not None:
-            self.top_logprobs.append(top or {})
+        if self.top_logprobs is not None:  # a batch computes the most any row asked for
+            self.top_logprobs.append(dict(list(top.items())[:self.params.logprobs]) if top else {})
         if self.tokenizer is not None:
-            old_len = len(self.text)
-            self.text = self.tokenizer.decode(self.output, skip_special=self.params.skip_special_tokens)
+            old = self.text
+            self._detokenize()
             if self.params.stop_strings:
-                start = max(0, min(old_len, len(self.text)) - self.holdback)
+                # an unfinished UTF-8 character decodes as U+FFFD, as long as the character it becomes:
+                # search again from where the replacement characters began
+                stable = len(old.rstrip("\ufffd"))
+                start = max(0, min(stable, len(self.text)) - self.holdback)
                 hits = [(self.text.find(s, start), s) for s in self.params.stop_strings]
                 hits = [(i, s) for i, s in hits if i >= 0]
                 if hits:
@@ -153,6 +164,19 @@ class _Request:
         elif len(self.output) >= self.max_tokens:
             self.finish_reason = "length"
         return self.finished
+
+    def _detokenize(self) -> None:
+        skip = self.params.skip_special_tokens
+        new = self.tokenizer.decode(self.output[self._prefix:], skip_special=skip)
+        self.text = self._read_text + new[len(self._prefix_text):]
+        if not new.endswith("\ufffd"):  # whole characters: move the window on
+            self._read_text = self.text
+            ahead = self.tokenizer.decode(self.output[self._read:], skip_special=skip)
+            if ahead:  # (a window that decodes to nothing, a skipped special token, is no anchor)
+                self._prefix, self._prefix_text = self._read, ahead
+            else:
+                self._prefix_text = new
+            self._read = len(self.output)
 
     def chunk(self) -> StreamChunk | None:
         """What is new since the last chunk (text held back while a stop string could be forming)."""
@@ -171,8 +195,9 @@ class _Request:
         if not new_tokens and not text and not self.finished:
             return None
         lps = self.logprobs[self.sent_tokens:] if self.logprobs is not None else None
+        tops = self.top_logprobs[self.sent_tokens:] if self.top_logprobs is not None else None
         self.sent_tokens = len(self.output)
-        return StreamChunk(self.index, new_tokens, text, lps, self.finish_reason, self.stop_reason)
+        return StreamChunk(self.index, new_tokens, text, lps, self.finish_reason, self.stop_reason, tops)
 
     def result(self) -> GenerationResult:
         return GenerationResult(list(self.prompt), list(self.output), self.text, self.finish_reason or "length",
@@ -263,13 +288,21 @@ class Engine:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:  # a lone UTF-16 surrogate (e.g. from JSON "\ud800")
                 raise SamplingError(f"the prompt is not valid Unicode: {e.reason} at character {e.start}") from None
-            return list(self.tokenizer.encode(prompt, add_bos=add_bos and getattr(self.tokenizer, "bos_id", None)
-                                              is not None))
-        ids = [int(i) for i in prompt]
+            ids = list(self.tokenizer.encode(prompt, add_bos=add_bos and getattr(self.tokenizer, "bos_id", None)
+                                             is not None))
+            source = "the tokenizer gave ids outside the model's vocabulary"
+        else:
+            if isinstance(prompt, torch.Tensor):
+                prompt = prompt.tolist()
+            if not isinstance(prompt, Sequence) or not all(_is_int(i) for i in prompt):
+                raise SamplingError("a prompt must be a string or a sequence of integer token ids, got "
+                                    f"{type(prompt).__name__} {str(prompt)[:80]}")
+            ids = [int(i) for i in prompt]
+            source = "token ids must be in"
         V = self.config.vocab_size
         bad = [i for i in ids if not 0 <= i < V]
         if bad:
-            raise SamplingError(f"token ids must be in [0, {V}); got {bad[:5]}")
+            raise SamplingError(f"{source} [0, {V}) (the model's vocabulary); got {bad[:5]}")
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
@@ -357,7 +390,7 @@ class Engine:
 
     def _requests(self, prompts, params, kwargs) -> tuple[bool, list[_Request]]:
         single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0
-                                               and all(isinstance(i, int) for i in prompts))
+                                               and all(_is_int(i) for i in prompts))
         if isinstance(prompts, torch.Tensor):
             single, prompts = prompts.dim() == 1, prompts.tolist()
             if single:
@@ -373,7 +406,10 @@ class Engine:
                 raise SamplingError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
             plist = [make_params(p, **kwargs) for p in params]
         reqs = []
+        V = self.config.vocab_size
         for i, (prompt, p) in enumerate(zip(prompts, plist)):
+            if p.logprobs is not None and p.logprobs > V:
+                raise SamplingError(f"logprobs={p.logprobs} asks for more alternatives than the vocabulary has ({V})")
             if p.stop_strings and self.tokenizer is None:
                 raise SamplingError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
             ids = self.encode(prompt)
@@ -569,6 +605,11 @@ class Engine:
                     break
         if committed is not None:  # penalties count what was emitted
             proc.update(torch.tensor(committed, device=toks.device))
+
+
+def _is_int(x) -> bool:
+    """A token id: any integer type (numpy's included), not a bool or a float."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _start(n: torch.Tensor) -> int | torch.Tensor:

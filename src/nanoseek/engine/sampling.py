@@ -6,7 +6,9 @@ For each row of a batch, in this order (the order vLLM and transformers use):
    becomes l / r if l > 0, else l * r;
 2. presence and frequency penalties (OpenAI's rule, over output tokens only):
    l -= presence * [count > 0] + frequency * count;
-3. temperature 0 means greedy (argmax of the penalized logits); otherwise l / temperature;
+3. temperature 0 means greedy (argmax of the penalized logits); otherwise l / temperature
+   (below GREEDY_BELOW, 1e-5, also greedy: dividing by such a temperature overflows fp32, and the
+   distribution it asks for is the argmax anyway, as in vLLM);
 4. top-k, then top-p (smallest set of tokens whose probability reaches p; at least one kept),
    then min-p (drop tokens below min_p x the most likely token's probability);
 5. a draw from the resulting distribution with the row's own `torch.Generator`, so a seeded row
@@ -26,6 +28,10 @@ import torch
 
 class SamplingError(ValueError):
     """Sampling parameters out of range or of the wrong type."""
+
+
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
@@ -71,8 +77,9 @@ class SamplingParams:
         need(-2 <= number("frequency_penalty") <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         need(number("repetition_penalty") > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        need(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
-             f"seed must be an integer or None, got {self.seed!r}")
+        need(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                   and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+             f"seed must be None or an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         need(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                        and self.logprobs >= 0),
              f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
@@ -94,7 +101,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_penalties(self) -> bool:
@@ -114,7 +121,8 @@ def make_params(params: SamplingParams | None = None, **kwargs) -> SamplingParam
         return SamplingParams(**kwargs)
     if not isinstance(params, SamplingParams):
         raise SamplingError(f"expected SamplingParams, got {type(params).__name__}")
-    return replace(params, **kwargs) if kwargs else params
+    # validated again: fields may have been assigned since construction (stop strings derive from stop)
+    return replace(params, **kwargs) if kwargs else params.validate()
 
 
 class LogitsProcessor:
@@ -134,7 +142,7 @@ class LogitsProcessor:
             int(torch.randint(0, 2**62, ())))
         f32 = dict(dtype=torch.float32, device=self.device)
         self.temperature = torch.tensor([p.temperature for p in params], **f32)
-        self.greedy = self.temperature == 0
+        self.greedy = self.temperature < GREEDY_BELOW
         self.all_greedy = bool(self.greedy.all())
         self.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=self.device)
         self.top_p = torch.tensor([p.top_p for p in params], **f32)

@@ -266,20 +266,21 @@ class Scheduler:
         slots, cap = self.slots, self.capacity
         if self._pool is not None and slots >= rows and cap >= longest:
             return
+        # Every row, running or joining, stays below `longest` positions (its reservation), so the
+        # new capacity may be smaller than the old one: only the budget decides, not the history.
         step = self.capacity_step
-        new_cap = max(cap, -(-longest // step) * step)
+        new_cap = -(-longest // step) * step
         if not self._fits(rows, new_cap):
-            new_cap = max(cap, longest) if self._fits(rows, max(cap, longest)) else longest
+            new_cap = longest  # admission checked that this fits
         new_slots = max(rows, min(self.max_batch, 2 * slots))
         new_slots = max(rows, min(new_slots, self.kv_cache_bytes // (new_cap * self.bytes_per_token)))
-        if new_cap < cap:  # keep the old rows' positions
-            new_cap = cap
         D = self.config.kv_cache_dim
         pool = [torch.zeros(new_slots, new_cap, D, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
         B = len(self.running)
         if self._pool is not None and B:
+            keep = min(cap, new_cap)
             for new, old in zip(pool, self._pool):
-                new[:B, :cap] = old[:B]
+                new[:B, :keep] = old[:B, :keep]
         self._pool = pool
 
     def _view(self, lo: int, hi: int) -> LatentCache:
