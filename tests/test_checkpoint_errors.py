@@ -127,3 +127,59 @@ def test_cli_reports_errors_without_a_traceback(saved, capsys):
     err = capsys.readouterr().err
     assert "`n_routed_experts` (10) must be divisible by `n_group` (4)" in err
     assert "Traceback" not in err
+
+
+def _edit_header(path, fn):
+    """Rewrite the safetensors JSON header in place (same length, padded with spaces)."""
+    raw = (path / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    fn(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    assert len(new) <= n
+    (path / "model.safetensors").write_bytes(raw[:8] + new.ljust(n) + raw[8 + n:])
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda h: h["model.layers.1.self_attn.o_proj.weight"].update(
+        data_offsets=h["model.layers.0.self_attn.o_proj.weight"]["data_offsets"]), "overlaps the bytes of another"),
+    (lambda h: h["model.norm.weight"].update(data_offsets=[float(x) for x in h["model.norm.weight"]["data_offsets"]]),
+     "must be non-negative integers"),
+])
+def test_corrupt_headers_the_safetensors_library_refuses(saved, change, match):
+    _edit_header(saved, change)
+    with pytest.raises(CheckpointError, match=match):
+        nanoseek.load_model(saved)
+
+
+def test_integer_weights_are_refused_not_cast(saved):
+    _edit(saved, lambda t: t.update({"model.layers.0.self_attn.o_proj.weight":
+                                     t["model.layers.0.self_attn.o_proj.weight"].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=r"o_proj.weight: stored as I32; weights and scales must be floating"):
+        nanoseek.load_model(saved)
+
+
+@pytest.mark.parametrize("entry", [5, None, "", "/etc/passwd", "../model.safetensors"])
+def test_index_entries_must_be_file_names_in_the_directory(saved, entry):
+    names = list(load_file(saved / "model.safetensors"))
+    wm = {n: "model.safetensors" for n in names}
+    wm[names[0]] = entry
+    (saved / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(CheckpointError, match="weight_map entries must be file names"):
+        nanoseek.load_model(saved)
+
+
+def test_load_weights_into_checks_like_load_model(saved):
+    from nanoseek.checkpoint import load_weights_into
+
+    model = nanoseek.load_model("tiny", seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def fn(t):
+        del t["model.layers.0.self_attn.kv_b_proj.weight"]
+        t["model.layers.0.self_attn.o_proj.weight"] = t["model.layers.0.self_attn.o_proj.weight"].t().contiguous()
+
+    _edit(saved, fn)
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\)[\s\S]*o_proj.weight: checkpoint \[64, 128\]"):
+        load_weights_into(model, saved)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was half-loaded

@@ -92,6 +92,12 @@ def test_v2_defaults_and_official_zero_q_lora():
     ({"model_type": "llama"}, r"`model_type` 'llama' is not a DeepSeek"),
     ({"quantization_config": {"quant_method": "awq"}}, r"`quantization_config.quant_method` 'awq'"),
     ({"n_group": 8, "topk_group": 4, "num_experts_per_tok": 2}, r"'noaux_tc' scores each group by its two best"),
+    ({"moe_intermediate_size": 64.0}, r"`moe_intermediate_size` must be an integer, got 64.0"),
+    ({"n_shared_experts": 1.5}, r"`n_shared_experts` must be an integer"),
+    ({"tie_word_embeddings": "false"}, r"`tie_word_embeddings` must be true or false, got 'false'"),
+    ({"routed_scaling_factor": float("inf")}, r"`routed_scaling_factor` must be a finite number"),
+    ({"rms_norm_eps": float("nan")}, r"`rms_norm_eps` must be a finite number"),
+    ({"torch_dtype": "float64"}, r"`torch_dtype` must be float32, bfloat16 or float16"),
 ])
 def test_validation_names_the_field(change, message):
     with pytest.raises(ConfigError, match=message):

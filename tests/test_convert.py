@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import nanoseek
 from conftest import hf_checkpoint, randomize
@@ -421,11 +421,26 @@ def test_interrupted_overwrite_never_looks_complete(edge_src, tmp_path, monkeypa
     def boom(self, *a, **k):
         raise KeyboardInterrupt
 
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
     monkeypatch.setattr(ShardWriter, "close", boom)
     assert main(["convert", str(src), str(dst), "--to", "bf16", "--overwrite"]) == 130
-    assert not (dst / "config.json").exists()
-    assert not list(dst.rglob("*.safetensors")) and not list(dst.rglob("*partial*"))
-    assert not list(dst.glob(".nanoseek-convert-*"))
+    # the old model is only replaced once the new one is complete: an interrupted overwrite keeps it
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert not list(dst.rglob("*partial*")) and not list(dst.glob(".nanoseek-convert-*"))
+
+
+def test_a_failed_overwrite_keeps_the_old_model(edge_src, tmp_path):
+    src, _ = edge_src
+    dst = convert_checkpoint(src, tmp_path / "out", "bf16")
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    bad = convert_checkpoint(src, tmp_path / "bad", "fp8")  # a source whose FP8 weight lost its scale
+    tensors = load_file(bad / "model.safetensors")
+    scale = next(n for n in tensors if n.endswith("_scale_inv"))
+    del tensors[scale]
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing"):
+        convert_checkpoint(bad, dst, "bf16", overwrite=True)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
 
 
 def test_stats(edge_src, tmp_path):

@@ -120,6 +120,18 @@ def test_keep_fp8_load_is_exact_and_half_the_bytes(fp8_dir):
         torch.testing.assert_close(step[:, 0].float(), full[:, 20].float(), atol=0.05, rtol=0.05)
 
 
+def test_a_model_kept_in_fp8_saves_and_reloads(fp8_dir, tmp_path):
+    d, _ = fp8_dir
+    kept = nanoseek.load_model(d, dtype="bf16", keep_fp8=True)
+    ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(2))
+    save_model(kept, tmp_path / "bf16")  # weights dequantized: the same values in bf16
+    save_model(kept, tmp_path / "fp8", fp8=True)  # requantized with the same blocks: the same codes
+    with torch.no_grad():
+        ref = kept(ids).logits
+        assert torch.equal(nanoseek.load_model(tmp_path / "bf16", dtype="bf16")(ids).logits, ref)
+        assert torch.equal(nanoseek.load_model(tmp_path / "fp8", dtype="bf16", keep_fp8=True)(ids).logits, ref)
+
+
 def test_keep_fp8_fp32_equals_dequantized_fp32(fp8_dir):
     d, _ = fp8_dir
     ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -38,6 +38,25 @@ def test_nanoseek_save_transformers_load_same_logits(tmp_path, overrides):
     assert diff <= 1e-4
 
 
+def test_tied_embeddings_survive_loading_both_ways(tmp_path):
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny", tie_word_embeddings=True)).eval()
+    randomize(model, 22, bias_std=0.05)
+    ids = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(0))
+    save_model(model, tmp_path / "ours")
+    back = load_model(tmp_path / "ours")
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert torch.equal(back(ids).logits, ref)
+        assert (hf(ids).logits - ref).abs().max().item() <= 1e-4
+        hf.save_pretrained(tmp_path / "theirs")  # no lm_head tensor, no MTP block
+        theirs = load_model(tmp_path / "theirs")
+        assert theirs.lm_head.weight is theirs.model.embed_tokens.weight
+        assert (theirs(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
+
+
 def test_written_config_reads_in_transformers_with_the_same_rope(tmp_path):
     cfg = nanoseek.preset("deepseek-v3")
     cfg.save(tmp_path)

@@ -203,6 +203,11 @@ def weight_map(directory: Path) -> dict[str, str]:
             wm = data["weight_map"]
             if not isinstance(wm, dict):
                 raise TypeError("weight_map is not an object")
+            bad = [k for k, v in wm.items() if not isinstance(v, str) or not v or Path(v).is_absolute()
+                   or ".." in Path(v).parts]
+            if bad:
+                raise TypeError(f"weight_map entries must be file names in the directory; {bad[0]!r} -> "
+                                f"{wm[bad[0]]!r}")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is malformed: {e}") from e
         missing = sorted({f for f in wm.values() if not (directory / f).is_file()})
@@ -273,12 +278,21 @@ class SafetensorsFile:
                 dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
                 if dtype not in _ST_DTYPES:
                     raise ValueError(f"unsupported dtype {dtype}")
+                if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, a, b)):
+                    raise ValueError(f"shape {list(shape)} and data_offsets {[a, b]} must be non-negative integers")
                 expect = math.prod(shape) * _ST_DTYPES[dtype].itemsize
                 if b - a != expect or a < 0 or data_start + b > size:
                     raise ValueError(f"byte range {a}..{b} does not hold {dtype}{list(shape)} within the file")
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}: {e}") from e
             self.tensors[name] = TensorInfo(dtype, shape, data_start + a, b - a)
+        # As the safetensors library: tensors tile the data area without overlapping (two names
+        # pointing at one byte range would load one tensor's bytes as the other's).
+        end = data_start
+        for name, t in sorted(self.tensors.items(), key=lambda kv: (kv[1].start, kv[1].nbytes)):
+            if t.start < end and t.nbytes:
+                raise CheckpointError(f"{path}: tensor {name!r} overlaps the bytes of another tensor")
+            end = max(end, t.start + t.nbytes)
 
     def keys(self):
         return self.tensors.keys()
@@ -436,17 +450,43 @@ def load_weights(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype = to
     model = _meta_model(cfg)
     entries = checkpoint_entries(cfg, model)
     block = tuple((cfg.quantization_config or {}).get("weight_block_size", [128, 128]))
+    # Check everything before allocating anything, and report all problems at once.
+    missing = _check_layout(cfg, model, reader, entries, strict)
+
+    if keep_fp8:  # swap in FP8 modules while still on meta: FP8 weights are allocated at 1 byte
+        from .fp8_linear import convert_to_fp8_inference
+
+        convert_to_fp8_inference(model, quantize=False, block_size=block[0])
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gave the head its own (uninitialized) storage
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model = model.to(dtype)  # FP8 modules keep their float8 weights and float32 scales
+    _copy_weights(model, reader, entries, block)
+    if not strict and missing:
+        log.warning("missing tensors left uninitialized: %s", ", ".join(missing[:10]))
+    model.config = cfg
+    return model.eval()
+
+
+_STORED_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _check_layout(cfg: ModelConfig, model: DeepseekV3ForCausalLM, reader: TensorReader, entries: list[Entry],
+                  strict: bool) -> list[str]:
+    """Names, shapes and dtypes of the checkpoint against the model of `cfg`: raises CheckpointError
+    listing every problem when strict; returns the missing tensor names."""
+    present = reader.names()
     meta_state = dict(model.named_parameters(remove_duplicate=False))
     meta_state.update(dict(model.named_buffers(remove_duplicate=False)))
-
-    # Check everything before allocating anything, and report all problems at once.
     expected = {e.name for e in entries}
     optional = {e.name for e in entries if e.shared_copy_of}
-    if cfg.tie_word_embeddings:
+    ignored = set()
+    if cfg.tie_word_embeddings:  # the head is the embedding; a stored copy (some tools write one) is unused
         optional.add("lm_head.weight")
+        ignored.add("lm_head.weight")
     missing = sorted(expected - present - optional)
     scales = {n for n in present if n.endswith("_scale_inv") and n[: -len("_scale_inv")] in present}
-    unexpected = sorted(present - expected - scales)
+    unexpected = sorted(present - expected - scales - ignored)
     misshaped = []
     for e in entries:
         if e.name in present:
@@ -455,20 +495,13 @@ def load_weights(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype = to
             if got != want:
                 misshaped.append(f"{e.name}: checkpoint {list(got)} vs config {list(want)} "
                                  f"({_shape_fields(e.name)})")
+    for name in sorted((expected | scales) & present):
+        stored = reader.info(name).dtype
+        if stored not in _STORED_FLOATS:  # an integer or bool weight would be silently cast to float
+            misshaped.append(f"{name}: stored as {stored}; weights and scales must be floating point")
     if strict and (missing or unexpected or misshaped):
         raise CheckpointError(_mismatch_report(cfg, reader.directory, missing, unexpected, misshaped, present))
-
-    if keep_fp8:  # swap in FP8 modules while still on meta: FP8 weights are allocated at 1 byte
-        from .fp8_linear import convert_to_fp8_inference
-
-        convert_to_fp8_inference(model, quantize=False, block_size=block[0])
-    model = model.to_empty(device=device)
-    model = model.to(dtype)  # FP8 modules keep their float8 weights and float32 scales
-    _copy_weights(model, reader, entries, block)
-    if not strict and missing:
-        log.warning("missing tensors left uninitialized: %s", ", ".join(missing[:10]))
-    model.config = cfg
-    return model.eval()
+    return missing
 
 
 def _copy_weights(model: DeepseekV3ForCausalLM, reader: TensorReader, entries: list[Entry],
@@ -504,15 +537,19 @@ def _copy_weights(model: DeepseekV3ForCausalLM, reader: TensorReader, entries: l
 
 
 def load_weights_into(model: DeepseekV3ForCausalLM, directory: str | os.PathLike) -> None:
-    """Overwrite an existing model's weights (same config) from a model directory, in place."""
+    """Overwrite an existing model's weights (same config) from a model directory, in place, after
+    the same checks as `load_model` (every tensor present, of the model's shapes)."""
     reader = TensorReader(Path(directory))
-    block = tuple((model.config.quantization_config or {}).get("weight_block_size", [128, 128]))
-    _copy_weights(model, reader, checkpoint_entries(model.config), block)
+    cfg = model.config
+    block = tuple((cfg.quantization_config or {}).get("weight_block_size", [128, 128]))
+    entries = checkpoint_entries(cfg)
+    _check_layout(cfg, _meta_model(cfg), reader, entries, strict=True)
+    _copy_weights(model, reader, entries, block)
 
 
 def _load_shared_copy(model: DeepseekV3ForCausalLM, e: Entry, t: torch.Tensor) -> None:
     """MTP's stored embedding/head copy: keep sharing when equal to the main tensor, else untie."""
-    main = dict(model.named_parameters())[e.shared_copy_of]
+    main = dict(model.named_parameters(remove_duplicate=False))[e.shared_copy_of]
     if torch.equal(main.to(t.dtype), t.to(main.device)):
         return
     log.warning("%s differs from %s; giving the MTP block its own copy", e.name, e.shared_copy_of)
@@ -561,7 +598,7 @@ def _mismatch_report(cfg: ModelConfig, directory: Path, missing: list[str], unex
     if unexpected:
         parts.append(listing("unexpected tensors", unexpected))
     if misshaped:
-        parts.append(listing("tensors with the wrong shape", misshaped))
+        parts.append(listing("tensors with the wrong shape or dtype", misshaped))
     return "\n".join(parts)
 
 
@@ -647,18 +684,34 @@ class ShardWriter:
         return paths
 
 
-def iter_state_tensors(model: DeepseekV3ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """(official name, tensor) for every checkpoint tensor of the model, in layout order."""
-    cfg = model.config
+def _state_entries(model: DeepseekV3ForCausalLM) -> Iterator[tuple[str, torch.Tensor | None, tuple | None]]:
+    """(official name, tensor, None), or (name, None, (fp8 codes, scales)) for a weight the model
+    keeps in FP8 (loaded with keep_fp8), for every checkpoint tensor, in layout order."""
+    from .fp8_linear import fp8_entry, fp8_param_targets
+
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(dict(model.named_buffers(remove_duplicate=False)))
-    for e in checkpoint_entries(cfg):
+    fp8_targets = fp8_param_targets(model)
+    for e in checkpoint_entries(model.config):
+        if e.param in fp8_targets:
+            yield e.name, None, fp8_entry(fp8_targets[e.param], e.expert, e.rows)
+            continue
         t = state[e.param]
         if e.expert is not None:
             t = t[e.expert]
         if e.rows is not None:
             t = t[e.rows[0]: e.rows[1]]
-        yield e.name, t
+        yield e.name, t, None
+
+
+def iter_state_tensors(model: DeepseekV3ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """(official name, tensor) for every checkpoint tensor of the model, in layout order (weights
+    kept in FP8 dequantized to their module's compute dtype)."""
+    for name, t, kept in _state_entries(model):
+        if kept is not None:
+            q, s, block, dtype = kept
+            t = dequantize_weight_blockwise(q, s, block, dtype)
+        yield name, t
 
 
 def save_model(model: DeepseekV3ForCausalLM, directory: str | os.PathLike, dtype: str | torch.dtype | None = None,
@@ -682,7 +735,14 @@ def save_model(model: DeepseekV3ForCausalLM, directory: str | os.PathLike, dtype
     writer = ShardWriter(directory, parse_size(max_shard_size))
     try:
         with torch.no_grad():
-            for tname, t in iter_state_tensors(model):
+            for tname, t, kept in _state_entries(model):
+                if kept is not None and fp8 and kept[2] == 128:  # already FP8 in 128x128 blocks: as it is
+                    writer.add(tname, kept[0])
+                    writer.add(tname + "_scale_inv", kept[1])
+                    continue
+                if kept is not None:
+                    q, s, block, kept_dtype = kept
+                    t = dequantize_weight_blockwise(q, s, block, kept_dtype)
                 if fp8 and is_fp8_weight_name(tname):
                     q, s = quantize_weight_blockwise(t.float())
                     writer.add(tname, q)

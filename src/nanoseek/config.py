@@ -110,6 +110,21 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        # Types first: a float size or a "false" string would pass the range checks and fail (or
+        # silently mean something else) much later.
+        for name in ("moe_intermediate_size", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
+                     "first_k_dense_replace", "moe_layer_freq", "num_nextn_predict_layers", "n_routed_experts"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool), f"`{name}` must be an integer, got {v!r}")
+        for name in ("norm_topk_prob", "rope_interleave", "tie_word_embeddings", "attention_bias", "seq_aux"):
+            v = getattr(self, name)
+            need(isinstance(v, bool), f"`{name}` must be true or false, got {v!r}")
+        for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range", "aux_loss_alpha"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                 f"`{name}` must be a finite number, got {v!r}")
+        need(self.torch_dtype in (None, "float32", "bfloat16", "float16"),
+             f"`torch_dtype` must be float32, bfloat16 or float16, got {self.torch_dtype!r}")
         for name in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",

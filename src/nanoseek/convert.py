@@ -137,15 +137,19 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
                               "pass --overwrite (overwrite=True) to replace it")
 
 
+def _remove_stale_staging(dst: Path) -> None:
+    for stale in dst.glob(STAGING_PREFIX + "*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _remove_old_model(dst: Path) -> None:
-    """With --overwrite: config.json first (DST stops looking complete), then the weights, then stale staging."""
+    """With --overwrite, once the new model is staged: config.json first (DST stops looking
+    complete), then the weights."""
     (dst / "config.json").unlink(missing_ok=True)
     (dst / SAFE_INDEX).unlink(missing_ok=True)
     for f in [dst / SAFE_SINGLE, *dst.glob("model-*-of-*.safetensors")]:
         f.unlink(missing_ok=True)
-    for stale in dst.glob(STAGING_PREFIX + "*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _files_to_copy(src: Path) -> list[Path]:
@@ -286,8 +290,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, max_shard_s
 
     created = not dst_dir.exists()
     dst_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        _remove_old_model(dst_dir)
+    _remove_stale_staging(dst_dir)
     stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dst_dir))
     n_out = 0
     moved: list[Path] = []
@@ -306,6 +309,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, max_shard_s
         for p in extra:
             shutil.copyfile(p, stage / p.name)
         atomic_write_text(stage / "config.json", json.dumps(out_cfg, indent=2, sort_keys=True) + "\n")
+        if overwrite:  # only now: a conversion that fails leaves the old model as it was
+            _remove_old_model(dst_dir)
         # Move into place: weights and index, then the small files, config.json last.
         staged = sorted(stage.iterdir(), key=lambda p: (p.name == "config.json", p.name == SAFE_INDEX, p.name))
         for p in staged:

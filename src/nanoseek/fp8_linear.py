@@ -707,23 +707,34 @@ def fp8_param_targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return out
 
 
+def _entry_slot(target: tuple[nn.Module, str], expert: int | None,
+                rows: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+    """(fp8 weight, scales) of one checkpoint tensor inside an FP8 module (see fp8_param_targets)."""
+    module, part = target
+    if part == "weight":
+        return module.qweight, module.weight_scale_inv
+    which = "down" if part == "down" else ("gate" if rows is None or rows[0] == 0 else "up")
+    return module._slot(expert, which)
+
+
+def fp8_entry(target: tuple[nn.Module, str], expert: int | None,
+              rows: tuple[int, int] | None) -> tuple[Tensor, Tensor, int, torch.dtype]:
+    """One checkpoint tensor of an FP8 module as (fp8 codes, scales, block size, compute dtype): what
+    saving writes as it is, or dequantizes."""
+    q, s = _entry_slot(target, expert, rows)
+    return q, s, target[0].block_size, target[0].compute_dtype
+
+
 @torch.no_grad()
 def load_fp8_entry(target: tuple[nn.Module, str], tensor_name: str, reader, expert: int | None,
                    rows: tuple[int, int] | None, block: tuple[int, int]) -> None:
     """Fill one checkpoint tensor into an FP8 module: FP8 + scales read as stored (no dequant);
     a bf16/fp32 tensor is quantized on the way in."""
-    module, part = target
+    module = target[0]
     if block[0] != block[1] or block[0] != module.block_size:
         raise ValueError(f"{tensor_name}: FP8 block size {list(block)} does not match the module's "
                          f"{module.block_size}x{module.block_size}")
-    if part == "weight":
-        q_dst, s_dst = module.qweight, module.weight_scale_inv
-    else:
-        if part == "gate_up":
-            which = "gate" if rows is None or rows[0] == 0 else "up"
-        else:
-            which = "down"
-        q_dst, s_dst = module._slot(expert, which)
+    q_dst, s_dst = _entry_slot(target, expert, rows)
     if reader.dtype(tensor_name) == _FP8:
         scale_name = tensor_name + "_scale_inv"
         if scale_name not in reader.map:
