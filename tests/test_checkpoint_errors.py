@@ -183,3 +183,18 @@ def test_load_weights_into_checks_like_load_model(saved):
     with pytest.raises(CheckpointError, match=r"missing tensors \(1\)[\s\S]*o_proj.weight: checkpoint \[64, 128\]"):
         load_weights_into(model, saved)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was half-loaded
+
+
+def test_load_weights_into_keeps_the_models_own_mtp_when_the_checkpoint_has_none(saved):
+    from nanoseek.checkpoint import load_weights_into
+
+    L = nanoseek.preset("tiny").num_hidden_layers
+    _edit(saved, lambda t: [t.pop(n) for n in [n for n in t if n.startswith(f"model.layers.{L}.")]])
+    source = nanoseek.load_model("tiny")  # what `saved` holds
+    model = nanoseek.load_model("tiny", seed=1)
+    own = lambda k: "embed_tokens" not in k and "shared_head.head" not in k  # noqa: E731 (those are shared)
+    mtp_before = {k: v.clone() for k, v in model.model.layers[L].state_dict().items() if own(k)}
+    load_weights_into(model, saved)
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, source.model.layers[0].self_attn.o_proj.weight)
+    assert all(torch.equal(v, mtp_before[k]) for k, v in model.model.layers[L].state_dict().items() if own(k))
+    assert len(mtp_before) > 5

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.rl.loss import group_advantages, kl_k3, policy_loss
 from nanoseek.config import ConfigError
 from nanoseek.rl.tasks import (ArithmeticTask, CountdownTask, FileTask, Problem, R1_ZERO_TEMPLATE, RewardConfig,
                                get_task)
-from nanoseek.rl.verify import countdown_correct, evaluate_expression, extract_answer, has_r1_format, numbers_equal
+from nanoseek.rl.verify import (ParseError, countdown_correct, evaluate_expression, extract_answer, has_r1_format,
+                                numbers_equal)
 
 
 # ---- loss ----------------------------------------------------------------------------------------
@@ -251,3 +256,217 @@ def test_base_corpus_mixes_worked_and_glance_answers_and_never_holds_a_test_ques
         assert has_r1_format(d.split("Assistant:")[-1])
         a, b = (int(x) for x in q.removeprefix("What is ").removesuffix("?").split(" + "))
         assert task.is_correct(Problem(q, str(a + b)), d.split("Assistant:")[-1])
+
+
+# ---- untrusted model output never raises ---------------------------------------------------------
+
+@pytest.mark.parametrize("fn,args", [
+    (countdown_correct, ("2 + ²", [2, 2], 4)),  # "²".isdigit() is True, int("²") raises
+    (countdown_correct, ("³ * ¹", [3, 1], 3)),
+    (countdown_correct, ("፩ + 1", [1, 1], 2)),  # an Ethiopic digit: isdigit, not a decimal
+    (numbers_equal, ("٣", "3")),  # Arabic-Indic and fullwidth digits are not ASCII numbers
+    (numbers_equal, ("３", "3")),
+    (numbers_equal, ("²", "2")),
+])
+def test_non_ascii_digits_score_zero_instead_of_raising(fn, args):
+    assert fn(*args) is False
+
+
+def _task_problems():
+    out = [(t, t.problems("train", 1)[0]) for t in (ArithmeticTask(), CountdownTask())]
+    file_task = FileTask.__new__(FileTask)  # without a file: only its checker is used
+    return out + [(file_task, Problem("q", "42")), (file_task, Problem("q", "Paris"))]
+
+
+_TASK_PROBLEMS = _task_problems()
+# any character, often the ones the parsers look at (digits of every kind, operators, tags)
+_PIECES = st.one_of(st.characters(), st.sampled_from(list("0123456789+-*/()=.,x ×÷−²³¹½٣３፩")
+                                                     + ["<answer>", "</answer>", "<think>", "</think>"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(_PIECES, max_size=60).map("".join),
+       wrap=st.sampled_from(["{}", "<answer>{}</answer>", "<think> a </think> <answer>{}</answer>"]))
+def test_any_completion_gets_a_reward_in_range_and_never_raises(text, wrap):
+    completion = wrap.format(text)
+    cfg = RewardConfig()
+    for task, p in _TASK_PROBLEMS:
+        assert 0.0 <= task.reward(p, completion, cfg) <= cfg.correct + cfg.format
+        assert isinstance(task.is_correct(p, completion), bool)
+    assert isinstance(countdown_correct(text, [1, 2, 3], 6), bool)
+    assert isinstance(numbers_equal(text, "42"), bool)
+    try:
+        evaluate_expression(text)
+    except ParseError:
+        pass
+
+
+# ---- GRPO config and command line ----------------------------------------------------------------
+
+def test_grpo_config_rejects_bad_grad_clip_keep_checkpoints_and_intervals():
+    GRPOConfig(model="x", grad_clip=0.0).validate()  # 0 = no clipping, as in training
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"`grad_clip` must be >= 0 \(0 = no clipping\)"):
+            GRPOConfig(model="x", grad_clip=bad).validate()
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ConfigError, match="`keep_checkpoints` must be an integer >= 1"):
+            GRPOConfig(model="x", keep_checkpoints=bad).validate()
+    for name in ("eval_interval", "ckpt_interval"):
+        GRPOConfig(model="x", **{name: 0}).validate()
+        with pytest.raises(ConfigError, match=f"`{name}` must be an integer >= 0"):
+            GRPOConfig(model="x", **{name: -1}).validate()
+
+
+def test_grpo_resume_without_out_reads_the_saved_config(tmp_path, monkeypatch, capsys):
+    import json
+
+    from nanoseek.cli import main
+    from nanoseek.rl import grpo
+
+    seen = []
+
+    class FakeTrainer:
+        def __init__(self, cfg, resume, show_progress):
+            seen.append((cfg, resume))
+            self.run_dir = Path(cfg.out_dir)
+
+        def fit(self):
+            return {}
+
+    monkeypatch.setattr(grpo, "GRPOTrainer", FakeTrainer)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "grpo"
+    run.mkdir(parents=True)
+    (run / "grpo_config.json").write_text(json.dumps({"model": "m", "task": "countdown", "steps": 7,
+                                                      "grad_clip": 0.5, "out_dir": "runs/grpo"}))
+    assert main(["grpo", "m", "--resume", "--quiet"]) == 0
+    assert (seen[-1][0].task, seen[-1][0].steps, seen[-1][0].grad_clip, seen[-1][1]) == ("countdown", 7, 0.5, True)
+    assert main(["grpo", "m", "--resume", "--steps", "9", "--quiet"]) == 0  # flags override the saved run
+    assert (seen[-1][0].task, seen[-1][0].steps) == ("countdown", 9)
+    assert main(["grpo", "m", "--quiet"]) == 0  # a new run starts from the defaults
+    assert (seen[-1][0].task, seen[-1][0].steps) == (GRPOConfig.task, GRPOConfig.steps)
+    (run / "grpo_config.json").write_text("{not json")
+    assert main(["grpo", "m", "--resume", "--quiet"]) == 2
+    assert "grpo_config.json is not valid JSON" in capsys.readouterr().err
+
+
+# ---- GRPO on a tiny random model -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random model directory with a byte-level BPE tokenizer (seconds to build)."""
+    import nanoseek
+    from conftest import randomize
+    from nanoseek.checkpoint import save_model
+    from nanoseek.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-rl")
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    randomize(model, 4, bias_std=0.05)
+    save_model(model, d)
+    text = ["What is 12 + 34? <think> 2 + 4 = 6 , 1 + 3 = 4 </think> <answer> 46 </answer> " * 20]
+    train_tokenizer(text, vocab_size=model.config.vocab_size, show_progress=False).save(d)
+    return d
+
+
+def _tiny_grpo(model_dir, out, **kw) -> GRPOTrainer:
+    kw = {"task": "arithmetic:digits=1-2,ops=+", "steps": 1, "prompts_per_step": 2, "group_size": 4,
+          "max_new_tokens": 8, "lr": 1e-2, "eval_interval": 0, "ckpt_interval": 0, **kw}
+    cfg = GRPOConfig(model=str(model_dir), out_dir=str(out), **kw)
+    t = GRPOTrainer(cfg, show_progress=False)
+    t.task.reward = lambda p, text, cfg=None: float(len(text) % 3)  # rewards that differ within a group
+    return t
+
+
+def test_grad_clip_zero_means_no_clipping(tiny_dir, tmp_path):
+    weights = []
+    for clip in (0.0, 1e30):  # 0 once zeroed every gradient: the policy never moved
+        t = _tiny_grpo(tiny_dir, tmp_path / f"g{clip}", grad_clip=clip)
+        before = {k: v.clone() for k, v in t.model.state_dict().items()}
+        assert not t.train_step().get("skipped")
+        weights.append(t.model.state_dict())
+    assert any(not torch.equal(weights[0][k], before[k]) for k in before)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in before)
+
+
+def test_grpo_config_json_is_written_atomically(tiny_dir, tmp_path, monkeypatch):
+    import builtins
+    import errno
+    import io
+
+    run = tmp_path / "g"
+    _tiny_grpo(tiny_dir, run)
+    saved = (run / "grpo_config.json").read_text()
+    real_open = builtins.open
+
+    class DiskFull:  # writes half of what it is given, then fails like a full disk (or a kill)
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return DiskFull(f) if "grpo_config.json" in str(file) and ("w" in mode or "a" in mode) else f
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    monkeypatch.setattr(io, "open", failing_open)
+    with pytest.raises(OSError, match="No space left"):
+        _tiny_grpo(tiny_dir, run, steps=2)
+    monkeypatch.undo()
+    assert (run / "grpo_config.json").read_text() == saved  # the previous config, whole
+    assert not list(run.glob(".grpo_config.json.*"))
+
+
+# ---- the recipe's base stage ---------------------------------------------------------------------
+
+def test_recipe_resumes_an_unfinished_base_stage_and_reuses_a_finished_one(tmp_path, monkeypatch):
+    import nanoseek.train
+    from nanoseek.rl import grpo
+    from nanoseek.rl.recipe import RecipeSettings, run_r1_zero
+
+    class BaseTrained(Exception):
+        pass
+
+    class GRPOStarted(Exception):
+        pass
+
+    calls = []
+
+    def fake_trainer(cfg, resume=False, show_progress=True):
+        calls.append((cfg.max_steps, resume))
+        raise BaseTrained
+
+    def fake_grpo(*args, **kwargs):
+        raise GRPOStarted
+
+    monkeypatch.setattr(nanoseek.train, "Trainer", fake_trainer)
+    monkeypatch.setattr(grpo, "GRPOTrainer", fake_grpo)
+    s = RecipeSettings(base_examples=20, base_steps=8)
+    base = tmp_path / "base"
+
+    def checkpoint(step):  # what a base run killed after its step-N checkpoint leaves behind
+        (base / "checkpoints" / f"step-{step:06d}" / "trainer_state").mkdir(parents=True)
+        (base / "checkpoints" / f"step-{step:06d}" / "trainer_state" / "state.json").write_text('{"step": %d}' % step)
+        (base / "model.safetensors").write_bytes(b"published from the first checkpoint on")
+
+    with pytest.raises(BaseTrained):
+        run_r1_zero(tmp_path, settings=s, show_progress=False)
+    assert calls == [(8, False)]
+    checkpoint(2)
+    with pytest.raises(BaseTrained):  # interrupted at step 2 of 8: resumed, not taken for finished
+        run_r1_zero(tmp_path, settings=s, show_progress=False)
+    assert calls[-1] == (8, True)
+    checkpoint(8)
+    with pytest.raises(GRPOStarted):  # the base run checkpointed its last step: reused
+        run_r1_zero(tmp_path, settings=s, show_progress=False)
+    assert len(calls) == 2

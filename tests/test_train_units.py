@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import resource
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +97,137 @@ def test_train_config_validation():
     with pytest.raises(ConfigError, match="`seq_len` must be an integer >= 1"):
         TrainConfig(seq_len=0).validate()
     assert math.isclose(TrainConfig().mtp_lambda_switch, 10 / 14.8)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("device", "foo"), ("device", "cuda:x"), ("threads", -3), ("eps", -1.0), ("eps", 0.0), ("init_std", -1.0),
+    ("fp8_backend", "foo"), ("sample_tokens", -1), ("lr", "0.1"), ("lr", float("nan")), ("seq_len", True),
+    ("seed", -1), ("split_seed", 1.5), ("data", "a.txt"), ("data", [1]), ("add_bos", "yes"), ("tokenizer", 3),
+    ("model", ""), ("weight_decay", -0.1), ("mtp_lambda", -1.0), ("bias_update_gamma", -1.0),
+    ("peak_tflops", float("inf")), ("compile", 1),
+])
+def test_train_config_checks_every_setting_type_and_range(field, value):
+    with pytest.raises(ConfigError, match=f"`{field}`"):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_train_config_accepts_defaults_and_json_numbers():
+    TrainConfig().validate()
+    TrainConfig(lr=1, device="cpu", threads=2, data=["a.txt"], tokenizer=None).validate()  # JSON writes 1.0 as 1
+
+
+def test_train_config_load_names_a_directory_or_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        TrainConfig.load(tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        TrainConfig.load(tmp_path / "missing.json")
+    (tmp_path / "latin1.json").write_bytes(b'{"model": "\xe9"}')
+    with pytest.raises(ConfigError, match="cannot read"):
+        TrainConfig.load(tmp_path / "latin1.json")
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "a.txt").write_text("def foo(x):\n    return x + 1\n" * 200)
+    return tmp_path / "a.txt"
+
+
+BAD_TRAIN_FLAGS = [
+    (["--device", "foo"], "`device`"), (["--threads", "-3"], "`threads`"), (["--eps", "-1"], "`eps`"),
+    (["--init-std", "-1"], "`init_std`"), (["--fp8", "--fp8-backend", "foo"], "`fp8_backend`"),
+    (["--sample-tokens", "-1"], "`sample_tokens`"), (["--config", "DIR"], "is a directory"),
+    (["--config", "LR_JSON"], "`lr`"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_TRAIN_FLAGS)
+def test_cli_bad_train_values_fail_up_front_with_one_line(tiny_corpus, tmp_path, capsys, flags, message):
+    from nanoseek.cli import main
+
+    (tmp_path / "lr.json").write_text('{"lr": "0.1"}')
+    flags = [{"DIR": str(tmp_path), "LR_JSON": str(tmp_path / "lr.json")}.get(f, f) for f in flags]
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "tiny", "--data", str(tiny_corpus), "--out", str(out), "--seq-len", "16",
+               "--batch-size", "2", "--steps", "1", "--eval-batches", "1", "--val-fraction", "0", "--peak-tflops", "1",
+               "--quiet", "--no-tensorboard", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("nanoseek train: error: ") and message in err[0], err
+    assert not out.exists()  # failed before any work (sample_tokens used to fail after the whole run)
+
+
+def test_cli_keeps_tracebacks_for_internal_errors(tiny_corpus, tmp_path, monkeypatch):
+    from nanoseek.cli import main
+    from nanoseek.train import trainer
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", bug)
+    with pytest.raises(RuntimeError, match="internal bug"):
+        main(["train", "--model", "tiny", "--data", str(tiny_corpus), "--out", str(tmp_path / "run")])
+
+
+def test_sft_default_out_dir_for_dot_and_dotdot(tmp_path, monkeypatch, capsys):
+    from nanoseek.cli import main
+    from nanoseek.train import cli as train_cli
+
+    seen = []
+    monkeypatch.setattr(train_cli, "_cmd_train", lambda args: seen.append(args.out_dir) or 0)
+    (tmp_path / "base" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "base")
+    assert main(["sft", ".", "--data", "chat.jsonl"]) == 0
+    monkeypatch.chdir(tmp_path / "base" / "sub")
+    assert main(["sft", "..", "--data", "chat.jsonl"]) == 0
+    assert main(["sft", "../sub/", "--data", "chat.jsonl"]) == 0
+    assert seen == [str(tmp_path / "base-sft"), str(tmp_path / "base-sft"), str(Path("../sub-sft"))]
+    assert main(["sft", "/", "--data", "chat.jsonl"]) == 2
+    assert "pass --out" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def disk_fills_after(nbytes: int):
+    """Writes past `nbytes` into any file fail (EFBIG), as on a full disk: a write that truncated
+    its target first leaves it torn."""
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_failed_train_config_write_keeps_the_old_file(tiny_corpus, tmp_path, monkeypatch):
+    from nanoseek.train.trainer import Trainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    old = TrainConfig(model="tiny", data=[str(tiny_corpus)], out_dir=str(out), seq_len=16, batch_size=2)
+    (out / "train_config.json").write_text(json.dumps(old.to_dict(), indent=2) + "\n")
+    stack = contextlib.ExitStack()
+
+    def fill_disk(self):  # called just before train_config.json is written
+        stack.enter_context(disk_fills_after(64))
+        return 1.0
+
+    monkeypatch.setattr(Trainer, "_peak_tflops", fill_disk)
+    cfg = TrainConfig(**{**old.to_dict(), "max_steps": 7, "val_fraction": 0.0, "tensorboard": False})
+    with stack, pytest.raises(OSError):
+        Trainer(cfg, show_progress=False)
+    assert TrainConfig.load(out / "train_config.json") == old
+
+
+def test_metrics_resume_truncation_is_atomic(tmp_path):
+    from nanoseek.train.metrics import MetricsLogger, read_metrics
+
+    rows = [{"step": s, "loss": 1.0 / s, "pad": "x" * 40} for s in range(1, 6)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 6, "lo')  # torn by a kill
+    with disk_fills_after(64), pytest.raises(OSError):
+        MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]  # nothing lost
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=3).close()
+    assert read_metrics(tmp_path) == rows[:3]
+    assert not list(tmp_path.glob(".metrics.jsonl.*"))  # no temporary files left behind

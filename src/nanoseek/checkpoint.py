@@ -543,6 +543,12 @@ def load_weights_into(model: DeepseekV3ForCausalLM, directory: str | os.PathLike
     cfg = model.config
     block = tuple((cfg.quantization_config or {}).get("weight_block_size", [128, 128]))
     entries = checkpoint_entries(cfg)
+    L = cfg.num_hidden_layers
+    if cfg.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{L}.") for n in reader.names()):
+        # a checkpoint written by transformers has no MTP block: fine-tuning starts it from the
+        # model's own initialization (load_model drops it instead)
+        log.warning("%s holds no MTP weights (model.layers.%d.*); keeping the model's own", directory, L)
+        entries = [e for e in entries if not e.name.startswith(f"model.layers.{L}.")]
     _check_layout(cfg, _meta_model(cfg), reader, entries, strict=True)
     _copy_weights(model, reader, entries, block)
 

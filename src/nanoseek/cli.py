@@ -61,11 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .engine.sampling import SamplingError
     from .tokenizer import TokenizerError
 
+    # The library's own user-facing errors, plus OS errors about a path the user gave. Anything else
+    # (ValueError, RuntimeError, ...) is a bug and keeps its traceback.
+    user_errors = (ConfigError, CheckpointError, DataError, TokenizerError, SamplingError,
+                   FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError, DataError, TokenizerError, FileNotFoundError) as e:
+    except user_errors as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

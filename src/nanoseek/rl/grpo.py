@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..io_utils import atomic_write_text
 from .loss import VARIANTS, group_advantages, policy_loss
 from .tasks import RewardConfig, Task, get_task
 
@@ -45,7 +46,7 @@ class GRPOConfig:
     temperature: float = 1.0
     lr: float = 1e-4
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     mu: int = 1  # policy updates per rollout batch
     variant: str = "grpo"  # grpo | dr_grpo | dapo
     eps_low: float = 0.2
@@ -65,15 +66,23 @@ class GRPOConfig:
     def validate(self) -> "GRPOConfig":
         if self.variant not in VARIANTS:
             raise ConfigError(f"`variant` must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "eval_problems"):
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "eval_problems",
+                     "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"`{name}` must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("eval_interval", "ckpt_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"`{name}` must be an integer >= 0 (0 = never), got {getattr(self, name)!r}")
         if self.group_size < 2:
             raise ConfigError("`group_size` must be >= 2: advantages are relative within a group")
         if self.temperature <= 0:
             raise ConfigError("`temperature` must be > 0 for rollouts (greedy samples would all be equal)")
         if self.beta < 0 or self.lr <= 0:
             raise ConfigError("`beta` must be >= 0 and `lr` > 0")
+        # as in training: 0 turns clipping off; clip_grad_norm_ would zero every gradient at 0 and
+        # flip its sign below 0
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"`grad_clip` must be >= 0 (0 = no clipping), got {self.grad_clip}")
         return self
 
 
@@ -128,7 +137,8 @@ class GRPOTrainer:
             self.step = load_trainer_state(ckpts[-1][1], self.model, self.optimizer)["step"]
         self.engine = Engine(self.model, tokenizer=self.tokenizer, fast=False, seed=cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        # atomically: `--resume` reads it back, and a torn file would stop the run
+        atomic_write_text(self.run_dir / "grpo_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             from ..train.metrics import MetricsLogger
@@ -217,7 +227,8 @@ class GRPOTrainer:
                                       max_len=cfg.max_new_tokens)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # 0 = no clipping
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             self.optimizer.step()
         rec.update(loss=stats.loss, kl=stats.kl, clip_fraction=stats.clip_fraction, ratio_mean=stats.ratio_mean,
                    entropy=float((entropy.detach() * mask).sum() / mask.sum()), n_trained=len(keep),

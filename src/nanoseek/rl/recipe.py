@@ -14,9 +14,10 @@
    tells the model which habit is better; the reward does, and GRPO shifts it to working the sum
    out, so responses get longer as accuracy rises (R1-Zero's "thinking longer", in miniature).
 
-Both stages resume: a finished base model is reused, an interrupted GRPO run continues from its
-newest checkpoint. It writes `report.md` (the before/after table) and `grpo/grpo.png` (reward,
-response length, held-out accuracy). `--quick` runs a few-minute smoke version of the pipeline.
+Both stages resume: a finished base model is reused, an interrupted base or GRPO run continues
+from its newest checkpoint. It writes `report.md` (the before/after table) and `grpo/grpo.png`
+(reward, response length, held-out accuracy). `--quick` runs a few-minute smoke version of the
+pipeline.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io_utils import atomic_write_text
 from .tasks import ArithmeticTask, Problem, get_task
 
 RECIPE_TASK = "arithmetic:digits=1-2,ops=+"
@@ -111,7 +113,10 @@ def run_r1_zero(out: str | Path, quick: bool = False, show_progress: bool = True
     out = Path(out)
     t0 = time.perf_counter()
     base_dir = out / "base"
-    if not (base_dir / "model.safetensors").exists():
+    # Finished = the base run checkpointed its last step (the trainer always does). Not the presence
+    # of base/model.safetensors: every checkpoint publishes one, the first included.
+    base_ckpts = list_checkpoints(base_dir)
+    if not base_ckpts or base_ckpts[-1][0] < s.base_steps:
         corpus = out / "data" / "arithmetic.jsonl"
         if not corpus.exists():
             write_base_corpus(corpus, s.base_examples, worked_fraction=s.worked_fraction)
@@ -119,7 +124,7 @@ def run_r1_zero(out: str | Path, quick: bool = False, show_progress: bool = True
                             batch_size=s.base_batch, max_steps=s.base_steps, lr=s.base_lr,
                             warmup_steps=min(20, s.base_steps // 10 + 1), eval_interval=s.base_steps,
                             ckpt_interval=max(1, s.base_steps // 4), tensorboard=False, sample_tokens=0, seed=0),
-                resume=bool(list_checkpoints(base_dir)), show_progress=show_progress).fit()
+                resume=bool(base_ckpts), show_progress=show_progress).fit()
     t_base = time.perf_counter() - t0
     cfg = GRPOConfig(model=str(base_dir), task=RECIPE_TASK, out_dir=str(out / "grpo"), steps=s.grpo_steps,
                      prompts_per_step=s.prompts_per_step, group_size=s.group_size, max_new_tokens=s.max_new_tokens,
@@ -152,6 +157,6 @@ def run_r1_zero(out: str | Path, quick: bool = False, show_progress: bool = True
         f"{sum(lengths[-k:]) / k:.1f} | |\n\n"
         "![reward, response length and held-out accuracy](grpo/grpo.png)\n"
     )
-    (out / "report.md").write_text(report, encoding="utf-8")
+    atomic_write_text(out / "report.md", report)
     return {"before": before, "after": after, "minutes": t_total / 60, "history": history, "report": report}
 

@@ -177,7 +177,7 @@ class FileTask(Task):
         got = extract_answer(completion)
         if got is None:
             return False
-        if re.fullmatch(r"\s*-?[\d,]+(\.\d+)?\s*", problem.answer):
+        if re.fullmatch(r"\s*-?[0-9,]+(\.[0-9]+)?\s*", problem.answer):  # as numbers_equal parses them
             return numbers_equal(got, problem.answer)
         return got.strip() == problem.answer.strip()
 

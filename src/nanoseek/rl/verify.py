@@ -3,6 +3,8 @@
 Model output is untrusted text. Nothing here calls `eval`, `exec` or `int()` on unbounded input:
 numbers are limited in length, expressions in size and nesting, and arithmetic is exact
 (`fractions.Fraction`), so huge numbers, division by zero and injection attempts score 0 safely.
+Digits are ASCII 0-9 only: `str.isdigit` and `\\d` also accept superscripts and other scripts'
+digits, some of which `int()` rejects ("²"), so any text a model writes scores, never raises.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ def has_r1_format(text: str) -> bool:
 
 
 def parse_number(text: str) -> Fraction:
-    """An integer or decimal (optionally negative, with , thousands separators), exactly."""
+    """An integer or decimal in ASCII digits (optionally negative, with , thousands separators), exactly."""
     s = text.strip().replace(",", "")
-    if not re.fullmatch(r"-?\d{1,%d}(\.\d{1,%d})?" % (MAX_NUMBER_DIGITS, MAX_NUMBER_DIGITS), s):
+    if not re.fullmatch(r"-?[0-9]{1,%d}(\.[0-9]{1,%d})?" % (MAX_NUMBER_DIGITS, MAX_NUMBER_DIGITS), s):
         raise ParseError(f"not a number: {text[:40]!r}")
     return Fraction(s)
 
@@ -59,7 +61,7 @@ class _Parser:
         if len(text) > MAX_EXPR_CHARS:
             raise ParseError("expression too long")
         text = text.replace("×", "*").replace("÷", "/").replace("−", "-").replace("x", "*")
-        self.tokens = re.findall(r"\d+|[-+*/()]|\S", text)
+        self.tokens = re.findall(r"[0-9]+|[-+*/()]|\S", text)
         self.pos = 0
         self.numbers: list[int] = []
 
@@ -109,7 +111,7 @@ class _Parser:
             if self.take() != ")":
                 raise ParseError("missing )")
             return value
-        if tok.isdigit():
+        if tok.isascii() and tok.isdigit():  # "²".isdigit() is True, but int("²") raises
             if len(tok) > MAX_NUMBER_DIGITS:
                 raise ParseError("number too long")
             self.numbers.append(int(tok))

@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from ..config import ConfigError
 from .config import TrainConfig
 
 ALIASES = {"out_dir": ["--out"], "max_steps": ["--steps"]}
@@ -70,8 +71,13 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     args.init_from = args.base_model
     if args.model is None:
         args.model = args.base_model
-    if args.out_dir is None:
-        args.out_dir = str(Path(args.base_model).with_name(Path(args.base_model).name + "-sft"))
+    if args.out_dir is None:  # a sibling of the base model; "." and ".." have no name until resolved
+        base = Path(args.base_model)
+        if base.name in ("", ".."):
+            base = base.resolve()
+        if not base.name:
+            raise ConfigError(f"cannot name an output directory after {args.base_model!r}; pass --out")
+        args.out_dir = str(base.with_name(base.name + "-sft"))
     defaults = {"max_steps": 200, "lr": 3e-4, "warmup_steps": 10, "mtp_lambda": 0.0, "mtp_lambda_late": 0.0}
     for key, value in defaults.items():
         if getattr(args, key) is None:

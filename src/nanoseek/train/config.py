@@ -8,6 +8,7 @@ on matrices, clip 1.0, gamma = 0.001, alpha = 1e-4, MTP lambda 0.3 -> 0.1) and a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -73,16 +74,40 @@ class TrainConfig:
     peak_tflops: float = 0.0  # for MFU; 0 = measure (CPU) or look up (known GPUs)
 
     def validate(self) -> "TrainConfig":
+        """Check every field's type and range, so a bad value fails before any work, naming the field."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
 
+        for f in fields(self):  # types first: the range checks below compare values
+            v = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            if kind == "list[str]":
+                need(isinstance(v, list) and all(isinstance(x, str) for x in v),
+                     f"`{f.name}` must be a list of strings, got {v!r}")
+            elif kind == "str | None":
+                need(v is None or isinstance(v, str), f"`{f.name}` must be a string or null, got {v!r}")
+            elif kind == "float":  # JSON writes 1.0 as 1; bool is an int subclass but never a number here
+                need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                     f"`{f.name}` must be a finite number, got {v!r}")
+            elif kind == "int":
+                need(isinstance(v, int) and not isinstance(v, bool), f"`{f.name}` must be an integer, got {v!r}")
+            elif kind == "bool":
+                need(isinstance(v, bool), f"`{f.name}` must be true or false, got {v!r}")
+            else:
+                need(isinstance(v, str), f"`{f.name}` must be a string, got {v!r}")
+
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "keep_checkpoints"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, f"`{name}` must be an integer >= 1, got {v!r}")
-        for name in ("log_interval", "eval_interval", "ckpt_interval", "warmup_steps"):
+            need(v >= 1, f"`{name}` must be an integer >= 1, got {v!r}")
+        for name in ("log_interval", "eval_interval", "ckpt_interval", "warmup_steps", "threads", "sample_tokens"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v >= 0, f"`{name}` must be an integer >= 0, got {v!r}")
+            need(v >= 0, f"`{name}` must be an integer >= 0, got {v!r}")
+        for name in ("seed", "split_seed"):  # numpy seeds must be non-negative, torch's fit in 64 bits
+            v = getattr(self, name)
+            need(0 <= v < 2**63, f"`{name}` must be an integer in [0, 2**63), got {v!r}")
+        for name in ("model", "out_dir", "text_field"):
+            need(getattr(self, name) != "", f"`{name}` must not be empty")
         need(self.lr > 0, f"`lr` must be > 0, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, f"`min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
         need(self.schedule in ("cosine", "wsd"), f"`schedule` must be 'cosine' or 'wsd', got {self.schedule!r}")
@@ -90,9 +115,23 @@ class TrainConfig:
         need(self.balancing in ("aux_free", "aux_loss", "none"),
              f"`balancing` must be aux_free, aux_loss or none, got {self.balancing!r}")
         need(self.dtype in ("auto", "fp32", "bf16"), f"`dtype` must be auto, fp32 or bf16, got {self.dtype!r}")
+        need(self.fp8_backend in ("auto", "emulate", "cuda"),
+             f"`fp8_backend` must be auto, emulate or cuda, got {self.fp8_backend!r}")
         need(0 <= self.val_fraction < 1, f"`val_fraction` must be in [0, 1), got {self.val_fraction}")
-        need(self.grad_clip >= 0, f"`grad_clip` must be >= 0, got {self.grad_clip}")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "`beta1` and `beta2` must be in [0, 1)")
+        need(self.eps > 0, f"`eps` must be > 0, got {self.eps}")  # 0 divides 0 by 0 for an idle expert
+        need(self.init_std > 0, f"`init_std` must be > 0, got {self.init_std}")
+        for name in ("grad_clip", "weight_decay", "mtp_lambda", "mtp_lambda_late", "mtp_lambda_switch",
+                     "bias_update_gamma", "bias_update_stop", "seq_aux_alpha", "aux_loss_alpha", "peak_tflops"):
+            v = getattr(self, name)
+            need(v >= 0, f"`{name}` must be >= 0, got {v}")
+        if self.device != "auto":  # syntax only: whether that device exists is checked where it is used
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"`device` must be auto, cpu, cuda, cuda:N, mps, ..., got {self.device!r}") from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +149,13 @@ class TrainConfig:
     def load(cls, path: str | Path, missing: dict[str, Any] | None = None) -> "TrainConfig":
         """Read a JSON config; `missing` gives values for fields the file does not have."""
         try:
-            d = json.loads(Path(path).read_text())
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory; give the train_config.json file inside it") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from e
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
         if not isinstance(d, dict):

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..io_utils import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -35,14 +37,17 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
+        text = self.path.read_text(encoding="utf-8")
         keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill
-        self.path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+        kept = "".join(l + "\n" for l in keep)
+        if kept != text:  # atomic: a kill mid-rewrite must not lose the rows that stay
+            atomic_write_text(self.path, kept)
 
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, default=_jsonable) + "\n")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig, preset, PRESETS
+from ..io_utils import atomic_write_text
 from ..model import DeepseekV3ForCausalLM
 from .balance import RoutingRecorder, balance_loss, max_violation, update_correction_bias
 from .config import TrainConfig
@@ -54,6 +55,19 @@ def resolve_model_config(spec: str) -> ModelConfig:
     return ModelConfig.from_json_file(p)
 
 
+def _check_device(device: torch.device) -> None:
+    """Fail up front, as a user error, on a device this machine does not have."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"`device` {str(device)!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"`device` {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"`device` {str(device)!r}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"`device` {str(device)!r}: training supports cpu, cuda and mps")
+
+
 def measure_cpu_peak_tflops(n: int = 768, repeats: int = 3) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -71,6 +85,8 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         self.show_progress = show_progress
         self.resume_from: Path | None = None
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"`out_dir` {str(self.run_dir)!r} is a file, not a run directory")
         if resume:
             ckpts = list_checkpoints(self.run_dir)
             if not ckpts:
@@ -87,6 +103,14 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        _check_device(self.device)
+        if cfg.fp8:  # before any work: 'cuda' needs an FP8-capable GPU
+            from ..fp8_linear import resolve_backend
+
+            try:
+                resolve_backend(cfg.fp8_backend)
+            except ValueError as e:
+                raise ConfigError(f"`fp8_backend`: {e}") from None
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda"
                                            and torch.cuda.is_bf16_supported())
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
@@ -160,7 +184,8 @@ class Trainer:
         flops = summarize(mcfg, seq_len=cfg.seq_len)["flops"]
         self.flops_per_token = flops["training_per_token_with_mtp" if mcfg.num_nextn_predict_layers else "training_per_token"]
         self.peak_tflops = cfg.peak_tflops or self._peak_tflops()
-        (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        # atomic: a torn train_config.json would block `--resume`
+        atomic_write_text(self.run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.metrics = MetricsLogger(self.run_dir, cfg.tensorboard, resume_step=self.step if self.resume_from else None)
 
     def _save_tokenizer(self) -> None:
