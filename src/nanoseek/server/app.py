@@ -548,6 +548,31 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         return {"tokens": texts, "token_logprobs": [_finite(x) for x in lps], "top_logprobs": top,
                 "text_offset": offsets}
 
+    async def _events(tracker: Tracker, head: dict, opening: list[dict], choice_of: Callable[[SeqUpdate], dict | None],
+                      usage: Callable[[], dict] | None) -> AsyncIterator[str]:
+        """A streaming response's server-sent events: the opening chunks, one chunk per update that
+        has something to say (`choice_of`), a timeout or failure as an error event, the usage chunk
+        when asked for, and [DONE]."""
+        stream = tracker.stream
+        deadline = stream.arrival + config.request_timeout
+        for choice in opening:
+            yield _sse({**head, "choices": [choice]})
+        try:
+            while not tracker.done:
+                choice = choice_of(await _next(stream, deadline))
+                if choice is not None:
+                    yield _sse({**head, "choices": [choice]})
+        except (TimeoutError, asyncio.TimeoutError):
+            tracker.close("timeout")
+            yield _sse(error_body(408, f"The request did not finish within the server's timeout of "
+                                       f"{config.request_timeout:g} s.", None, "request_timeout"))
+        except GenerationFailed as e:
+            tracker.close("error")
+            yield _sse(error_body(500, str(e), None, "generation_failed"))
+        if usage is not None:
+            yield _sse({**head, "choices": [], "usage": usage()})
+        yield _sse("[DONE]")
+
     def _reasoning_tokens(tracker: Tracker) -> int:
         return sum(reasoning_token_count(s.ids, state.end_think_id, s.parser.saw_reasoning)
                    for s in tracker.seqs.values() if s.parser is not None)
@@ -590,40 +615,26 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
-            head = {**base, "object": "chat.completion.chunk"}
-            deadline = stream.arrival + config.request_timeout
-            for i in range(len(stream.seq_ids)):
-                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})
-            try:
-                while not tracker.done:
-                    u = await _next(stream, deadline)
-                    s, r, c = tracker.apply(u)
-                    delta = {}
-                    if r:
-                        delta["reasoning_content"] = r
-                    if c:
-                        delta["content"] = c
-                    choice = {"index": s.index, "delta": delta, "logprobs": None, "finish_reason": s.finish}
-                    if logprobs is not None and u.token_ids:
-                        choice["logprobs"] = _chat_logprobs(u.token_ids, u.logprobs or [], u.top_logprobs or [])
-                    if body.return_token_ids:
-                        choice["token_ids"] = u.token_ids
-                    if delta or s.finish or choice["logprobs"]:
-                        yield _sse({**head, "choices": [choice]})
-            except (TimeoutError, asyncio.TimeoutError):
-                tracker.close("timeout")
-                yield _sse(error_body(408, f"The request did not finish within the server's timeout of "
-                                           f"{config.request_timeout:g} s.", None, "request_timeout"))
-            except GenerationFailed as e:
-                tracker.close("error")
-                yield _sse(error_body(500, str(e), None, "generation_failed"))
-            if include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(tracker, lens, _reasoning_tokens(tracker))})
-            yield _sse("[DONE]")
+        head = {**base, "object": "chat.completion.chunk"}
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                   for i in range(len(stream.seq_ids))]
 
-        return EventStream(events(), on_close=lambda: tracker.close("abort"))
+        def choice_of(u: SeqUpdate) -> dict | None:
+            s, r, c = tracker.apply(u)
+            delta = {}
+            if r:
+                delta["reasoning_content"] = r
+            if c:
+                delta["content"] = c
+            choice = {"index": s.index, "delta": delta, "logprobs": None, "finish_reason": s.finish}
+            if logprobs is not None and u.token_ids:
+                choice["logprobs"] = _chat_logprobs(u.token_ids, u.logprobs or [], u.top_logprobs or [])
+            if body.return_token_ids:
+                choice["token_ids"] = u.token_ids
+            return choice if delta or s.finish or choice["logprobs"] else None
+
+        usage = (lambda: _usage(tracker, lens, _reasoning_tokens(tracker))) if include_usage else None
+        return EventStream(_events(tracker, head, opening, choice_of, usage), on_close=lambda: tracker.close("abort"))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -671,39 +682,23 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                                  "usage": _usage(tracker, lens)})
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
-            head = {**base, "object": "text_completion"}
-            deadline = stream.arrival + config.request_timeout
-            offsets = {}
-            for i in range(len(stream.seq_ids)):
-                pre = echo_text[i // n]
-                offsets[i] = len(pre)
-                if pre:
-                    yield _sse({**head, "choices": [{"index": i, "text": pre, "logprobs": None, "finish_reason": None}]})
-            try:
-                while not tracker.done:
-                    u = await _next(stream, deadline)
-                    s, _, c = tracker.apply(u)
-                    choice = {"index": s.index, "text": c, "logprobs": None, "finish_reason": s.finish}
-                    if logprobs is not None and u.token_ids:
-                        choice["logprobs"] = _completion_logprobs(u.token_ids, u.logprobs or [], u.top_logprobs or [],
-                                                                  [(0, 0)], len(c), offsets[s.index])
-                    offsets[s.index] += len(c)
-                    if body.return_token_ids:
-                        choice["token_ids"] = u.token_ids
-                    if c or s.finish or choice["logprobs"]:
-                        yield _sse({**head, "choices": [choice]})
-            except (TimeoutError, asyncio.TimeoutError):
-                tracker.close("timeout")
-                yield _sse(error_body(408, f"The request did not finish within the server's timeout of "
-                                           f"{config.request_timeout:g} s.", None, "request_timeout"))
-            except GenerationFailed as e:
-                tracker.close("error")
-                yield _sse(error_body(500, str(e), None, "generation_failed"))
-            if include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(tracker, lens)})
-            yield _sse("[DONE]")
+        head = {**base, "object": "text_completion"}
+        offsets = {i: len(echo_text[i // n]) for i in range(len(stream.seq_ids))}
+        opening = [{"index": i, "text": echo_text[i // n], "logprobs": None, "finish_reason": None}
+                   for i in range(len(stream.seq_ids)) if echo_text[i // n]]
 
-        return EventStream(events(), on_close=lambda: tracker.close("abort"))
+        def choice_of(u: SeqUpdate) -> dict | None:
+            s, _, c = tracker.apply(u)
+            choice = {"index": s.index, "text": c, "logprobs": None, "finish_reason": s.finish}
+            if logprobs is not None and u.token_ids:
+                choice["logprobs"] = _completion_logprobs(u.token_ids, u.logprobs or [], u.top_logprobs or [],
+                                                          [(0, 0)], len(c), offsets[s.index])
+            offsets[s.index] += len(c)
+            if body.return_token_ids:
+                choice["token_ids"] = u.token_ids
+            return choice if c or s.finish or choice["logprobs"] else None
+
+        usage = (lambda: _usage(tracker, lens)) if include_usage else None
+        return EventStream(_events(tracker, head, opening, choice_of, usage), on_close=lambda: tracker.close("abort"))
 
     return app
