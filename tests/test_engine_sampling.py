@@ -181,3 +181,23 @@ def test_speculative_sampling_matches_the_plain_sampler_distribution(kw):
         counts = torch.bincount(toks[:, pos], minlength=V).float()
         pv = _chi2_pvalue(counts, exact[pos - 1])
         assert pv > 1e-3, (pos, pv, counts / N, exact[pos - 1])
+
+
+def test_a_row_at_top_p_1_keeps_its_tail_next_to_a_top_p_row():
+    # [0, 0, -30]: the first two tokens' mass rounds to exactly 1.0 in fp32, so a cut at "mass
+    # before >= top_p" would drop the third token even at top_p = 1
+    logits = torch.tensor([[0.0, 0.0, -30.0]] * 2)
+    p = _proc([SamplingParams(top_p=1.0), SamplingParams(top_p=0.5)], vocab=3).probs(logits)
+    alone = _proc([SamplingParams(top_p=1.0)], vocab=3).probs(logits[:1])
+    assert p[0, 2] > 0 and torch.equal(p[0], alone[0]) and p[1, 2] == 0
+
+
+def test_engine_settings_of_the_wrong_kind_are_refused():
+    model = nanoseek.load_model("tiny")
+    engine = Engine(model)
+    for bad in (2.7, "2", None):
+        with pytest.raises(SamplingError, match="speculative must be"):
+            engine.generate([1, 2], max_tokens=2, speculative=bad)
+    for bad in (-5, 1, 3.5):
+        with pytest.raises(SamplingError, match="max_context must be an integer >= 2"):
+            Engine(model, max_context=bad)

@@ -351,6 +351,13 @@ def test_oversized_wrong_method_and_unknown_route(server):
     assert server.get("/health")[0] == 200
 
 
+def test_a_body_sent_as_another_content_type_is_told_to_send_json(server):
+    body = json.dumps({"model": "x", "prompt": "hi", "max_tokens": 1})
+    r = requests.post(server.base + "/completions", data=body, headers={**server.headers(), "Content-Type": "text/plain"})
+    assert r.status_code == 400
+    assert "Content-Type: application/json" in assert_error_schema(r.content)["message"]
+
+
 def test_a_client_gone_before_its_body_is_not_a_server_error(server):
     import socket
     from urllib.parse import urlparse
@@ -422,7 +429,8 @@ def test_schemathesis_fuzz_of_the_openapi_schema(server):
             seen["2xx"] += 1
             ctype = r.headers.get("content-type", "")  # schemathesis gives header values as lists
             if "text/event-stream" in (ctype if isinstance(ctype, str) else " ".join(ctype)):
-                assert r.text.rstrip().endswith("data: [DONE]")
+                # schemathesis stops reading a stream after a few events (stream_cut_short)
+                assert getattr(r, "stream_cut_short", False) or r.text.rstrip().endswith("data: [DONE]")
             else:
                 assert "choices" in r.json()
 

@@ -242,6 +242,9 @@ class Engine:
         # core without a per-step conversion, was tried: at 4096 tokens decode got ~20% slower,
         # reading twice the bytes costs more than converting a bf16 slice into cache-hot fp32.)
         self.cache_dtype = self.dtype
+        if max_context is not None and (not _is_int(max_context) or max_context < 2):
+            raise SamplingError(f"max_context must be an integer >= 2 (a prompt token and one to generate), "
+                                f"got {max_context!r}")
         self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.tokenizer = self._load_tokenizer(tokenizer)
         eos = self.config.eos_token_id
@@ -380,7 +383,9 @@ class Engine:
 
     # -- internals --------------------------------------------------------------------------------
     def _spec_k(self, speculative: bool | int) -> int:
-        k = int(speculative) if not isinstance(speculative, bool) else (1 if speculative else 0)
+        if not isinstance(speculative, (bool, int)):  # 2.7 drafts or "2" are mistakes, not 2
+            raise SamplingError(f"speculative must be True/False or a number of drafts >= 1, got {speculative!r}")
+        k = int(speculative)
         if k < 0:
             raise SamplingError(f"speculative must be True/False or a number of drafts >= 1, got {speculative}")
         if k and self.config.num_nextn_predict_layers < 1:

@@ -218,7 +218,9 @@ class LogitsProcessor:
             if self.use_topp:
                 sp = sorted_logits.softmax(dim=-1)
                 before = sp.cumsum(dim=-1) - sp  # probability mass strictly before each token
-                sorted_logits = sorted_logits.masked_fill(before >= self.top_p[:, None], float("-inf"))
+                # rows at top_p = 1 keep everything: their running sum may round to >= 1 before the tail
+                cut = (before >= self.top_p[:, None]) & (self.top_p < 1)[:, None]
+                sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter_(1, sorted_idx, sorted_logits)
         probs = logits.softmax(dim=-1)
         if self.use_minp:

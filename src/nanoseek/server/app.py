@@ -354,6 +354,9 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             return JSONResponse(error_body(400, msg, None, "json_invalid"), status_code=400)
         param = _param_of(first)
         msg = "; ".join(f"{_param_of(x) or 'body'}: {x.get('msg', 'invalid')}" for x in errs[:5])
+        ctype = request.headers.get("content-type", "")
+        if param is None and "json" not in ctype.lower():  # the body was never read as JSON
+            msg = f"Send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r}). {msg}"
         return JSONResponse(error_body(400, msg, param, first.get("type")), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
