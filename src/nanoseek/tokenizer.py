@@ -132,6 +132,7 @@ class Tokenizer:
         self.vocab_size: int = max(vocab.values()) + 1 if vocab else 0
         self._fingerprint: str | None = None
         self._byte_lengths = None
+        self._literal = None
 
     # ---- constructors ----------------------------------------------------------------------------
     @classmethod
@@ -181,9 +182,21 @@ class Tokenizer:
         return cls(tok, **kwargs)
 
     # ---- encoding --------------------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool = False, literal: bool = False) -> list[int]:
+        """Token ids of text; literal=True reads special-token text in it (`<｜Assistant｜>`, the EOS) as
+        plain characters, as for a chat message's content, so a message cannot forge turns.
+        `<think>` / `</think>` are content tokens and stay atomic either way."""
+        ids = (self._literal_tokenizer() if literal else self._tok).encode(text, add_special_tokens=False).ids
         return [self._need_bos(), *ids] if add_bos else ids
+
+    def _literal_tokenizer(self):
+        if self._literal is None:  # a copy: the flag is a property of the object, shared across threads
+            from tokenizers import Tokenizer as _HFTokenizer
+
+            lit = _HFTokenizer.from_str(self._tok.to_str())
+            lit.encode_special_tokens = True
+            self._literal = lit
+        return self._literal
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """Encode many texts in parallel (Rust threads); same ids as `encode` on each."""
@@ -214,8 +227,9 @@ class Tokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------
     def _chat_parts(self, messages: Sequence[dict], add_generation_prompt: bool, thinking: bool
-                    ) -> list[tuple[str, bool]]:
-        """The rendered template as (text, is_assistant_output) pieces, each piece next to a special token."""
+                    ) -> list[tuple[str, bool, bool]]:
+        """The rendered template as (text, is_assistant_output, is_message_content) pieces; every
+        content piece lies between special tokens."""
         if not isinstance(messages, (list, tuple)):
             raise TokenizerError("messages must be a list of {'role', 'content'} objects, "
                                  f"got {type(messages).__name__}")
@@ -227,33 +241,34 @@ class Tokenizer:
             if not isinstance(m.get("content"), str):
                 raise TokenizerError(f"message {i} ({m['role']}): 'content' must be a string, got {m.get('content')!r}")
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        parts: list[tuple[str, bool]] = [((self.bos_token or "") + system, False)]
+        parts: list[tuple[str, bool, bool]] = [(self.bos_token or "", False, False), (system, False, True)]
         for m in messages:
             if m["role"] == "user":
-                parts.append((USER + m["content"], False))
+                parts += [(USER, False, False), (m["content"], False, True)]
             elif m["role"] == "assistant":
-                parts += [(ASSISTANT, False), (m["content"], True), (self.eos_token, True)]
+                parts += [(ASSISTANT, False, False), (m["content"], True, True), (self.eos_token, True, False)]
         if add_generation_prompt:
-            parts.append((ASSISTANT + (THINK + "\n" if thinking else ""), False))
+            parts.append((ASSISTANT + (THINK + "\n" if thinking else ""), False, False))
         return parts
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                             thinking: bool = False) -> str:
         """DeepSeek-V3's chat format as a string (the jinja `CHAT_TEMPLATE` renders the same)."""
-        return "".join(text for text, _ in self._chat_parts(messages, add_generation_prompt, thinking))
+        return "".join(text for text, _, _ in self._chat_parts(messages, add_generation_prompt, thinking))
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                    thinking: bool = False) -> tuple[list[int], list[int]]:
+                    thinking: bool = False, literal: bool = False) -> tuple[list[int], list[int]]:
         """Token ids of `apply_chat_template(...)` and a 0/1 mask that is 1 on what the assistant
         writes: the content of each assistant turn and the <｜end▁of▁sentence｜> closing it (SFT labels).
 
         Each piece is bordered by special tokens, which the tokenizer never merges across, so the ids
-        equal `encode(apply_chat_template(messages, ...))`.
+        equal `encode(apply_chat_template(messages, ...))`; with literal=True, except that special-token
+        text inside a message's content is read as plain characters (what an API server wants).
         """
         ids: list[int] = []
         mask: list[int] = []
-        for text, learn in self._chat_parts(messages, add_generation_prompt, thinking):
-            piece = self.encode(text) if text else []
+        for text, learn, content in self._chat_parts(messages, add_generation_prompt, thinking):
+            piece = self.encode(text, literal=literal and content) if text else []
             ids += piece
             mask += [int(learn)] * len(piece)
         return ids, mask

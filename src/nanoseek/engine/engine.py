@@ -287,10 +287,7 @@ class Engine:
             if self.tokenizer is None:
                 raise SamplingError("a string prompt needs a tokenizer, and this model has none "
                                     "(no tokenizer.json in its directory): pass token ids, or tokenizer=PATH")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as e:  # a lone UTF-16 surrogate (e.g. from JSON "\ud800")
-                raise SamplingError(f"the prompt is not valid Unicode: {e.reason} at character {e.start}") from None
+            _check_unicode(prompt)
             ids = list(self.tokenizer.encode(prompt, add_bos=add_bos and getattr(self.tokenizer, "bos_id", None)
                                              is not None))
             source = "the tokenizer gave ids outside the model's vocabulary"
@@ -302,6 +299,9 @@ class Engine:
                                     f"{type(prompt).__name__} {str(prompt)[:80]}")
             ids = [int(i) for i in prompt]
             source = "token ids must be in"
+        return self._in_vocabulary(ids, source)
+
+    def _in_vocabulary(self, ids: list[int], source: str) -> list[int]:
         V = self.config.vocab_size
         bad = [i for i in ids if not 0 <= i < V]
         if bad:
@@ -348,7 +348,12 @@ class Engine:
         if self.tokenizer is None or not hasattr(self.tokenizer, "apply_chat_template"):
             raise SamplingError("chat needs a tokenizer with a chat template")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
-        return self.encode(text, add_bos=False)
+        if not hasattr(self.tokenizer, "encode_chat"):
+            return self.encode(text, add_bos=False)
+        _check_unicode(text)
+        # message content is text: special tokens written in it do not become turns (as OpenAI's API)
+        ids, _ = self.tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=thinking, literal=True)
+        return self._in_vocabulary(ids, "the tokenizer gave ids outside the model's vocabulary")
 
     def warm_up(self, max_batch: int = 8, speculative: int = 0) -> int:
         """With `compile=True`: compile every decode-step shape now rather than at the first request
@@ -610,6 +615,13 @@ class Engine:
                     break
         if committed is not None:  # penalties count what was emitted
             proc.update(torch.tensor(committed, device=toks.device))
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone UTF-16 surrogate (e.g. from JSON "\ud800")
+        raise SamplingError(f"the prompt is not valid Unicode: {e.reason} at character {e.start}") from None
 
 
 def _is_int(x) -> bool:
