@@ -178,6 +178,22 @@ def test_top_logprobs_are_per_row_in_a_batch_and_streamed(engine):
         assert [x for c in mine for x in c.logprobs] == res[i].logprobs
 
 
+def test_prompt_logprobs_score_what_generate_produced(engine):
+    # one full forward over prompt + output agrees with the logprobs the decode path reported
+    r = engine.generate(PROMPTS[0], max_tokens=5, temperature=0, logprobs=3, ignore_eos=True)
+    for chunk in (512, 2):  # the head in one piece and in pieces
+        ids, lps, tops = engine.prompt_logprobs(PROMPTS[0] + r.token_ids, top=3, chunk=chunk)
+        n = len(PROMPTS[0])
+        assert ids == PROMPTS[0] + r.token_ids and lps[0] is None and tops[0] is None
+        assert lps[n:] == pytest.approx(r.logprobs, abs=TOL)
+        assert [list(t) for t in tops[n:]] == [list(t) for t in r.top_logprobs]
+        assert all(x <= 0 for x in lps[1:]) and all(len(t) == 3 for t in tops[1:])
+    with pytest.raises(SamplingError, match="top must be"):
+        engine.prompt_logprobs(PROMPTS[0], top=-1)
+    with pytest.raises(SamplingError, match="empty"):
+        engine.prompt_logprobs([])
+
+
 # ---- the fast path -----------------------------------------------------------------------------
 
 def test_prepacked_fast_path_matches_plain_and_leaves_training_alone(monkeypatch):

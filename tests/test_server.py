@@ -178,6 +178,37 @@ def test_logprobs(client, engine):
     assert all(len(t) <= 2 for t in lp.top_logprobs)
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, engine):
+    # what loglikelihood evaluation (lm-evaluation-harness' completions models) sends
+    prompt = "Hello world! How are you today?"
+    ids, lps, tops = one_thread(lambda: engine.prompt_logprobs(prompt, 2))
+    r = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    c = r.choices[0]
+    lp = c.logprobs
+    assert c.text == prompt and len(lp.tokens) == len(ids) == r.usage.prompt_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(lps[1:], abs=1e-4)
+    assert all(len(t) == 2 and max(t.values()) >= x - 1e-6 for t, x in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    for token, off in zip(lp.tokens[1:], lp.text_offset[1:]):  # after the BOS: each token sits at its offset
+        assert prompt[off:].startswith(token), (token, off)
+    # and the generated tokens follow, scored as generate scores them: the prompt + completion,
+    # scored in one forward, agree with the decode path's logprobs
+    kw = dict(model="tiny-test", prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0,
+              extra_body={"ignore_eos": True, "return_token_ids": True})
+    whole = client.completions.create(**kw).choices[0]
+    gen = whole.model_extra["token_ids"]
+    assert whole.logprobs.tokens[:len(ids)] == lp.tokens and len(whole.logprobs.tokens) == len(ids) + 3
+    _, again, _ = one_thread(lambda: engine.prompt_logprobs(ids + gen, 0))
+    assert whole.logprobs.token_logprobs[len(ids):] == pytest.approx(again[len(ids):], abs=1e-4)
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for ch in client.completions.create(**kw, stream=True):
+        for part in ch.choices:
+            if part.logprobs is not None:
+                for k in streamed:
+                    streamed[k] += getattr(part.logprobs, k)
+    assert streamed == {k: getattr(whole.logprobs, k) for k in streamed}
+
+
 @pytest.mark.parametrize("echo", [False, True])
 def test_completion_text_offsets_index_the_returned_text(client, echo):
     # Random weights emit special tokens (skipped in the text) and partial UTF-8 bytes: a token's
@@ -193,10 +224,11 @@ def test_completion_text_offsets_index_the_returned_text(client, echo):
             if c.logprobs is not None:
                 parts.setdefault(c.index, []).extend(c.logprobs.text_offset)
     for c in whole.choices:
-        off = c.logprobs.text_offset
-        assert len(off) == 24 and off == parts[c.index] and texts[c.index] == c.text
+        off = c.logprobs.text_offset  # with echo, the prompt's tokens come first
+        assert off == parts[c.index] and texts[c.index] == c.text
         assert off == sorted(off) and all(0 <= o <= len(c.text) for o in off)
-        assert off[0] == (len(["hi", "Hello there"][c.index]) if echo else 0)
+        assert off[-24] == (len(["hi", "Hello there"][c.index]) if echo else 0)
+        assert len(off) == 24 + (len(c.logprobs.tokens) - 24 if echo else 0) and (len(off) > 24) == echo
 
 
 def test_chat_content_is_text_not_control_tokens(client, engine):

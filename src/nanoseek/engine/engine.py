@@ -381,6 +381,36 @@ class Engine:
                         calls += 1
         return calls
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: Prompt, top: int = 0,
+                        chunk: int = 512) -> tuple[list[int], list[float | None], list[dict[int, float] | None]]:
+        """Score a prompt: (its token ids, the logprob of each token given the ones before it, and the
+        `top` most likely tokens at each position), under the raw model distribution, as generate's
+        logprobs; the first token has None for both. What loglikelihood evaluation and OpenAI's
+        `echo` + `logprobs` need. One forward; the head runs `chunk` positions at a time, so a long
+        prompt never holds a [length, vocab] matrix."""
+        ids = self.encode(prompt)
+        if not ids:
+            raise SamplingError("the prompt is empty")
+        if len(ids) > self.max_context:
+            raise SamplingError(f"the prompt has {len(ids)} tokens; the context holds {self.max_context}")
+        if not _is_int(top) or not 0 <= top <= self.config.vocab_size:
+            raise SamplingError(f"top must be an integer in [0, {self.config.vocab_size}], got {top!r}")
+        if self.packed is not None:
+            self.packed.refresh()
+        x = torch.tensor([ids], device=self.device)
+        # logits_at a single position: the forward returns every hidden state and skips the full head
+        h = self.model(x, return_hidden=True, logits_at=torch.zeros(1, dtype=torch.long, device=self.device))
+        h = h.hidden_states[0]
+        lps: list[float | None] = [None]
+        tops: list[dict[int, float] | None] = [None]
+        for a in range(0, len(ids) - 1, chunk):
+            b = min(a + chunk, len(ids) - 1)
+            chosen, top_d = raw_logprobs(self.model.lm_head(h[a:b]), x[0, a + 1:b + 1], top)
+            lps += chosen.tolist()
+            tops += top_d if top_d is not None else [{} for _ in range(b - a)]
+        return ids, lps, tops
+
     def kv_cache_bytes_per_token(self, speculative: bool = False) -> int:
         """Latent cache bytes per token: layers x (kv_lora_rank + qk_rope_head_dim) x element size."""
         n = self.config.num_hidden_layers + (1 if speculative else 0)

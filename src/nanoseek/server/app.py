@@ -7,6 +7,7 @@ GET /metrics (Prometheus), GET / (the chat page). See docs/server.md.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import functools
 import hashlib
 import hmac
@@ -576,6 +577,36 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             yield _sse({**head, "choices": [], "usage": usage()})
         yield _sse("[DONE]")
 
+    async def _score_prompt(prompt, top: int) -> dict:
+        """OpenAI's legacy logprobs object for the prompt's own tokens (echo): the first token has no
+        logprob; text_offset indexes the echoed text (no added BOS; token-id prompts are echoed
+        without special tokens)."""
+        try:
+            run = state.worker.run(lambda: engine.prompt_logprobs(prompt, top))
+            ids, lps, tops = await asyncio.wait_for(run, timeout=config.request_timeout)
+        except SamplingError as e:
+            raise APIError(400, str(e), "prompt", "invalid_value") from None
+        except (TimeoutError, asyncio.TimeoutError):
+            raise APIError(408, "Scoring the prompt did not finish within the server's timeout of "
+                                f"{config.request_timeout:g} s.", None, "request_timeout") from None
+        tt = state.tokens
+        tok = engine.tokenizer
+        text = isinstance(prompt, str)
+        special = getattr(tok, "is_special", lambda i: False)
+        bos = text and getattr(tok, "bos_id", None) is not None  # Engine.encode added it
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        offsets, pos = [], 0
+        for j, i in enumerate(ids):
+            offsets.append(pos)
+            shown = b"" if (j == 0 and bos) or (not text and special(i)) else tt.bytes_of(i)
+            pos += len(decoder.decode(shown))
+        return {"tokens": [tt.text_of(i) for i in ids], "token_logprobs": [None if x is None else _finite(x) for x in lps],
+                "top_logprobs": [None if d is None else {tt.text_of(t): _finite(v) for t, v in d.items()} for d in tops],
+                "text_offset": offsets}
+
+    def _joined(first: dict | None, then: dict) -> dict:
+        return then if first is None else {k: first[k] + then[k] for k in then}
+
     def _reasoning_tokens(tracker: Tracker) -> int:
         return sum(reasoning_token_count(s.ids, state.end_think_id, s.parser.saw_reasoning)
                    for s in tracker.seqs.values() if s.parser is not None)
@@ -652,6 +683,10 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             raise APIError(400, "text prompts need a tokenizer, and this model has none: send token ids, "
                                 "or serve it with --tokenizer", "prompt", "no_tokenizer")
         logprobs = body.logprobs
+        scored = [None] * len(prompts)  # echo + logprobs: the prompt tokens' logprobs come first
+        if body.echo and logprobs is not None:
+            for i, x in enumerate(prompts):
+                scored[i] = await _score_prompt(x, logprobs)
         rid, stream, lens = await _submit("cmpl", prompts, body, body.max_tokens, logprobs)
         tracker = Tracker(state.metrics, stream, lens, body.n, None)
         n = body.n
@@ -676,8 +711,8 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 pre = echo_text[s.index // n]
                 choice = {"index": s.index, "text": pre + s.content, "logprobs": None, "finish_reason": s.finish}
                 if logprobs is not None:
-                    choice["logprobs"] = _completion_logprobs(s.ids, s.lps, s.tops, s.updates, len(s.content),
-                                                              len(pre))
+                    choice["logprobs"] = _joined(scored[s.index // n], _completion_logprobs(
+                        s.ids, s.lps, s.tops, s.updates, len(s.content), len(pre)))
                 if body.return_token_ids:
                     choice["token_ids"] = s.ids
                 choices.append(choice)
@@ -687,8 +722,8 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
 
         head = {**base, "object": "text_completion"}
         offsets = {i: len(echo_text[i // n]) for i in range(len(stream.seq_ids))}
-        opening = [{"index": i, "text": echo_text[i // n], "logprobs": None, "finish_reason": None}
-                   for i in range(len(stream.seq_ids)) if echo_text[i // n]]
+        opening = [{"index": i, "text": echo_text[i // n], "logprobs": scored[i // n], "finish_reason": None}
+                   for i in range(len(stream.seq_ids)) if echo_text[i // n] or scored[i // n]]
 
         def choice_of(u: SeqUpdate) -> dict | None:
             s, _, c = tracker.apply(u)

@@ -175,6 +175,12 @@ class Worker:
         self._send(("add", seqs, stream))
         return stream
 
+    def run(self, fn: Callable) -> asyncio.Future:
+        """Run fn() on the model thread between two steps (e.g. scoring a prompt); await the result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("call", fn, fut))
+        return asyncio.wrap_future(fut)
+
     def _send(self, msg: tuple) -> None:
         self._inbox.append(msg)
         self._wake.set()
@@ -193,7 +199,14 @@ class Worker:
     def _drain(self) -> None:
         while self._inbox:
             msg = self._inbox.popleft()
-            if msg[0] == "add":
+            if msg[0] == "call":
+                _, fn, fut = msg
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except Exception as e:  # noqa: BLE001 - handed to the awaiting request
+                        fut.set_exception(e)
+            elif msg[0] == "add":
                 _, seqs, stream = msg
                 if stream.closed:
                     continue
