@@ -128,3 +128,37 @@ def test_compiled_bf16_decode_on_the_latent_cache_matches_eager():
                 pytest.skip(f"torch.compile unavailable here: {compiled.failed}")
             assert (out[0].float() - ref).abs().max() < 0.02 * ref.abs().max(), t
         assert torch.allclose(comp_cache.layers[0].float(), eager_cache.layers[0].float(), atol=0.02)
+
+
+@pytest.mark.parametrize("update", ["adamw_fused", "data_mul", "data_copy", "adamw"])
+def test_bf16_fp32_weight_copies_follow_in_place_updates(update):
+    """A bf16 model keeps fp32 copies of the router weight and kv_b_proj for inference; updates
+    that leave the version counter alone (fused AdamW, .data) must still be seen."""
+    import copy
+
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    randomize(model, 1, bias_std=0.05)
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def decode(m):
+        with torch.no_grad():
+            cache = m.new_cache(2, 16)
+            m(ids[:, :8], cache=cache)
+            return m(ids[:, 8:], start_pos=8, cache=cache).logits.float()
+
+    decode(model)  # fills the copies
+    params = [m.weight for m in model.modules() if type(m).__name__ == "Gate"]
+    params += [layer.self_attn.kv_b_proj.weight for layer in model.model.layers]
+    if update.startswith("adamw"):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        torch.optim.AdamW(params, lr=0.05, fused=update == "adamw_fused" or None).step()
+    else:
+        for p in params:
+            p.data.mul_(1.5) if update == "data_mul" else p.data.copy_(-p.data)
+    fresh = copy.deepcopy(model)
+    for m in fresh.modules():
+        m.__dict__.pop("_fp32_cache", None)
+        m.__dict__.pop("_absorbed_cache", None)
+    assert torch.equal(decode(model), decode(fresh))

@@ -3,9 +3,11 @@
 Inference of a bf16 model on CPU runs a few small pieces in fp32 (the router, MLA's absorbed
 attention core). Converting their weights on every decode step costs more than the step's own
 arithmetic, so under no-grad the converted copy is cached on the module, keyed by the weight's
-version counter and storage: an optimizer step (in-place) or a reload invalidates it, as in GRPO,
-where the same model is trained and sampled in turn. With grad enabled it always converts, so
-autograd sees the conversion. Inside `torch.compile` it converts in the graph too (with frozen
+version counter and storage, and checked against a sample of 16 of its values: an optimizer step
+or a reload invalidates it, as in GRPO, where the same model is trained and sampled in turn. (The
+sample is there because some in-place updates leave the version counter alone: fused AdamW,
+`p.data.mul_`, `p.data.copy_`.) With grad enabled it always converts, so autograd sees the
+conversion. Inside `torch.compile` it converts in the graph too (with frozen
 weights the conversion is folded into a constant at compile time).
 """
 
@@ -20,8 +22,13 @@ def cast_cached(owner: nn.Module, slot: str, w: torch.Tensor, dtype: torch.dtype
     if w.dtype == dtype or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return w.to(dtype)
     key = (w._version, w.data_ptr(), w.dtype, dtype)
+    flat = w.detach().reshape(-1)
+    probe = flat[:: max(1, flat.numel() // SAMPLE)]
     cached = owner.__dict__.get(slot)
-    if cached is None or cached[0] != key:
-        cached = (key, w.detach().to(dtype))
+    if cached is None or cached[0] != key or not torch.equal(cached[1], probe):
+        cached = (key, probe.clone(), w.detach().to(dtype))
         owner.__dict__[slot] = cached  # a plain attribute: not a buffer, never saved or moved
-    return cached[1]
+    return cached[2]
+
+
+SAMPLE = 16  # values compared on each use
