@@ -222,6 +222,15 @@ def test_prepacked_fast_path_matches_plain_and_leaves_training_alone(monkeypatch
     after = fast_engine.generate(PROMPTS[0], max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
     ref = Engine(model, fast=False).generate(PROMPTS[0], max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
     assert after.token_ids == ref.token_ids != before.token_ids
+    # updates that leave the version counter alone (fused AdamW, .data) are picked up too (no other
+    # Engine in between: constructing one unpacks the model)
+    kw = dict(max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
+    fast_engine = Engine(model, fast=True)
+    first = fast_engine.generate(PROMPTS[0], **kw)
+    for p in (model.lm_head.weight, model.model.layers[0].mlp.up_proj.weight, model.model.layers[1].mlp.experts.down_proj):
+        p.data.mul_(-1.0)
+    again = fast_engine.generate(PROMPTS[0], **kw)
+    assert again.token_ids == Engine(model, fast=False).generate(PROMPTS[0], **kw).token_ids != first.token_ids
 
 
 # ---- speculative decoding -----------------------------------------------------------------------

@@ -132,6 +132,19 @@ def test_a_model_kept_in_fp8_saves_and_reloads(fp8_dir, tmp_path):
         assert torch.equal(nanoseek.load_model(tmp_path / "fp8", dtype="bf16", keep_fp8=True)(ids).logits, ref)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_engine_runs_a_model_kept_in_fp8(fp8_dir, fast):
+    from nanoseek.engine import Engine
+
+    d, _ = fp8_dir
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    kw = dict(max_tokens=6, temperature=0, ignore_eos=True)
+    ref = Engine(nanoseek.load_model(d, dtype="bf16"), fast=fast).generate(prompts, **kw)
+    kept = Engine(nanoseek.load_model(d, dtype="bf16", keep_fp8=True), fast=fast)
+    for spec in (0, 1):
+        assert [r.token_ids for r in kept.generate(prompts, **kw, speculative=spec)] == [r.token_ids for r in ref]
+
+
 def test_keep_fp8_fp32_equals_dequantized_fp32(fp8_dir):
     d, _ = fp8_dir
     ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(1))

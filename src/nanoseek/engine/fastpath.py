@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.cast_cache import stamp_matches, weight_stamp
 from ..model.moe import MLP, Experts
 
 
@@ -73,19 +74,24 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
 class _Packed:
     """A packed copy of one weight and what it was packed from."""
 
-    __slots__ = ("source", "version", "ptr", "dtype", "packed")
+    __slots__ = ("source", "stamp", "packed")
 
     def __init__(self, source: torch.Tensor) -> None:
         self.source = source
         self.pack()
 
     def pack(self) -> None:
-        w = self.source
-        self.version, self.ptr, self.dtype = w._version, w.data_ptr(), w.dtype
-        self.packed = _pack(w)
+        self.stamp = weight_stamp(self.source)
+        self.packed = _pack(self.source)
 
-    def fresh(self, w: torch.Tensor) -> bool:
-        return w._version == self.version and w.data_ptr() == self.ptr and w.dtype == self.dtype
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stamp[2]
+
+    def fresh(self, w: torch.Tensor, thorough: bool = False) -> bool:
+        """Same weight as packed? Per call: version, storage and dtype; `refresh` also compares
+        sampled values (updates that bypass the version counter: fused AdamW, `.data`)."""
+        return stamp_matches(self.stamp, w) if thorough else self.stamp[:3] == (w._version, w.data_ptr(), w.dtype)
 
 
 class PackedModel:
@@ -98,7 +104,9 @@ class PackedModel:
         self.mlps: list[tuple[MLP, _PackedPair]] = []
         fused = set()
         for m in model.modules():
-            if type(m) is MLP and m.gate_proj.weight.device.type == "cpu" and onednn_supports(m.gate_proj.weight.dtype):
+            if type(m) is MLP and type(m.gate_proj) is type(m.up_proj) is nn.Linear \
+                    and m.gate_proj.weight.device.type == "cpu" and onednn_supports(m.gate_proj.weight.dtype):
+                # (not an MLP of FP8 modules: their `.weight` is dequantized afresh at each use)
                 # gate and up read the same input: one packed [2I, H] product instead of two
                 pair = _PackedPair(m.gate_proj.weight, m.up_proj.weight)
                 self.mlps.append((m, pair))
@@ -119,19 +127,19 @@ class PackedModel:
         """Repack weights that changed (optimizer steps, reloads); returns how many were repacked."""
         n = 0
         for m, entry in self.linears:
-            if not entry.fresh(m.weight):
+            if not entry.fresh(m.weight, thorough=True):
                 entry.source = m.weight
                 entry.pack()
                 n += 1
         for m, pair in self.mlps:
-            if not pair.fresh(m.gate_proj.weight, m.up_proj.weight):
+            if not pair.fresh(m.gate_proj.weight, m.up_proj.weight, thorough=True):
                 pair.sources = (m.gate_proj.weight, m.up_proj.weight)
                 pair.pack()
                 n += 1
         for m, entries in self.experts:
             for gu, dn in entries:
                 for p, src in ((gu, m.gate_up_proj), (dn, m.down_proj)):
-                    if not p.fresh(src):
+                    if not p.fresh(src, thorough=True):
                         p.source = src
                         p.pack()
                         n += 1
@@ -174,15 +182,14 @@ class _PackedSlice(_Packed):
         super().__init__(source)
 
     def pack(self) -> None:
-        w = self.source
-        self.version, self.ptr, self.dtype = w._version, w.data_ptr(), w.dtype
-        self.packed = _pack(w[self.expert])
+        self.stamp = weight_stamp(self.source)
+        self.packed = _pack(self.source[self.expert])
 
 
 class _PackedPair:
     """Two weights [n1, in], [n2, in] packed as one [n1 + n2, in] product (an MLP's gate and up)."""
 
-    __slots__ = ("sources", "versions", "ptrs", "dtype", "packed")
+    __slots__ = ("sources", "stamps", "packed")
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
         self.sources = (a, b)
@@ -190,12 +197,17 @@ class _PackedPair:
 
     def pack(self) -> None:
         a, b = self.sources
-        self.versions, self.ptrs, self.dtype = (a._version, b._version), (a.data_ptr(), b.data_ptr()), a.dtype
+        self.stamps = (weight_stamp(a), weight_stamp(b))
         self.packed = _pack(torch.cat((a.detach(), b.detach())))
 
-    def fresh(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        return ((a._version, b._version) == self.versions and (a.data_ptr(), b.data_ptr()) == self.ptrs
-                and a.dtype == b.dtype == self.dtype)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stamps[0][2]
+
+    def fresh(self, a: torch.Tensor, b: torch.Tensor, thorough: bool = False) -> bool:
+        if thorough:
+            return stamp_matches(self.stamps[0], a) and stamp_matches(self.stamps[1], b)
+        return all(st[:3] == (w._version, w.data_ptr(), w.dtype) for st, w in zip(self.stamps, (a, b)))
 
 
 def _packed_mlp_forward(m: MLP, pair: _PackedPair, x: torch.Tensor) -> torch.Tensor:

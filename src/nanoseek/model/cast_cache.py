@@ -17,18 +17,33 @@ import torch
 from torch import nn
 
 
+SAMPLE = 16  # values compared on each use
+
+
+def _sample(w: torch.Tensor) -> torch.Tensor:
+    flat = w.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // SAMPLE)]
+
+
+def weight_stamp(w: torch.Tensor) -> tuple:
+    """What identifies a weight's current values cheaply: version counter, storage, dtype and a
+    sample of its values (some in-place updates leave the version counter alone)."""
+    return (w._version, w.data_ptr(), w.dtype, _sample(w).clone())
+
+
+def stamp_matches(stamp: tuple | None, w: torch.Tensor) -> bool:
+    return (stamp is not None and stamp[:3] == (w._version, w.data_ptr(), w.dtype)
+            and torch.equal(stamp[3], _sample(w)))
+
+
 def cast_cached(owner: nn.Module, slot: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`w.to(dtype)`, cached in `owner.__dict__[slot]` under no-grad while `w` is unchanged."""
-    if w.dtype == dtype or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if w.dtype == dtype or torch.is_grad_enabled() or torch.compiler.is_compiling() or w.is_inference():
+        # (an inference tensor has no version counter; here it is usually computed afresh anyway,
+        # e.g. the dequantized weight of an FP8 module)
         return w.to(dtype)
-    key = (w._version, w.data_ptr(), w.dtype, dtype)
-    flat = w.detach().reshape(-1)
-    probe = flat[:: max(1, flat.numel() // SAMPLE)]
     cached = owner.__dict__.get(slot)
-    if cached is None or cached[0] != key or not torch.equal(cached[1], probe):
-        cached = (key, probe.clone(), w.detach().to(dtype))
+    if cached is None or cached[1] != dtype or not stamp_matches(cached[0], w):
+        cached = (weight_stamp(w), dtype, w.detach().to(dtype))
         owner.__dict__[slot] = cached  # a plain attribute: not a buffer, never saved or moved
     return cached[2]
-
-
-SAMPLE = 16  # values compared on each use
