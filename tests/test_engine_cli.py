@@ -141,3 +141,15 @@ def test_chat_history_is_trimmed_to_the_context(model_dir):
     assert kept[0]["role"] == "system" and kept[-1]["content"] == "last"
     assert len(ids) + 16 <= 64 and len(kept) < len(msgs)
     assert torch.tensor(ids).max() < engine.config.vocab_size
+
+
+def test_serve_without_its_extra_packages_says_how_to_install_them(monkeypatch, capsys):
+    import importlib.util
+
+    from nanoseek.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "uvicorn" else real(m, *a))
+    assert main(["serve", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "uvicorn missing" in err and "pip install -e '.[serve]'" in err and "Traceback" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import socket
 import sys
@@ -76,9 +77,13 @@ def build(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from ..engine import SamplingError
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SamplingError(f"the server needs its extra packages ({', '.join(missing)} missing): "
+                            "pip install -e '.[serve]'  (or: pip install 'nanoseek[serve]')")
+    import uvicorn
 
     for flag in ("max_batch", "max_queue"):
         if getattr(args, flag) < 1:

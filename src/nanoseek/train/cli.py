@@ -11,23 +11,29 @@ from ..config import ConfigError
 from .config import TrainConfig
 
 ALIASES = {"out_dir": ["--out"], "max_steps": ["--steps"]}
+# `nanoseek sft` starts from these instead of pretraining's defaults (fine-tuning: fewer steps, a
+# lower rate, no MTP loss)
+SFT_DEFAULTS = {"max_steps": 200, "lr": 3e-4, "warmup_steps": 10, "mtp_lambda": 0.0, "mtp_lambda_late": 0.0}
 
 
-def _add_config_flags(p: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, skip: frozenset[str] = frozenset(),
+                      shown: dict | None = None) -> None:
+    """One flag per TrainConfig field; `shown` replaces the default named in a flag's help."""
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
         flags = [f"--{f.name.replace('_', '-')}"] + ALIASES.get(f.name, [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        said = (shown or {}).get(f.name, default)
         if isinstance(default, bool):
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default: {default})")
+                           help=f"(default: {said})")
         elif isinstance(default, list):
             p.add_argument(*flags, dest=f.name, nargs="*", default=None, metavar="PATH",
                            help="files, directories or globs (.txt .jsonl .parquet .py .md); default: Python's stdlib")
         else:
             kind = float if isinstance(default, float) else int if isinstance(default, int) else str
-            p.add_argument(*flags, dest=f.name, type=kind, default=None, help=f"(default: {default})")
+            p.add_argument(*flags, dest=f.name, type=kind, default=None, help=f"(default: {said})")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -78,8 +84,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         if not base.name:
             raise ConfigError(f"cannot name an output directory after {args.base_model!r}; pass --out")
         args.out_dir = str(base.with_name(base.name + "-sft"))
-    defaults = {"max_steps": 200, "lr": 3e-4, "warmup_steps": 10, "mtp_lambda": 0.0, "mtp_lambda_late": 0.0}
-    for key, value in defaults.items():
+    for key, value in SFT_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return _cmd_train(args)
@@ -110,7 +115,9 @@ def register(sub) -> None:
     p.add_argument("base_model", help="model directory to start from (weights, config, tokenizer)")
     p.add_argument("--data", dest="sft_data", required=True, metavar="JSONL",
                    help='chat data: one {"messages": [{"role", "content"}, ...]} per line')
-    _add_config_flags(p, skip=frozenset({"data", "sft_data", "init_from"}))
+    # the base model's own tokenizer is used, so no --tokenizer
+    _add_config_flags(p, skip=frozenset({"data", "sft_data", "init_from", "tokenizer"}),
+                      shown={**SFT_DEFAULTS, "model": "the base model's config", "out_dir": "BASE_MODEL-sft"})
     _add_run_flags(p)
     p.set_defaults(func=_cmd_sft)
 
