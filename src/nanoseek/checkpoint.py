@@ -486,7 +486,9 @@ def _check_layout(cfg: ModelConfig, model: DeepseekV3ForCausalLM, reader: Tensor
         ignored.add("lm_head.weight")
     missing = sorted(expected - present - optional)
     scales = {n for n in present if n.endswith("_scale_inv") and n[: -len("_scale_inv")] in present}
-    unexpected = sorted(present - expected - scales - ignored)
+    # transformers writes a zero-size shared expert when n_shared_experts is 0: no weights, no module here
+    empty = {n for n in present - expected if reader.info(n).nbytes == 0 and ".shared_experts." in n}
+    unexpected = sorted(present - expected - scales - ignored - empty)
     misshaped = []
     for e in entries:
         if e.name in present:
