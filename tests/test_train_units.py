@@ -20,16 +20,21 @@ from nanoseek.config import ConfigError
 
 
 def test_learning_rate_warmup_cosine_and_wsd():
-    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=111)  # steps 0..110
     assert learning_rate(0, cfg) == pytest.approx(0.1)
     assert learning_rate(9, cfg) == pytest.approx(1.0)
     assert learning_rate(10, cfg) == pytest.approx(1.0)
     assert learning_rate(60, cfg) == pytest.approx(0.55)  # half way down the cosine
-    assert learning_rate(110, cfg) == pytest.approx(0.1)
+    assert learning_rate(110, cfg) == pytest.approx(0.1)  # the last step is at the floor
     wsd = TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=0, max_steps=100, schedule="wsd", wsd_decay_fraction=0.2)
     assert learning_rate(79, wsd) == 1.0
-    assert learning_rate(90, wsd) == pytest.approx(0.5)
-    assert learning_rate(100, wsd) == pytest.approx(0.0)
+    assert learning_rate(89, wsd) == pytest.approx(0.5)
+    assert learning_rate(99, wsd) == pytest.approx(0.0)
+    for short in (TrainConfig(lr=1.0, min_lr_ratio=0.1, max_steps=10, warmup_steps=2, schedule=k) for k in ("cosine", "wsd")):
+        assert learning_rate(9, short) == pytest.approx(0.1), short.schedule
+    # a warmup reaching into the decay: the decay starts after it, no drop from the peak
+    overlap = TrainConfig(lr=1.0, min_lr_ratio=0.0, max_steps=12, warmup_steps=10, schedule="wsd", wsd_decay_fraction=0.5)
+    assert [round(learning_rate(s, overlap), 3) for s in (9, 10, 11)] == [1.0, 0.5, 0.0]
 
 
 def test_mtp_lambda_and_gamma_follow_deepseek_v3_schedule():
@@ -231,3 +236,75 @@ def test_metrics_resume_truncation_is_atomic(tmp_path):
     MetricsLogger(tmp_path, tensorboard=False, resume_step=3).close()
     assert read_metrics(tmp_path) == rows[:3]
     assert not list(tmp_path.glob(".metrics.jsonl.*"))  # no temporary files left behind
+
+
+def _step_grads(cfg: TrainConfig, data: torch.Tensor, masks: torch.Tensor | None):
+    """Gradients and record of one training step on `data` split into the config's micro-batches."""
+    from nanoseek.train import Trainer
+
+    t = Trainer(cfg, show_progress=False)
+    bs = cfg.batch_size
+    t.source.get = lambda step, micro: (data[micro * bs:(micro + 1) * bs],
+                                        None if masks is None else masks[micro * bs:(micro + 1) * bs])
+    grads = {}
+    real_step = t.optimizer.step
+
+    def capture(*a, **k):
+        grads.update({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+        return real_step(*a, **k)
+
+    t.optimizer.step = capture
+    return grads, t.train_step()
+
+
+@pytest.mark.parametrize("sft", [False, True])
+def test_gradient_accumulation_equals_one_big_batch(tiny_corpus, tmp_path, sft):
+    # SFT micro-batches hold different numbers of assistant tokens: the step's loss is still the mean
+    # over all of them, as one batch of 4 would compute it
+    torch.manual_seed(0)
+    data = torch.randint(5, 1000, (4, 33))
+    masks = None
+    if sft:
+        masks = torch.zeros(4, 33, dtype=torch.long)
+        masks[0, 1:30] = masks[1, 1:3] = masks[2, 1:5] = masks[3, 1:5] = 1
+    common = dict(model="tiny", data=[str(tiny_corpus)], seq_len=32, max_steps=4, grad_clip=0.0, tensorboard=False,
+                  sample_tokens=0, seed=0, device="cpu")
+    g1, r1 = _step_grads(TrainConfig(out_dir=str(tmp_path / "one"), batch_size=4, grad_accum=1, **common), data, masks)
+    g2, r2 = _step_grads(TrainConfig(out_dir=str(tmp_path / "two"), batch_size=2, grad_accum=2, **common), data, masks)
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
+    worst = max(((g1[n] - g2[n]).norm() / (g1[n].norm() + 1e-30)).item() for n in g1)
+    assert worst < 1e-4, worst
+
+
+def test_fp8_training_evaluates_through_fp8(tiny_corpus, tmp_path):
+    # validation runs under no_grad, where fp32 experts may take the paired path: not with FP8 experts
+    from nanoseek.fp8_linear import FP8Experts
+    from nanoseek.train import Trainer
+
+    t = Trainer(TrainConfig(model="tiny", data=[str(tiny_corpus)], out_dir=str(tmp_path / "r"), seq_len=64, batch_size=8,
+                            max_steps=2, fp8=True, tensorboard=False, sample_tokens=0, device="cpu"), show_progress=False)
+    experts = [m for m in t.model.modules() if isinstance(m, FP8Experts)]
+    assert experts
+    x = torch.randint(5, 1000, (4, 64))  # 256 tokens x 2 picks over 8 experts: 64 rows each, in the paired range
+    with torch.no_grad():
+        plain = t.model(x).logits
+        calls = []
+        for m in experts:
+            m.expert_ffn = (lambda f: lambda e, h: calls.append(e) or f(e, h))(m.expert_ffn)
+        assert torch.equal(t.model(x).logits, plain) and calls  # the FP8 expert products ran
+        hidden = torch.zeros(4 * 64, t.model.config.hidden_size)
+        assert not any(m._pairs_pay(hidden, 4 * 64 * 2) for m in experts)
+
+
+def test_whitespace_only_files_in_a_directory_are_skipped(tmp_path):
+    from nanoseek.data import DataError, resolve_inputs
+
+    pkg = tmp_path / "src" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("\n")
+    (pkg / "mod.py").write_text("def f():\n    return 1\n")
+    assert [p.name for p in resolve_inputs([str(tmp_path / "src")])] == ["mod.py"]
+    from nanoseek.data import read_documents
+
+    with pytest.raises(DataError, match="empty"):  # named on its own, it is still an error
+        list(read_documents(resolve_inputs([str(pkg / "__init__.py")])[0]))

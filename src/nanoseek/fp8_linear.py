@@ -418,6 +418,9 @@ class FP8Experts(Experts):
     fp8_backend: str = "auto"
     fp8_recipe: FP8Recipe = DEFAULT_RECIPE
 
+    def _pairs_pay(self, x: Tensor, picks: int) -> bool:
+        return False  # the paired fp32 products read the weights directly: evaluation would skip FP8
+
     def expert_ffn(self, e: int, x: Tensor) -> Tensor:
         b, r = self.fp8_backend, self.fp8_recipe
         w = self.gate_up_proj[e]

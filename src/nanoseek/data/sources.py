@@ -77,13 +77,21 @@ def _walk(directory: Path) -> list[Path]:
     return found
 
 
+def _blank(p: Path) -> bool:
+    """Empty, or a small text file of whitespace only (an `__init__.py` holding a newline)."""
+    size = p.stat().st_size
+    if size == 0:
+        return True
+    return size <= 4096 and p.name.endswith(TEXT_SUFFIXES) and not p.read_bytes().strip()
+
+
 def resolve_inputs(inputs: Iterable[str | os.PathLike] | None) -> list[Path]:
     """Expand files, directories (recursively) and globs into a sorted list of absolute file paths.
 
     `None` or `[]` selects the standard library corpus. A named file must exist and have a
     supported suffix (.txt .jsonl .parquet .py .md); directories and globs keep the supported
-    files they hold, and skip empty (0-byte) ones with a warning, so a source tree with empty
-    `__init__.py` files works. A named empty file is an error (raised when it is read).
+    files they hold, and skip empty ones (0 bytes, or whitespace only) with a warning, so a source
+    tree with empty `__init__.py` files works. A named empty file is an error (raised when it is read).
     """
     inputs = [str(i) for i in (inputs or [])]
     if not inputs:
@@ -94,7 +102,7 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike] | None) -> list[Path]:
     def add_expanded(paths: Iterable[Path]) -> None:
         for p in paths:
             p = p.resolve()
-            if p.stat().st_size == 0:
+            if _blank(p):
                 empty.append(p)
             else:
                 files[p] = None

@@ -8,18 +8,21 @@ from .config import TrainConfig
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine to min_lr, or warmup-stable-decay (linear decay at the end)."""
+    """Linear warmup, then cosine to min_lr, or warmup-stable-decay (linear decay at the end).
+
+    Steps run 0..max_steps-1, and the last one trains at the floor (min_lr_ratio x lr). WSD's decay
+    starts after the warmup at the earliest, so a short run never drops from the warmup's peak."""
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     total = max(cfg.max_steps, cfg.warmup_steps + 1)
     if cfg.schedule == "cosine":
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - 1 - cfg.warmup_steps))
         return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
-    decay_start = total - int(cfg.wsd_decay_fraction * total)
+    decay_start = max(total - int(cfg.wsd_decay_fraction * total), cfg.warmup_steps)
     if step < decay_start:
         return peak
-    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    progress = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
     return peak + (floor - peak) * progress
 
 

@@ -232,15 +232,20 @@ class Trainer:
         self.recorder.reset_step()
         sums = {"loss": 0.0, "bal_loss": 0.0}
         mtp_sums: dict[int, float] = {}
+        micro_batches = []
         for micro in range(cfg.grad_accum):
             batch, mask = self.source.get(step, micro)
             batch = batch.to(self.device)
             if mask is not None:  # SFT: learn only where the assistant writes
-                batch_targets = batch.masked_fill(mask.to(self.device) == 0, -100)
+                batch = (batch, batch.masked_fill(mask.to(self.device) == 0, -100))
             else:
-                batch_targets = batch
+                batch = (batch, batch)
+            micro_batches.append(batch)
+        # The step's loss is the mean over all its target tokens: each micro-batch adds its sum over
+        # this count (SFT micro-batches hold different numbers of assistant tokens)
+        n_targets = sum(int((t[:, 1:T + 1] != -100).sum()) for _, t in micro_batches) or 1
+        for batch, batch_targets in micro_batches:
             x, y = batch[:, :T], batch_targets[:, 1:T + 1]
-            n_targets = (y != -100).sum().clamp_min(1)
             with self.autocast:
                 out = self.forward(x, return_mtp=self.model_config.num_nextn_predict_layers > 0)
             main = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1),
@@ -253,15 +258,15 @@ class Trainer:
                     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                          ignore_index=-100, reduction="sum") / n_targets
                     mtp_terms.append(ce)
-                    mtp_sums[k] = mtp_sums.get(k, 0.0) + ce.item() / cfg.grad_accum
+                    mtp_sums[k] = mtp_sums.get(k, 0.0) + ce.item()
                 total = total + lam * torch.stack(mtp_terms).mean()
             routed = self.recorder.take_forward()
             if alpha > 0 and routed:
                 bal = sum(balance_loss(s, i, B, K, per_sequence) for s, i in routed) / len(routed)
-                total = total + alpha * bal
+                total = total + alpha * bal / cfg.grad_accum
                 sums["bal_loss"] += bal.item() / cfg.grad_accum
-            (total / cfg.grad_accum).backward()
-            sums["loss"] += main.item() / cfg.grad_accum
+            total.backward()
+            sums["loss"] += main.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
