@@ -308,3 +308,20 @@ def test_whitespace_only_files_in_a_directory_are_skipped(tmp_path):
 
     with pytest.raises(DataError, match="empty"):  # named on its own, it is still an error
         list(read_documents(resolve_inputs([str(pkg / "__init__.py")])[0]))
+
+
+def test_the_split_keeps_each_file_on_its_side_when_other_folders_are_added(tmp_path):
+    from nanoseek.data import input_keys, split_files
+
+    for i in range(200):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / f"f{i}.py").write_text(f"x = {i}\n")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "new.py").write_text("y = 2\n")
+    _, val_a = split_files(input_keys([str(tmp_path / "a")]), 0.1, 0)
+    _, val_ab = split_files(input_keys([str(tmp_path / "a"), str(tmp_path / "b")]), 0.1, 0)
+    _, val_glob = split_files(input_keys([str(tmp_path / "a" / "*.py")]), 0.1, 0)
+    assert val_a and set(val_ab) - {tmp_path / "b" / "new.py"} == set(val_a) == set(val_glob)
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "a").rename(moved)  # another checkout of the same tree
+    assert [p.name for p in split_files(input_keys([str(moved)]), 0.1, 0)[1]] == [p.name for p in val_a]

@@ -11,11 +11,11 @@ See docs/data.md.
 
 from .sampler import BatchSampler, iter_eval
 from .shards import TokenShards, build_token_shards, default_cache_dir, prepare_data, token_dtype
-from .sources import (SUFFIXES, DataError, iter_documents, read_documents, resolve_inputs, split_files,
+from .sources import (SUFFIXES, DataError, input_keys, iter_documents, read_documents, resolve_inputs, split_files,
                       stdlib_files)
 
 __all__ = [
     "BatchSampler", "DataError", "SUFFIXES", "TokenShards", "build_token_shards", "default_cache_dir",
-    "iter_documents", "iter_eval", "prepare_data", "read_documents", "resolve_inputs", "split_files",
+    "input_keys", "iter_documents", "iter_eval", "prepare_data", "read_documents", "resolve_inputs", "split_files",
     "stdlib_files", "token_dtype",
 ]

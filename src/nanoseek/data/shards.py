@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..io_utils import atomic_write, atomic_write_text
-from .sources import DataError, iter_documents, resolve_inputs, split_files
+from .sources import DataError, input_keys, iter_documents, split_files
 
 if TYPE_CHECKING:
     import torch
@@ -292,11 +292,12 @@ def prepare_data(inputs: Sequence[str | os.PathLike] | None, tokenizer: "Tokeniz
     document boundary when possible) is the validation set. `val_fraction=0` gives an empty
     validation shard.
     """
-    files = resolve_inputs(inputs)
+    keyed = input_keys(inputs)
+    files = list(keyed)
     shards = functools.partial(build_token_shards, tokenizer=tokenizer, cache_dir=cache_dir, text_field=text_field,
                                show_progress=show_progress, add_bos=add_bos)
     if len(files) >= 2:
-        train_files, val_files = split_files(files, val_fraction, seed)
+        train_files, val_files = split_files(keyed, val_fraction, seed)
         train = shards(train_files, name="train")
         val = shards(val_files, name="val") if val_files else TokenShards.empty(train.dtype, "val")
         return train, val

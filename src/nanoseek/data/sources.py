@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -77,6 +78,13 @@ def _walk(directory: Path) -> list[Path]:
     return found
 
 
+def _key(p: Path, base: Path) -> str:
+    try:
+        return p.relative_to(base).as_posix()
+    except ValueError:  # (a symlink out of the folder)
+        return p.name
+
+
 def _blank(p: Path) -> bool:
     """Empty, or a small text file of whitespace only (an `__init__.py` holding a newline)."""
     size = p.stat().st_size
@@ -93,19 +101,28 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike] | None) -> list[Path]:
     files they hold, and skip empty ones (0 bytes, or whitespace only) with a warning, so a source
     tree with empty `__init__.py` files works. A named empty file is an error (raised when it is read).
     """
+    return sorted(input_keys(inputs))
+
+
+def input_keys(inputs: Iterable[str | os.PathLike] | None) -> dict[Path, str]:
+    """`resolve_inputs`'s files, each with the name `split_files` hashes: its path inside the
+    directory (or a glob's fixed leading folder) it was found in, or a named file's own name. So
+    a file keeps its side of the split wherever the corpus lives and whatever else is added."""
     inputs = [str(i) for i in (inputs or [])]
     if not inputs:
-        return stdlib_files()
-    files: dict[Path, None] = {}
+        root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+        return {p: _key(p.resolve(), root) for p in stdlib_files()}
+    files: dict[Path, str] = {}
     empty: list[Path] = []
 
-    def add_expanded(paths: Iterable[Path]) -> None:
+    def add_expanded(paths: Iterable[Path], base: Path) -> None:
+        base = base.resolve()
         for p in paths:
             p = p.resolve()
             if _blank(p):
                 empty.append(p)
             else:
-                files[p] = None
+                files.setdefault(p, _key(p, base))
 
     for item in inputs:
         path = Path(item).expanduser()
@@ -114,23 +131,24 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike] | None) -> list[Path]:
             if not matches:
                 raise DataError(f"no files match {item!r}")
             before = len(files) + len(empty)
+            fixed = Path(*[part for part in itertools.takewhile(lambda q: not any(c in q for c in "*?["), path.parts)])
             for m in map(Path, matches):
                 if m.is_dir():
-                    add_expanded(_walk(m))
+                    add_expanded(_walk(m), fixed)
                 elif m.is_file() and m.name.endswith(SUFFIXES):
-                    add_expanded([m])
+                    add_expanded([m], fixed)
             if len(files) + len(empty) == before:
                 raise DataError(f"{item!r} matches no {'/'.join(SUFFIXES)} files")
         elif path.is_dir():
             found = _walk(path)
             if not found:
                 raise DataError(f"{path} holds no {'/'.join(SUFFIXES)} files")
-            add_expanded(found)
+            add_expanded(found, path)
         elif path.is_file():
             if not path.name.endswith(SUFFIXES):
                 raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
                                 f"supported: {' '.join(SUFFIXES)}")
-            files[path.resolve()] = None
+            files.setdefault(path.resolve(), path.name)
         else:
             raise DataError(f"input not found: {item}")
     if empty:
@@ -138,7 +156,7 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike] | None) -> list[Path]:
         log.warning("skipping %d empty file(s): %s", len(empty), shown)
     if not files:
         raise DataError(f"no non-empty input files in {', '.join(inputs)}")
-    return sorted(files)
+    return dict(sorted(files.items()))
 
 
 def _decode(data: bytes, where: str) -> str:
@@ -257,30 +275,35 @@ def _parquet_documents(path: Path, text_field: str, size: int) -> Iterator[tuple
         raise DataError(f"{path}: the file is empty (no row with a non-empty {text_field!r})")
 
 
-def split_files(files: Iterable[Path], val_fraction: float = 0.02, seed: int = 0) -> tuple[list[Path], list[Path]]:
+def split_files(files: Iterable[Path] | dict[Path, str], val_fraction: float = 0.02,
+                seed: int = 0) -> tuple[list[Path], list[Path]]:
     """Deterministic train/validation split by file.
 
-    A file goes to validation when sha256(seed, its path relative to the files' common folder),
-    read as a number in [0, 1), is below `val_fraction`: the same file lands on the same side
-    wherever the tree is checked out and whatever other files are added. With two or more files
+    A file goes to validation when sha256(seed, its key), read as a number in [0, 1), is below
+    `val_fraction`. The keys are `input_keys`' when `files` is its dict (a file's path inside the
+    folder it was found in: the same file lands on the same side wherever the tree is checked out
+    and whatever other files or folders are added), else each file's path relative to the files'
+    common folder (stable as long as that folder is). With two or more files
     and `val_fraction` > 0 each side gets at least one file (the file with the smallest, or
     largest, hash moves). With one file, validation is empty (`prepare_data` then holds out the
     end of that file's tokens).
     """
+    keys = dict(files) if isinstance(files, dict) else None
     files = sorted(Path(f) for f in files)
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not files:
         return [], []
-    absolute = [str(f.resolve()) for f in files]
-    root = os.path.commonpath(absolute) if len(files) > 1 else str(Path(absolute[0]).parent)
+    if keys is None:
+        absolute = [str(f.resolve()) for f in files]
+        root = os.path.commonpath(absolute) if len(files) > 1 else str(Path(absolute[0]).parent)
+        keys = {f: Path(os.path.relpath(a, root)).as_posix() for f, a in zip(files, absolute)}
 
-    def score(path: str) -> float:
-        rel = Path(os.path.relpath(path, root)).as_posix()
-        h = hashlib.sha256(f"{seed}\0{rel}".encode("utf-8")).digest()
+    def score(key: str) -> float:
+        h = hashlib.sha256(f"{seed}\0{key}".encode("utf-8")).digest()
         return int.from_bytes(h[:8], "big") / 2**64
 
-    scored = sorted(zip((score(a) for a in absolute), files), key=lambda t: (t[0], str(t[1])))
+    scored = sorted(((score(keys[f]), f) for f in files), key=lambda t: (t[0], str(t[1])))
     val = {f for s, f in scored if s < val_fraction}
     if val_fraction > 0 and len(files) >= 2:
         if not val:

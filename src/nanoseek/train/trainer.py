@@ -192,9 +192,9 @@ class Trainer:
         self.tokenizer.save(self.run_dir)
 
     def _train_tokenizer(self, vocab_size: int, train_tokenizer):
-        from ..data import read_documents, resolve_inputs, split_files
+        from ..data import input_keys, read_documents, split_files
 
-        files, _ = split_files(resolve_inputs(self.cfg.data or None), self.cfg.val_fraction, self.cfg.split_seed)
+        files, _ = split_files(input_keys(self.cfg.data or None), self.cfg.val_fraction, self.cfg.split_seed)
 
         def texts(limit: int = 12 * 2**20):
             seen = 0
