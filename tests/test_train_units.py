@@ -325,3 +325,36 @@ def test_the_split_keeps_each_file_on_its_side_when_other_folders_are_added(tmp_
     moved = tmp_path / "elsewhere"
     (tmp_path / "a").rename(moved)  # another checkout of the same tree
     assert [p.name for p in split_files(input_keys([str(moved)]), 0.1, 0)[1]] == [p.name for p in val_a]
+
+
+def test_ctrl_c_right_after_the_optimizer_step_checkpoints_a_consistent_step(tiny_corpus, tmp_path):
+    # An interrupt landing between optimizer.step() and the step counter used to save step N+1's
+    # weights labelled as step N: the resumed run then differed from an uninterrupted one.
+    import os
+
+    from nanoseek.train import Trainer
+
+    def config(out):
+        return TrainConfig(model="tiny", data=[str(tiny_corpus)], out_dir=str(tmp_path / out), max_steps=8, seq_len=32,
+                           batch_size=2, ckpt_interval=100, eval_interval=0, sample_tokens=0, tensorboard=False,
+                           threads=1, device="cpu")
+
+    straight = Trainer(config("straight"), show_progress=False)
+    straight.fit()
+    t = Trainer(config("cut"), show_progress=False)
+    fired = []
+
+    def hook(opt, args, kwargs):
+        if t.step == 3 and not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # delivered while the update is still being recorded
+
+    t.optimizer.register_step_post_hook(hook)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert t.step == 4  # the step that was under way completed and was counted
+    resumed = Trainer(config("cut"), resume=True, show_progress=False)
+    assert resumed.step == 4
+    resumed.fit()
+    for (n, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), n

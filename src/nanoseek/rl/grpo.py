@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..io_utils import atomic_write_text
+from ..train.state import interrupts_deferred
 from .loss import VARIANTS, group_advantages, policy_loss
 from .tasks import RewardConfig, Task, get_task
 
@@ -217,23 +218,25 @@ class GRPOTrainer:
             # With one update per rollout batch pi_old is the current policy: its log-probs are the
             # first pass's, detached, and a separate no-grad forward would only repeat them.
             logp_old = completion_logprobs(self.model, seqs, plens, clens)[0] if cfg.mu > 1 else None
-        stats = None
-        for _ in range(cfg.mu):
-            logp, entropy, mask = completion_logprobs(self.model, seqs, plens, clens)
-            if logp_old is None:
-                logp_old = logp.detach()
-            loss, stats = policy_loss(logp, logp_old, adv_k, mask, variant=cfg.variant, eps_low=cfg.eps_low,
-                                      eps_high=cfg.eps_high, beta=cfg.beta, logp_ref=logp_ref,
-                                      max_len=cfg.max_new_tokens)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # 0 = no clipping
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            self.optimizer.step()
-        rec.update(loss=stats.loss, kl=stats.kl, clip_fraction=stats.clip_fraction, ratio_mean=stats.ratio_mean,
-                   entropy=float((entropy.detach() * mask).sum() / mask.sum()), n_trained=len(keep),
-                   step_s=time.perf_counter() - t0)
-        self.step += 1
+        # the updates and the step that labels them go together: Ctrl-C waits for the step's end
+        with interrupts_deferred():
+            stats = None
+            for _ in range(cfg.mu):
+                logp, entropy, mask = completion_logprobs(self.model, seqs, plens, clens)
+                if logp_old is None:
+                    logp_old = logp.detach()
+                loss, stats = policy_loss(logp, logp_old, adv_k, mask, variant=cfg.variant, eps_low=cfg.eps_low,
+                                          eps_high=cfg.eps_high, beta=cfg.beta, logp_ref=logp_ref,
+                                          max_len=cfg.max_new_tokens)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # 0 = no clipping
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+                self.optimizer.step()
+            rec.update(loss=stats.loss, kl=stats.kl, clip_fraction=stats.clip_fraction, ratio_mean=stats.ratio_mean,
+                       entropy=float((entropy.detach() * mask).sum() / mask.sum()), n_trained=len(keep),
+                       step_s=time.perf_counter() - t0)
+            self.step += 1
         return rec
 
     def _pack(self, prompts: list[list[int]], completions: list[list[int]]):

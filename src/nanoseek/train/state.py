@@ -19,10 +19,13 @@ pruned. Resume picks the newest complete `step-N`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,27 @@ from ..io_utils import atomic_write, atomic_write_text
 from ..model import DeepseekV3ForCausalLM
 
 CKPT_DIR = "checkpoints"
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) back until the block ends, then raise KeyboardInterrupt.
+
+    Around an optimizer update and the step counter that labels it: an interrupt landing between
+    the two would checkpoint step N+1's weights (or half-updated ones) as step N, and `--resume`
+    would not continue exactly. Outside the main thread (where signals cannot be caught) a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 _STEP_RE = re.compile(r"^step-(\d+)$")
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json",
                "tokenizer.json", "tokenizer_config.json")

@@ -34,7 +34,7 @@ from .balance import RoutingRecorder, balance_loss, max_violation, update_correc
 from .config import TrainConfig
 from .metrics import MetricsLogger
 from .schedule import bias_gamma, learning_rate, mtp_weight
-from .state import list_checkpoints, load_trainer_state, save_checkpoint
+from .state import interrupts_deferred, list_checkpoints, load_trainer_state, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +267,15 @@ class Trainer:
                 sums["bal_loss"] += bal.item() / cfg.grad_accum
             total.backward()
             sums["loss"] += main.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.recorder.step_counts)  # the balance rule needs global loads
-        gamma = bias_gamma(step, cfg)
-        update_correction_bias(self.recorder, gamma)
-        self.step += 1
+        with interrupts_deferred():  # the update and the step that labels it go together
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(self.recorder.step_counts)  # the balance rule needs global loads
+            gamma = bias_gamma(step, cfg)
+            update_correction_bias(self.recorder, gamma)
+            self.step += 1
         rec = {"step": self.step, "loss": sums["loss"], "lr": lr, "grad_norm": float(grad_norm), "mtp_lambda": lam,
                "gamma": gamma}
         for k, v in mtp_sums.items():
