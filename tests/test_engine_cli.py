@@ -122,6 +122,11 @@ def test_chat_in_a_pseudo_terminal(model_dir):
         child.expect_exact("(conversation cleared)")
         child.expect_exact("> ")
         assert turn("hello") == first.text  # history gone
+        # a message longer than the whole context (2,048) is refused; the conversation goes on
+        child.sendline("中" * 1300)  # 3,900 tokens, inside the terminal's 4,096-byte line
+        child.expect_exact("(not sent: the message is")
+        child.expect_exact("> ")
+        assert turn("hello") == second.text  # the history from before it, intact
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:

@@ -201,3 +201,8 @@ def test_engine_settings_of_the_wrong_kind_are_refused():
     for bad in (-5, 1, 3.5):
         with pytest.raises(SamplingError, match="max_context must be an integer >= 2"):
             Engine(model, max_context=bad)
+    with pytest.raises(SamplingError, match="unknown device 'foo'"):
+        Engine("tiny", device="foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(SamplingError, match="no CUDA here"):
+            Engine("tiny", device="cuda")

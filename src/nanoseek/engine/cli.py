@@ -7,6 +7,7 @@ checkpoint included), a Hub id (downloaded with huggingface_hub), or a preset na
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -153,6 +154,8 @@ def trim_history(engine, messages: list[dict], max_tokens: int) -> tuple[list[di
 
 @_errors
 def _cmd_chat(args: argparse.Namespace) -> int:
+    from .sampling import SamplingError
+
     engine = _engine(args)
     if engine.tokenizer is None:
         print(f"nanoseek chat: error: {args.model} has no tokenizer.json; chat needs one", file=sys.stderr)
@@ -161,6 +164,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict] = []
     params = _params(args)
     compile_now(engine, params, args.speculative)
+    try:
+        importlib.import_module("readline")  # line editing and history for input()
+    except ImportError:  # (not on every platform)
+        pass
     print("nanoseek chat: /reset clears the conversation, /exit (or Ctrl-D) quits.", flush=True)
     while True:
         try:
@@ -177,8 +184,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             history = []
             print("(conversation cleared)", flush=True)
             continue
-        history.append({"role": "user", "content": msg})
-        kept, ids = trim_history(engine, system + history, args.max_tokens)
+        try:
+            kept, ids = trim_history(engine, system + history + [{"role": "user", "content": msg}], args.max_tokens)
+        except SamplingError as e:  # this message alone is too long: refuse it, keep the conversation
+            print(f"(not sent: {e})", flush=True)
+            continue
         history = [m for m in kept if m["role"] != "system"]
         reply = []
         try:

@@ -219,6 +219,8 @@ class Engine:
                  device: str | torch.device | None = None, tokenizer="auto", fast: bool = True,
                  compile: bool = False, seed: int | None = None, max_context: int | None = None) -> None:
         self.model_dir: Path | None = None
+        if device is not None:
+            _check_device(device)
         if isinstance(model, DeepseekV3ForCausalLM):
             self.model = model
             if dtype is not None or device is not None:
@@ -645,6 +647,19 @@ class Engine:
                     break
         if committed is not None:  # penalties count what was emitted
             proc.update(torch.tensor(committed, device=toks.device))
+
+
+def _check_device(device: str | torch.device) -> None:
+    """A device this machine has, or a SamplingError saying why not (before any loading)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SamplingError(f"unknown device {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SamplingError(f"device {device!r}: no CUDA here (this torch {torch.__version__} "
+                            f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SamplingError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) here")
 
 
 def _check_unicode(text: str) -> None:
