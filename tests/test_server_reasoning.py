@@ -8,6 +8,7 @@ headless Chromium (Debian's `chromium`, driven by Playwright) on the page at /.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -208,3 +209,25 @@ def test_chat_page_streams_the_answer_and_shows_reasoning_apart(server, scripted
     page.press("#input", "Enter")
     page.wait_for_function("document.querySelectorAll('.assistant[data-state=done]').length == 2", timeout=20_000)
     assert page.locator(".user").count() == 2
+
+    # the context is 64 tokens: later turns drop the oldest ones instead of failing
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)["messages"]) if r.method == "POST" else None)
+    for i in range(4):
+        page.fill("#input", f"Tell me more, part {i}?")
+        page.press("#input", "Enter")
+        page.wait_for_function(f"document.querySelectorAll('.assistant[data-state=done]').length == {3 + i}",
+                               timeout=20_000)
+    assert page.locator(".assistant .error").count() == 0
+    assert sent[-1][-1]["content"] == "Tell me more, part 3?" and len(sent[-1]) < 2 * 6 - 1
+
+    # "New chat" while an answer streams: the next request carries the new message alone
+    sent.clear()
+    page.fill("#input", "One more?")
+    page.press("#input", "Enter")
+    page.click("#clear")
+    page.wait_for_function("!document.getElementById('send').disabled", timeout=20_000)
+    page.fill("#input", "A new conversation")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".assistant[data-state=done]", timeout=20_000)
+    assert [m["content"] for m in sent[-1]] == ["A new conversation"], sent

@@ -107,7 +107,10 @@ function assistantMessage() {
   return { div, details, reasoning, answer, meta };
 }
 
+let conversation = 0;  // bumped by "New chat": a reply still streaming then belongs to no history
+
 async function send(text) {
+  const mine = conversation;
   userMessage(text);
   history.push({ role: "user", content: text });
   const out = assistantMessage();
@@ -118,21 +121,29 @@ async function send(text) {
   const started = performance.now();
   let tokens = 0, content = "", reasoning = "", finish = null;
   const body = {
-    model: CONFIG.model, messages: history, stream: true,
+    model: CONFIG.model, messages: history.slice(), stream: true,
     stream_options: { include_usage: true },
     temperature: Number($("temperature").value),
     chat_template_kwargs: { thinking: $("thinking").checked },
   };
   if ($("max_tokens").value) body.max_tokens = Number($("max_tokens").value);  // else: the rest of the context
   try {
-    const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
-    });
-    if (!res.ok) {
-      let msg = res.status + " " + res.statusText;
-      try { msg = (await res.json()).error.message; } catch (e) {}
+    let res;
+    for (;;) {
+      res = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+      });
+      if (res.ok) break;
+      let msg = res.status + " " + res.statusText, code = null;
+      try { const err = (await res.json()).error; msg = err.message; code = err.code; } catch (e) {}
+      // the conversation outgrew the context: drop the oldest turn and ask again (as `nanoseek chat`)
+      if (code === "context_length_exceeded" && body.messages.length > 1) {
+        body.messages.splice(0, body.messages[1] && body.messages[1].role === "assistant" ? 2 : 1);
+        continue;
+      }
       throw new Error(msg);
     }
+    if (mine === conversation) history = body.messages.slice();  // what the model was given
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
     let buf = "";
@@ -170,7 +181,7 @@ async function send(text) {
     }
     const secs = (performance.now() - started) / 1000;
     out.meta.textContent = `${tokens} tokens, ${secs.toFixed(1)} s` + (finish === "length" ? " (hit max tokens)" : "");
-    history.push({ role: "assistant", content });
+    if (mine === conversation) history.push({ role: "assistant", content });
     out.div.setAttribute("data-state", "done");
   } catch (e) {
     const stopped = e.name === "AbortError";
@@ -181,8 +192,10 @@ async function send(text) {
       err.textContent = "Error: " + e.message;
       out.div.appendChild(err);
     }
-    if (content) history.push({ role: "assistant", content });
-    else history.pop();
+    if (mine === conversation) {
+      if (content) history.push({ role: "assistant", content });
+      else history.pop();
+    }
     out.div.setAttribute("data-state", stopped ? "stopped" : "error");
   } finally {
     controller = null;
@@ -199,10 +212,16 @@ $("form").addEventListener("submit", (e) => {
   send(text);
 });
 $("input").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("form").requestSubmit(); }
+  // (not while an input method is composing: Enter then picks the characters)
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("form").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
-$("clear").addEventListener("click", () => { if (controller) controller.abort(); history = []; log.innerHTML = ""; });
+$("clear").addEventListener("click", () => {
+  conversation += 1;
+  if (controller) controller.abort();
+  history = [];
+  log.innerHTML = "";
+});
 </script>
 </body>
 </html>
