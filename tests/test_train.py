@@ -116,9 +116,11 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert max(_losses(killed)) < 24, "the run finished before it could be killed"
+    (killed / "checkpoints" / ".tmp-step-000099" / "trainer_state").mkdir(parents=True)  # a save cut short
     subprocess.run([sys.executable, "-m", "nanoseek.cli", "train", "--out", str(killed), "--resume", "--quiet",
                     "--sample-tokens", "2"], check=True, env=env, capture_output=True)
     a, b = _losses(clean), _losses(killed)
+    assert not list((killed / "checkpoints").glob(".tmp-step-*"))  # the next save cleared it
     assert sorted(b) == list(range(1, 25))
     assert a == b, {s: (a[s], b[s]) for s in a if a[s] != b.get(s)}
 

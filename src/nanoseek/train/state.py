@@ -131,6 +131,8 @@ def save_checkpoint(run_dir: Path, step: int, model: DeepseekV3ForCausalLM, opt:
     _publish(run_dir, final)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpts.glob(".tmp-step-*"):  # saves cut short by a kill or a second Ctrl-C
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
