@@ -158,3 +158,20 @@ def test_serve_without_its_extra_packages_says_how_to_install_them(monkeypatch, 
     assert main(["serve", "tiny"]) == 2
     err = capsys.readouterr().err
     assert "uvicorn missing" in err and "pip install -e '.[serve]'" in err and "Traceback" not in err
+
+
+def test_serve_reports_a_busy_port_before_loading_the_model(monkeypatch, capsys):
+    import socket
+
+    pytest.importorskip("uvicorn")
+    import nanoseek.server.cli as serve_cli
+    from nanoseek.cli import main
+
+    loaded = []
+    monkeypatch.setattr(serve_cli, "build", lambda args: loaded.append(args) or pytest.fail("loaded the model"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "tiny", "--port", str(port)]) == 2
+    assert "cannot bind 127.0.0.1:" in capsys.readouterr().err and not loaded

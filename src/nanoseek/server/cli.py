@@ -89,18 +89,22 @@ def run_serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             print(f"nanoseek serve: error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    try:
-        app, config, scheduler = build(args)
-    except SamplingError as e:
-        print(f"nanoseek serve: error: {e}", file=sys.stderr)
-        return 2
+    # Bind first: a busy port is reported at once, not after minutes of loading (and compiling).
+    # Requests are accepted only once uvicorn listens, after the model is ready.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
     except OSError as e:
+        sock.close()
         print(f"nanoseek serve: error: cannot bind {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    try:
+        app, config, scheduler = build(args)
+    except SamplingError as e:
+        sock.close()
+        print(f"nanoseek serve: error: {e}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
