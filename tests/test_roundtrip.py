@@ -132,3 +132,17 @@ def test_hub_ids_are_downloaded_with_huggingface_hub(tmp_path, monkeypatch):
     ids = torch.randint(0, 1024, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_failed_hub_download_says_the_local_path_was_missing_too(monkeypatch):
+    import huggingface_hub
+
+    from nanoseek.checkpoint import CheckpointError
+
+    def offline(repo_id, **kw):
+        raise OSError("Name or service not known\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match=r"'runs/nothere' is not a local directory .*could not be downloaded: "
+                                              r"Name or service not known$"):
+        nanoseek.load_model("runs/nothere")

@@ -179,7 +179,9 @@ def resolve_model_dir(path_or_id: str | os.PathLike, revision: str | None = None
             local = snapshot_download(s, revision=revision,
                                       allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
         except Exception as e:  # network, auth, missing repo: one clear message
-            raise CheckpointError(f"cannot download {s!r} from the Hugging Face Hub: {e}") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{s!r} is not a local directory (nothing at {p.resolve()}), and as a Hugging "
+                                  f"Face Hub id it could not be downloaded: {first}") from e
         return Path(local)
     raise FileNotFoundError(f"no model directory {s!r} (and it is not a preset: {', '.join(PRESETS)})")
 
