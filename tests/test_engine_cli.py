@@ -175,3 +175,12 @@ def test_serve_reports_a_busy_port_before_loading_the_model(monkeypatch, capsys)
         port = busy.getsockname()[1]
         assert main(["serve", "tiny", "--port", str(port)]) == 2
     assert "cannot bind 127.0.0.1:" in capsys.readouterr().err and not loaded
+
+
+def test_model_output_cannot_drive_the_terminal(monkeypatch):
+    from nanoseek.engine.cli import shown
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert shown("a\x1b]0;title\x07b\n\tc\x9bd é中") == "a\\x1b]0;title\\x07b\n\tc\\x9bd é中"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)  # piped: the text as generated
+    assert shown("a\x1bb") == "a\x1bb"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import sys
 import time
 
@@ -116,7 +117,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.stream and not args.json:
         for chunk in engine.stream(prompt, params, speculative=args.speculative):
             if engine.tokenizer is not None:
-                sys.stdout.write(chunk.text)
+                sys.stdout.write(shown(chunk.text))
             else:
                 sys.stdout.write("".join(f" {t}" for t in chunk.token_ids))
             sys.stdout.flush()
@@ -128,10 +129,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                               "finish_reason": r.finish_reason, "stop_reason": r.stop_reason,
                               "stats": engine.last_stats.as_dict()}))
         else:
-            print(r.text if r.text is not None else " ".join(map(str, r.token_ids)))
+            print(shown(r.text) if r.text is not None else " ".join(map(str, r.token_ids)))
     if not args.quiet:
         print(_stats_line(engine), file=sys.stderr)
     return 0
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """Model output for a terminal: control characters (escape sequences could move the cursor,
+    retitle the window or worse) become visible \\xNN escapes; newlines and tabs stay."""
+    if not sys.stdout.isatty():
+        return text
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def trim_history(engine, messages: list[dict], max_tokens: int) -> tuple[list[dict], list[int]]:
@@ -193,7 +205,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         reply = []
         try:
             for chunk in engine.stream([ids], params, speculative=args.speculative):
-                sys.stdout.write(chunk.text)
+                sys.stdout.write(shown(chunk.text))
                 sys.stdout.flush()
                 reply.append(chunk.text)
         except KeyboardInterrupt:

@@ -64,10 +64,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result:
         print(f"final validation loss {result['val_loss']:.4f}"
               + (f", {result['val_bpb']:.3f} bits/byte" if "val_bpb" in result else ""))
-    for prompt in args.sample_prompt or ["def ", "import "]:
+    if cfg.sample_tokens > 0:
+        for prompt in args.sample_prompt or ["def ", "import "]:
+            print("-" * 60)
+            print(trainer.sample(prompt))
         print("-" * 60)
-        print(trainer.sample(prompt))
-    print("-" * 60)
     print(f"model saved to {trainer.run_dir} (Hugging Face layout); plots: {trainer.run_dir}/loss.png, "
           f"{trainer.run_dir}/expert_load.png")
     return 0
