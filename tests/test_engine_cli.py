@@ -127,6 +127,9 @@ def test_chat_in_a_pseudo_terminal(model_dir):
         child.expect_exact("(not sent: the message is")
         child.expect_exact("> ")
         assert turn("hello") == second.text  # the history from before it, intact
+        child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, the chat goes on
+        child.expect_exact("(Ctrl-D or /exit quits)")
+        child.expect_exact("> ")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:

@@ -187,6 +187,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         except EOFError:
             print()
             return 0
+        except KeyboardInterrupt:  # as in Python's own prompt: a fresh line, not the end of the chat
+            print("\n(Ctrl-D or /exit quits)", flush=True)
+            continue
         msg = line.strip()
         if not msg:
             continue
