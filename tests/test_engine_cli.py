@@ -73,6 +73,8 @@ def test_compile_flag_compiles_before_the_timed_request(capsys, monkeypatch):
     (["generate", "tiny", "1 2", "--ids", "--top-p", "0"], "top_p"),
     (["generate", "tiny", "1 2", "--ids", "--max-tokens", "-3"], "max_tokens must be >= 0"),
     (["generate", "/no/such/dir", "1", "--ids"], "no model directory"),
+    (["generate", "tiny", "hello", "--tokenizer", "/no/such/tokenizer"], "no tokenizer at /no/such/tokenizer"),
+    (["generate", "tiny", "1 x", "--ids"], "PROMPT must be token ids"),
 ])
 def test_generate_errors_are_clear(capsys, argv, match):
     assert main(argv) == 2
@@ -149,6 +151,19 @@ def test_chat_history_is_trimmed_to_the_context(model_dir):
     assert kept[0]["role"] == "system" and kept[-1]["content"] == "last"
     assert len(ids) + 16 <= 64 and len(kept) < len(msgs)
     assert torch.tensor(ids).max() < engine.config.vocab_size
+
+
+def test_generate_takes_a_tokenizer_for_a_model_without_one(model_dir, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    argv = ["generate", str(bare), "hello", "--max-tokens", "4", "--quiet"]
+    assert main(argv) == 2 and "needs a tokenizer" in capsys.readouterr().err
+    assert main(argv + ["--tokenizer", str(model_dir)]) == 0
+    assert capsys.readouterr().out.strip() == Engine(str(model_dir)).generate("hello", max_tokens=4, temperature=0).text.strip()
 
 
 def test_serve_without_its_extra_packages_says_how_to_install_them(monkeypatch, capsys):

@@ -21,6 +21,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) when MODEL has none")
     p.add_argument("--no-fast", action="store_true", help="plain PyTorch linears (no oneDNN prepacking)")
     p.add_argument("--compile", action="store_true", help="compile each decode step whole with torch.compile: "
                    "2-4x faster CPU decode after 30-60 s of compiling per batch shape (needs a C++ compiler)")
@@ -56,7 +57,8 @@ def _engine(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Engine(args.model, dtype=args.dtype, device=args.device, fast=not args.no_fast, compile=args.compile)
+    return Engine(args.model, dtype=args.dtype, device=args.device, fast=not args.no_fast, compile=args.compile,
+                  tokenizer=args.tokenizer or "auto")
 
 
 def _errors(fn):

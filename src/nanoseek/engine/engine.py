@@ -288,8 +288,8 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise SamplingError("a string prompt needs a tokenizer, and this model has none (no tokenizer.json "
-                                    "in its directory): pass token ids (`nanoseek generate --ids`), put a "
-                                    "tokenizer.json next to the weights, or use Engine(..., tokenizer=PATH)")
+                                    "in its directory): pass token ids (`nanoseek generate --ids`), or a "
+                                    "tokenizer (`--tokenizer PATH`, `Engine(..., tokenizer=PATH)`)")
             _check_unicode(prompt)
             ids = list(self.tokenizer.encode(prompt, add_bos=add_bos and getattr(self.tokenizer, "bos_id", None)
                                              is not None))

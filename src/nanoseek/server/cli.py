@@ -23,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANOSEEK_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the MODEL's name)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) when MODEL has none")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together (default 32)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help=f"context per sequence, prompt + output (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
