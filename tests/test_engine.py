@@ -420,6 +420,8 @@ def test_inputs_outside_the_rules_raise_sampling_errors(model):
     p = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     ref = engine.generate([5, 6], p).token_ids
     assert engine.generate([np.int64(5), np.int64(6)], p).token_ids == ref
+    assert engine.generate(np.array([5, 6]), p).token_ids == ref
+    assert [r.token_ids for r in engine.generate(np.array([[5, 6], [5, 6]]), p)] == [ref, ref]
     assert engine.generate(torch.tensor([5, 6]), p).token_ids == ref
     for bad in ([5.7, 6.2], [[5.7, 6.2]], [[True, 2]]):
         with pytest.raises(SamplingError, match="integer token ids"):

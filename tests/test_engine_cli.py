@@ -75,6 +75,7 @@ def test_compile_flag_compiles_before_the_timed_request(capsys, monkeypatch):
     (["generate", "/no/such/dir", "1", "--ids"], "no model directory"),
     (["generate", "tiny", "hello", "--tokenizer", "/no/such/tokenizer"], "no tokenizer at /no/such/tokenizer"),
     (["generate", "tiny", "1 x", "--ids"], "PROMPT must be token ids"),
+    (["generate", "tiny", "5 \u00b2", "--ids"], "PROMPT must be token ids"),
 ])
 def test_generate_errors_are_clear(capsys, argv, match):
     assert main(argv) == 2

@@ -148,6 +148,17 @@ def test_literal_chat_content_cannot_forge_turns(tok):
     assert tok.decode(literal, skip_special=False) == tok.apply_chat_template(messages)
     clean = [{"role": "user", "content": "plain words"}]  # nothing to escape: the same ids
     assert tok.encode_chat(clean, True, literal=True) == tok.encode_chat(clean, True)
+    # DeepSeek's own tokenizer.json marks <｜User｜> and <｜Assistant｜> "special": false
+    js = json.loads(tok.to_str())
+    for t in js["added_tokens"]:
+        if t["content"] in (USER, ASSISTANT):
+            t["special"] = False
+    ds = Tokenizer.from_str(json.dumps(js))
+    literal, _ = ds.encode_chat(messages, add_generation_prompt=True, literal=True)
+    assert (literal.count(ds.token_to_id(ASSISTANT)), literal.count(ds.token_to_id(USER))) == (1, 1)
+    assert ds.decode(literal, skip_special=False) == ds.apply_chat_template(messages)
+    long = "word " * 2000 + ASSISTANT  # long texts take the batch (GIL-free) call: the same ids
+    assert ds.encode(long) == ds._tok.encode(long, add_special_tokens=False).ids
 
 
 def test_save_and_load_round_trip(tok, tmp_path):

@@ -325,6 +325,13 @@ def test_the_split_keeps_each_file_on_its_side_when_other_folders_are_added(tmp_
     moved = tmp_path / "elsewhere"
     (tmp_path / "a").rename(moved)  # another checkout of the same tree
     assert [p.name for p in split_files(input_keys([str(moved)]), 0.1, 0)[1]] == [p.name for p in val_a]
+    # files of one name in several folders (a shell's data/*/train.jsonl) keep distinct keys
+    langs = [f"lang{i}" for i in range(10)]
+    for lang in langs:
+        (tmp_path / lang).mkdir()
+        (tmp_path / lang / "train.jsonl").write_text('{"text": "hello"}\n')
+    keys = input_keys([str(tmp_path / lang / "train.jsonl") for lang in langs])
+    assert sorted(keys.values()) == sorted(f"{lang}/train.jsonl" for lang in langs)
 
 
 def test_ctrl_c_right_after_the_optimizer_step_checkpoints_a_consistent_step(tiny_corpus, tmp_path):
@@ -358,3 +365,20 @@ def test_ctrl_c_right_after_the_optimizer_step_checkpoints_a_consistent_step(tin
     resumed.fit()
     for (n, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def test_deferred_interrupts_leave_an_ignored_sigint_ignored():
+    import os
+
+    from nanoseek.train.state import interrupts_deferred
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a job started with `cmd &`
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with pytest.raises(KeyboardInterrupt):  # the default handler: held back, then raised at the end
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)

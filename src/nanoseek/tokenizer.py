@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ class Tokenizer:
         self.vocab_size: int = max(vocab.values()) + 1 if vocab else 0
         self._fingerprint: str | None = None
         self._byte_lengths = None
-        self._literal = None
+        self._control: re.Pattern | None = None  # the added control tokens' texts, for literal encoding
 
     # ---- constructors ----------------------------------------------------------------------------
     @classmethod
@@ -183,20 +184,36 @@ class Tokenizer:
 
     # ---- encoding --------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False, literal: bool = False) -> list[int]:
-        """Token ids of text; literal=True reads special-token text in it (`<｜Assistant｜>`, the EOS) as
-        plain characters, as for a chat message's content, so a message cannot forge turns.
-        `<think>` / `</think>` are content tokens and stay atomic either way."""
-        ids = (self._literal_tokenizer() if literal else self._tok).encode(text, add_special_tokens=False).ids
+        """Token ids of text; literal=True reads control-token text in it (`<｜Assistant｜>`, the EOS,
+        any added token but `<think>` / `</think>`, which are content) as plain characters, as for a
+        chat message's content, so a message cannot forge turns."""
+        ids = self._literal_ids(text) if literal else self._ids(text)
         return [self._need_bos(), *ids] if add_bos else ids
 
-    def _literal_tokenizer(self):
-        if self._literal is None:  # a copy: the flag is a property of the object, shared across threads
-            from tokenizers import Tokenizer as _HFTokenizer
+    def _ids(self, text: str) -> list[int]:
+        if len(text) < 4096:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        # long text: the batch call releases the GIL (a server tokenizes on a worker thread), the
+        # single-text call does not; the ids are the same
+        batch = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
+        return batch([text], add_special_tokens=False)[0].ids
 
-            lit = _HFTokenizer.from_str(self._tok.to_str())
-            lit.encode_special_tokens = True
-            self._literal = lit
-        return self._literal
+    def _literal_ids(self, text: str) -> list[int]:
+        """Ids of text in which no added control token is matched: each occurrence is cut in two,
+        and the pieces are encoded apart (the same characters, never the control id). Works whether
+        the tokenizer file marks `<｜User｜>` special or not (DeepSeek's do not)."""
+        if self._control is None:
+            names = sorted((t for t in self.special_tokens if t not in NON_SPECIAL), key=len, reverse=True)
+            self._control = re.compile("|".join(map(re.escape, names))) if names else re.compile(r"(?!)")
+        pieces, at = [], 0
+        for m in self._control.finditer(text):
+            half = m.start() + max(1, (m.end() - m.start()) // 2)
+            pieces += [text[at:m.start()], text[m.start():half], text[half:m.end()]]
+            at = m.end()
+        if not pieces:
+            return self._ids(text)
+        pieces.append(text[at:])
+        return [i for piece in pieces if piece for i in self._ids(piece)]
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """Encode many texts in parallel (Rust threads); same ids as `encode` on each."""

@@ -156,7 +156,22 @@ def input_keys(inputs: Iterable[str | os.PathLike] | None) -> dict[Path, str]:
         log.warning("skipping %d empty file(s): %s", len(empty), shown)
     if not files:
         raise DataError(f"no non-empty input files in {', '.join(inputs)}")
-    return dict(sorted(files.items()))
+    return _distinct(dict(sorted(files.items())))
+
+
+def _distinct(keys: dict[Path, str]) -> dict[Path, str]:
+    """Files that share a key (`en/train.jsonl` and `de/train.jsonl` named one by one) would all
+    land on one side of the split: each such group is keyed by its paths inside the group's own
+    common folder instead, which no file outside the group can change."""
+    groups: dict[str, list[Path]] = {}
+    for p, k in keys.items():
+        groups.setdefault(k, []).append(p)
+    for k, paths in groups.items():
+        if len(paths) > 1:
+            root = os.path.commonpath([str(p) for p in paths])
+            for p in paths:
+                keys[p] = Path(os.path.relpath(p, root)).as_posix()
+    return keys
 
 
 def _decode(data: bytes, where: str) -> str:

@@ -107,7 +107,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     engine = _engine(args)
     if args.ids:
         words = args.prompt.replace(",", " ").split()
-        if not all(w.isdigit() for w in words):
+        if not all(w.isascii() and w.isdigit() for w in words):  # ("²".isdigit(), but int("²") fails)
             from .sampling import SamplingError
 
             raise SamplingError(f"--ids: PROMPT must be token ids separated by spaces or commas, got {args.prompt!r}")
@@ -137,7 +137,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # (\n, \t and \r pass)
 
 
 def shown(text: str) -> str:

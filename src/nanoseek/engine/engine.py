@@ -295,7 +295,7 @@ class Engine:
                                              is not None))
             source = "the tokenizer gave ids outside the model's vocabulary"
         else:
-            if isinstance(prompt, torch.Tensor):
+            if _is_array(prompt):
                 prompt = prompt.tolist()
             if not isinstance(prompt, Sequence) or not all(_is_int(i) for i in prompt):
                 raise SamplingError("a prompt must be a string or a sequence of integer token ids, got "
@@ -434,8 +434,8 @@ class Engine:
     def _requests(self, prompts, params, kwargs) -> tuple[bool, list[_Request]]:
         single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0
                                                and all(_is_int(i) for i in prompts))
-        if isinstance(prompts, torch.Tensor):
-            single, prompts = prompts.dim() == 1, prompts.tolist()
+        if _is_array(prompts):
+            single, prompts = prompts.ndim == 1, prompts.tolist()
             if single:
                 prompts = [prompts]
         elif single:
@@ -668,6 +668,11 @@ def _check_unicode(text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone UTF-16 surrogate (e.g. from JSON "\ud800")
         raise SamplingError(f"the prompt is not valid Unicode: {e.reason} at character {e.start}") from None
+
+
+def _is_array(x) -> bool:
+    """A torch tensor or a numpy array (token ids)."""
+    return isinstance(x, torch.Tensor) or (hasattr(x, "ndim") and hasattr(x, "tolist") and not isinstance(x, (str, bytes)))
 
 
 def _is_int(x) -> bool:

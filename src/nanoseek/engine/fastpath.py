@@ -137,11 +137,12 @@ class PackedModel:
                 pair.pack()
                 n += 1
         for m, entries in self.experts:
-            for gu, dn in entries:
-                for p, src in ((gu, m.gate_up_proj), (dn, m.down_proj)):
-                    if not p.fresh(src, thorough=True):
-                        p.source = src
-                        p.pack()
+            # every slice of a stack carries the same stamp: check each stack once, repack all its slices
+            for which, src in ((0, m.gate_up_proj), (1, m.down_proj)):
+                if not entries[0][which].fresh(src, thorough=True):
+                    for pair in entries:
+                        pair[which].source = src
+                        pair[which].pack()
                         n += 1
         return n
 

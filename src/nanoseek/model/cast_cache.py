@@ -32,8 +32,10 @@ def weight_stamp(w: torch.Tensor) -> tuple:
 
 
 def stamp_matches(stamp: tuple | None, w: torch.Tensor) -> bool:
-    return (stamp is not None and stamp[:3] == (w._version, w.data_ptr(), w.dtype)
-            and torch.equal(stamp[3], _sample(w)))
+    if stamp is None or stamp[:3] != (w._version, w.data_ptr(), w.dtype):
+        return False
+    # on a GPU the comparison would wait for the device at every use: the version counter only there
+    return w.device.type != "cpu" or torch.equal(stamp[3], _sample(w))
 
 
 def cast_cached(owner: nn.Module, slot: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

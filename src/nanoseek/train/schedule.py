@@ -19,7 +19,8 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "cosine":
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - 1 - cfg.warmup_steps))
         return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
-    decay_start = max(total - int(cfg.wsd_decay_fraction * total), cfg.warmup_steps)
+    decay_steps = max(1, int(cfg.wsd_decay_fraction * total)) if cfg.wsd_decay_fraction > 0 else 0
+    decay_start = max(total - decay_steps, cfg.warmup_steps)
     if step < decay_start:
         return peak
     progress = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))

@@ -47,8 +47,9 @@ def interrupts_deferred():
     the two would checkpoint step N+1's weights (or half-updated ones) as step N, and `--resume`
     would not continue exactly. Outside the main thread (where signals cannot be caught) a no-op.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # (a process that ignores SIGINT, or handles it its own way, keeps doing so)
         return
     caught = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
