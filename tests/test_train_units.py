@@ -382,3 +382,26 @@ def test_deferred_interrupts_leave_an_ignored_sigint_ignored():
     with pytest.raises(KeyboardInterrupt):  # the default handler: held back, then raised at the end
         with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_the_tokenizer_of_a_one_file_corpus_does_not_see_its_validation_tail(tmp_path, monkeypatch):
+    from nanoseek.train import Trainer, trainer as trainer_mod
+
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "one.txt"
+    corpus.write_text("def foo(x):\n    return x + 1\n" * 300 + "ZQXJ_ONLY_IN_THE_TAIL " * 20)
+    seen = []
+    real = trainer_mod.Trainer._train_tokenizer
+
+    def spy(self, vocab_size, train_tokenizer):
+        def capture(texts, *a, **k):
+            texts = list(texts)
+            seen.extend(texts)
+            return train_tokenizer(texts, *a, **k)
+        return real(self, vocab_size, capture)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_tokenizer", spy)
+    Trainer(TrainConfig(model="tiny", data=[str(corpus)], out_dir=str(tmp_path / "r"), val_fraction=0.1, max_steps=1,
+                        seq_len=32, batch_size=2, tensorboard=False, sample_tokens=0, device="cpu"), show_progress=False)
+    text = "".join(seen)
+    assert seen and "ZQXJ" not in text and len(text) == int(len(corpus.read_text()) * 0.9)

@@ -197,13 +197,24 @@ class Trainer:
         files, _ = split_files(input_keys(self.cfg.data or None), self.cfg.val_fraction, self.cfg.split_seed)
 
         def texts(limit: int = 12 * 2**20):
-            seen = 0
+            docs, seen = [], 0
             for f in files:
                 for doc in read_documents(f, self.cfg.text_field):
-                    yield doc
+                    docs.append(doc)
                     seen += len(doc)
                     if seen >= limit:  # a BPE needs a representative sample, not the whole corpus
-                        return
+                        return docs
+            if len(files) == 1 and self.cfg.val_fraction > 0:
+                # one file: validation is its tail, which the tokenizer must not see either
+                keep = int(seen * (1 - self.cfg.val_fraction))
+                out = []
+                for doc in docs:
+                    if keep <= 0:
+                        break
+                    out.append(doc[:keep])
+                    keep -= len(doc)
+                docs = out
+            return docs
 
         tok = train_tokenizer(texts(), vocab_size, show_progress=self.show_progress)
         tok.save(self.run_dir)
