@@ -430,6 +430,12 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
                         keep_fp8=keep_fp8)
 
 
+def _lacks_mtp(cfg: ModelConfig, names: set[str]) -> bool:
+    """The config has MTP blocks but the checkpoint none (transformers writes no MTP weights)."""
+    L = cfg.num_hidden_layers
+    return bool(cfg.num_nextn_predict_layers) and not any(n.startswith(f"model.layers.{L}.") for n in names)
+
+
 def _layer_indices(names: set[str]) -> set[int]:
     out = set()
     for n in names:
@@ -444,7 +450,7 @@ def load_weights(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype = to
                  keep_fp8: bool = False) -> DeepseekV3ForCausalLM:
     present = reader.names()
     L = cfg.num_hidden_layers
-    if cfg.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{L}.") for n in present):
+    if _lacks_mtp(cfg, present):
         # transformers writes `num_nextn_predict_layers` but no MTP weights: load without MTP.
         log.warning("config has num_nextn_predict_layers=%d but the checkpoint holds no MTP weights "
                     "(model.layers.%d.*); loading without MTP", cfg.num_nextn_predict_layers, L)
@@ -548,7 +554,7 @@ def load_weights_into(model: DeepseekV3ForCausalLM, directory: str | os.PathLike
     block = tuple((cfg.quantization_config or {}).get("weight_block_size", [128, 128]))
     entries = checkpoint_entries(cfg)
     L = cfg.num_hidden_layers
-    if cfg.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{L}.") for n in reader.names()):
+    if _lacks_mtp(cfg, reader.names()):
         # a checkpoint written by transformers has no MTP block: fine-tuning starts it from the
         # model's own initialization (load_model drops it instead)
         log.warning("%s holds no MTP weights (model.layers.%d.*); keeping the model's own", directory, L)
@@ -718,10 +724,13 @@ def iter_state_tensors(model: DeepseekV3ForCausalLM) -> Iterator[tuple[str, torc
     """(official name, tensor) for every checkpoint tensor of the model, in layout order (weights
     kept in FP8 dequantized to their module's compute dtype)."""
     for name, t, kept in _state_entries(model):
-        if kept is not None:
-            q, s, block, dtype = kept
-            t = dequantize_weight_blockwise(q, s, block, dtype)
-        yield name, t
+        yield name, t if kept is None else _dequantized(kept)
+
+
+def _dequantized(kept: tuple) -> torch.Tensor:
+    """A weight kept in FP8 (`_state_entries`' codes, scales, block, dtype) in its compute dtype."""
+    q, s, block, dtype = kept
+    return dequantize_weight_blockwise(q, s, block, dtype)
 
 
 def save_model(model: DeepseekV3ForCausalLM, directory: str | os.PathLike, dtype: str | torch.dtype | None = None,
@@ -751,8 +760,7 @@ def save_model(model: DeepseekV3ForCausalLM, directory: str | os.PathLike, dtype
                     writer.add(tname + "_scale_inv", kept[1])
                     continue
                 if kept is not None:
-                    q, s, block, kept_dtype = kept
-                    t = dequantize_weight_blockwise(q, s, block, kept_dtype)
+                    t = _dequantized(kept)
                 if fp8 and is_fp8_weight_name(tname):
                     q, s = quantize_weight_blockwise(t.float())
                     writer.add(tname, q)

@@ -195,8 +195,7 @@ class Tokenizer:
             return self._tok.encode(text, add_special_tokens=False).ids
         # long text: the batch call releases the GIL (a server tokenizes on a worker thread), the
         # single-text call does not; the ids are the same
-        batch = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
-        return batch([text], add_special_tokens=False)[0].ids
+        return self.encode_batch([text])[0]
 
     def _literal_ids(self, text: str) -> list[int]:
         """Ids of text in which no added control token is matched: each occurrence is cut in two,

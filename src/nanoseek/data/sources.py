@@ -166,12 +166,17 @@ def _distinct(keys: dict[Path, str]) -> dict[Path, str]:
     groups: dict[str, list[Path]] = {}
     for p, k in keys.items():
         groups.setdefault(k, []).append(p)
-    for k, paths in groups.items():
+    for paths in groups.values():
         if len(paths) > 1:
-            root = os.path.commonpath([str(p) for p in paths])
-            for p in paths:
-                keys[p] = Path(os.path.relpath(p, root)).as_posix()
+            keys.update(_common_relative(paths))
     return keys
+
+
+def _common_relative(paths: list[Path]) -> dict[Path, str]:
+    """Each path relative to the folder the paths have in common (a lone file: its own folder)."""
+    absolute = [str(p.resolve()) for p in paths]
+    root = os.path.commonpath(absolute) if len(paths) > 1 else str(Path(absolute[0]).parent)
+    return {p: Path(os.path.relpath(a, root)).as_posix() for p, a in zip(paths, absolute)}
 
 
 def _decode(data: bytes, where: str) -> str:
@@ -310,9 +315,7 @@ def split_files(files: Iterable[Path] | dict[Path, str], val_fraction: float = 0
     if not files:
         return [], []
     if keys is None:
-        absolute = [str(f.resolve()) for f in files]
-        root = os.path.commonpath(absolute) if len(files) > 1 else str(Path(absolute[0]).parent)
-        keys = {f: Path(os.path.relpath(a, root)).as_posix() for f, a in zip(files, absolute)}
+        keys = _common_relative(files)
 
     def score(key: str) -> float:
         h = hashlib.sha256(f"{seed}\0{key}".encode("utf-8")).digest()

@@ -293,7 +293,7 @@ class Engine:
             _check_unicode(prompt)
             ids = list(self.tokenizer.encode(prompt, add_bos=add_bos and getattr(self.tokenizer, "bos_id", None)
                                              is not None))
-            source = "the tokenizer gave ids outside the model's vocabulary"
+            source = _FROM_TOKENIZER
         else:
             if _is_array(prompt):
                 prompt = prompt.tolist()
@@ -350,13 +350,15 @@ class Engine:
     def chat_prompt(self, messages: list[dict], thinking: bool = False) -> list[int]:
         if self.tokenizer is None or not hasattr(self.tokenizer, "apply_chat_template"):
             raise SamplingError("chat needs a tokenizer with a chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
         if not hasattr(self.tokenizer, "encode_chat"):
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
             return self.encode(text, add_bos=False)
-        _check_unicode(text)
+        for m in messages:
+            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                _check_unicode(m["content"])
         # message content is text: special tokens written in it do not become turns (as OpenAI's API)
         ids, _ = self.tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=thinking, literal=True)
-        return self._in_vocabulary(ids, "the tokenizer gave ids outside the model's vocabulary")
+        return self._in_vocabulary(ids, _FROM_TOKENIZER)
 
     def warm_up(self, max_batch: int = 8, speculative: int = 0) -> int:
         """With `compile=True`: compile every decode-step shape now rather than at the first request
@@ -421,11 +423,9 @@ class Engine:
 
     # -- internals --------------------------------------------------------------------------------
     def _spec_k(self, speculative: bool | int) -> int:
-        if not isinstance(speculative, (bool, int)):  # 2.7 drafts or "2" are mistakes, not 2
+        if not isinstance(speculative, (bool, int)) or speculative < 0:  # 2.7 drafts or "2" are mistakes, not 2
             raise SamplingError(f"speculative must be True/False or a number of drafts >= 1, got {speculative!r}")
         k = int(speculative)
-        if k < 0:
-            raise SamplingError(f"speculative must be True/False or a number of drafts >= 1, got {speculative}")
         if k and self.config.num_nextn_predict_layers < 1:
             raise SamplingError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1); "
                                 "this model has none")
@@ -648,6 +648,9 @@ class Engine:
                     break
         if committed is not None:  # penalties count what was emitted
             proc.update(torch.tensor(committed, device=toks.device))
+
+
+_FROM_TOKENIZER = "the tokenizer gave ids outside the model's vocabulary"
 
 
 def _check_device(device: str | torch.device) -> None:

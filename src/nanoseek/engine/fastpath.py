@@ -91,7 +91,7 @@ class _Packed:
     def fresh(self, w: torch.Tensor, thorough: bool = False) -> bool:
         """Same weight as packed? Per call: version, storage and dtype; `refresh` also compares
         sampled values (updates that bypass the version counter: fused AdamW, `.data`)."""
-        return stamp_matches(self.stamp, w) if thorough else self.stamp[:3] == (w._version, w.data_ptr(), w.dtype)
+        return stamp_matches(self.stamp, w, sampled=thorough)
 
 
 class PackedModel:
@@ -206,9 +206,7 @@ class _PackedPair:
         return self.stamps[0][2]
 
     def fresh(self, a: torch.Tensor, b: torch.Tensor, thorough: bool = False) -> bool:
-        if thorough:
-            return stamp_matches(self.stamps[0], a) and stamp_matches(self.stamps[1], b)
-        return all(st[:3] == (w._version, w.data_ptr(), w.dtype) for st, w in zip(self.stamps, (a, b)))
+        return stamp_matches(self.stamps[0], a, thorough) and stamp_matches(self.stamps[1], b, thorough)
 
 
 def _packed_mlp_forward(m: MLP, pair: _PackedPair, x: torch.Tensor) -> torch.Tensor:

@@ -31,11 +31,13 @@ def weight_stamp(w: torch.Tensor) -> tuple:
     return (w._version, w.data_ptr(), w.dtype, _sample(w).clone())
 
 
-def stamp_matches(stamp: tuple | None, w: torch.Tensor) -> bool:
+def stamp_matches(stamp: tuple | None, w: torch.Tensor, sampled: bool = True) -> bool:
+    """Is `w` still what `stamp` was taken of? sampled=False: version, storage and dtype only
+    (for checks on every call, where comparing values would cost more than the call)."""
     if stamp is None or stamp[:3] != (w._version, w.data_ptr(), w.dtype):
         return False
     # on a GPU the comparison would wait for the device at every use: the version counter only there
-    return w.device.type != "cpu" or torch.equal(stamp[3], _sample(w))
+    return not sampled or w.device.type != "cpu" or torch.equal(stamp[3], _sample(w))
 
 
 def cast_cached(owner: nn.Module, slot: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

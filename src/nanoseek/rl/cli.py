@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
-from ..config import ConfigError
+from ..train.config import read_options
 from .grpo import GRPOConfig
 
 
@@ -25,26 +24,13 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(*flags, dest=f.name, type=kind, default=None, help=f"(default: {default})")
 
 
-def _saved_config(path: Path) -> dict:
-    """The options a run saved in its grpo_config.json."""
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from e
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path} must hold a JSON object of GRPO options")
-    return d
-
-
 def _cmd_grpo(args: argparse.Namespace) -> int:
     from .grpo import GRPOTrainer, config_from_dict
 
     base = dataclasses.asdict(GRPOConfig())
     saved = Path(args.out_dir or GRPOConfig.out_dir) / "grpo_config.json"
     if args.resume and saved.exists():  # as `nanoseek train --resume`: the run's own settings, then the flags
-        base.update(_saved_config(saved))
+        base.update(read_options(saved, "grpo_config.json", "GRPO options"))
     base["model"] = args.model
     for f in dataclasses.fields(GRPOConfig):
         v = getattr(args, f.name, None)

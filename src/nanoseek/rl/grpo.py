@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..io_utils import atomic_write_text
+from ..train.schedule import max_grad_norm
 from ..train.state import interrupts_deferred
 from .loss import VARIANTS, group_advantages, policy_loss
 from .tasks import RewardConfig, Task, get_task
@@ -230,8 +231,7 @@ class GRPOTrainer:
                                           max_len=cfg.max_new_tokens)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # 0 = no clipping
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm(cfg.grad_clip))
                 self.optimizer.step()
             rec.update(loss=stats.loss, kl=stats.kl, clip_fraction=stats.clip_fraction, ratio_mean=stats.ratio_mean,
                        entropy=float((entropy.detach() * mask).sum() / mask.sum()), n_trained=len(keep),

@@ -31,6 +31,15 @@ from ..engine.scheduler import Scheduler, ScheduledSequence, SeqUpdate
 log = logging.getLogger("nanoseek.server")
 
 
+def _fulfil(fut: concurrent.futures.Future, fn: Callable) -> None:
+    """Run fn() into fut (unless it was cancelled); its exception goes to whoever awaits fut."""
+    if fut.set_running_or_notify_cancel():
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(e)
+
+
 class ModelThread:
     """One OS thread for every torch call of the server: loading, packing and every step.
 
@@ -51,12 +60,7 @@ class ModelThread:
             job = self._jobs.get()
             if job is None:
                 return
-            fut, fn = job
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as e:  # noqa: BLE001 - handed to the caller
-                    fut.set_exception(e)
+            _fulfil(*job)
 
     def submit(self, fn: Callable) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -200,12 +204,7 @@ class Worker:
         while self._inbox:
             msg = self._inbox.popleft()
             if msg[0] == "call":
-                _, fn, fut = msg
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except Exception as e:  # noqa: BLE001 - handed to the awaiting request
-                        fut.set_exception(e)
+                _fulfil(msg[2], msg[1])
             elif msg[0] == "add":
                 _, seqs, stream = msg
                 if stream.closed:

@@ -16,6 +16,24 @@ from typing import Any
 from ..config import ConfigError
 
 
+def read_options(path: str | Path, name: str, what: str) -> dict[str, Any]:
+    """A run's saved options: a JSON file holding one object (`name` is what the file is usually
+    called, `what` what it holds), or a ConfigError that names the file and the problem."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; give the {name} file inside it") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a JSON object of {what}")
+    return d
+
+
 @dataclass
 class TrainConfig:
     # model and data
@@ -148,16 +166,5 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path, missing: dict[str, Any] | None = None) -> "TrainConfig":
         """Read a JSON config; `missing` gives values for fields the file does not have."""
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{path} is a directory; give the train_config.json file inside it") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read {path}: {e}") from e
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} must hold a JSON object of training options")
+        d = read_options(path, "train_config.json", "training options")
         return cls.from_dict({**(missing or {}), **d})

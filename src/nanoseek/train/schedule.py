@@ -27,6 +27,12 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return peak + (floor - peak) * progress
 
 
+def max_grad_norm(grad_clip: float) -> float:
+    """The `max_norm` for clip_grad_norm_: grad_clip 0 turns clipping off (clip_grad_norm_ itself
+    would zero every gradient at 0)."""
+    return grad_clip if grad_clip > 0 else float("inf")
+
+
 def mtp_weight(step: int, cfg: TrainConfig) -> float:
     return cfg.mtp_lambda if step < cfg.mtp_lambda_switch * cfg.max_steps else cfg.mtp_lambda_late
 

@@ -33,7 +33,7 @@ from ..model import DeepseekV3ForCausalLM
 from .balance import RoutingRecorder, balance_loss, max_violation, update_correction_bias
 from .config import TrainConfig
 from .metrics import MetricsLogger
-from .schedule import bias_gamma, learning_rate, mtp_weight
+from .schedule import bias_gamma, learning_rate, max_grad_norm, mtp_weight
 from .state import interrupts_deferred, list_checkpoints, load_trainer_state, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class Trainer:
             total.backward()
             sums["loss"] += main.item()
         with interrupts_deferred():  # the update and the step that labels it go together
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm(cfg.grad_clip))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
