@@ -80,6 +80,66 @@ def test_inference_experts_match_dequantized_experts():
         torch.testing.assert_close(fx(x, idx, w)[0], ref(x, idx, w)[0], rtol=1e-6, atol=1e-6)
 
 
+def test_fp8_experts_never_dequantize_the_whole_stack(monkeypatch):
+    # a prefill-sized batch once took the paired fp32 path, which reads the stacked weights: for FP8
+    # experts that dequantized all of them, for every pair (a 64-token prompt on `bench` took 45 s)
+    cfg = nanoseek.preset("tiny")
+    gen = torch.Generator().manual_seed(2)
+    ex = Experts(cfg)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.05, generator=gen)
+        ex.down_proj.normal_(0, 0.05, generator=gen)
+    fx = FP8InferenceExperts.from_experts(ex)
+    ref = Experts(cfg)
+    with torch.no_grad():
+        ref.gate_up_proj.copy_(fx.gate_up_proj)
+        ref.down_proj.copy_(fx.down_proj)
+
+    def whole_stack(self):
+        raise AssertionError("dequantized every expert")
+
+    monkeypatch.setattr(FP8InferenceExperts, "gate_up_proj", property(whole_stack))
+    monkeypatch.setattr(FP8InferenceExperts, "down_proj", property(whole_stack))
+    for n in (3, 8, 48, 200):  # few-token, grouped, pairing-sized, large
+        x = torch.randn(n, cfg.hidden_size, generator=gen)
+        idx = torch.stack([torch.randperm(cfg.n_routed_experts, generator=gen)[:2] for _ in range(n)])
+        w = torch.rand(n, 2, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(fx(x, idx, w)[0], ref(x, idx, w)[0], rtol=1e-5, atol=1e-6)
+
+
+def _have_cxx() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not _have_cxx(), reason="torch.compile needs a C++ compiler")
+def test_compiled_decode_runs_fp8_weights(fp8_dir):
+    # the compiled step converts the FP8 bytes inside the matmuls (no fallback to the eager path, whose
+    # per-step dequantization makes CPU decode ~100x slower); same greedy tokens as eager
+    from nanoseek.engine import Engine
+
+    d, _ = fp8_dir
+    model = nanoseek.load_model(d, dtype="fp32", keep_fp8=True)
+    kw = dict(max_tokens=6, temperature=0, ignore_eos=True)
+    ref = Engine(model).generate([5, 6, 7], **kw)
+    comp = Engine(model, compile=True)
+    got = comp.generate([5, 6, 7], **kw)
+    assert not comp.compiled.failed, comp.compiled.failed
+    assert got.token_ids == ref.token_ids
+
+
+@pytest.mark.skipif(not _have_cxx(), reason="torch.compile needs a C++ compiler")
+def test_compiled_dequantization_is_bitwise_eager():
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((256, 384), (200, 130)):  # whole and partial blocks
+        q, s = quantize_weight_blockwise(torch.randn(*shape, generator=gen))
+        for dtype in (torch.float32, torch.bfloat16):
+            f = torch.compile(lambda q, s: dequantize_weight_blockwise(q, s, dtype=dtype), fullgraph=True)
+            assert torch.equal(f(q, s), dequantize_weight_blockwise(q, s, dtype=dtype))
+
+
 @pytest.fixture(scope="module")
 def fp8_dir(tmp_path_factory):
     model = nanoseek.load_model("tiny")
@@ -145,8 +205,10 @@ def test_the_engine_runs_a_model_kept_in_fp8(fp8_dir, fast):
         assert [r.token_ids for r in kept.generate(prompts, **kw, speculative=spec)] == [r.token_ids for r in ref]
 
 
-def test_keep_fp8_fp32_equals_dequantized_fp32(fp8_dir):
+def test_keep_fp8_fp32_equals_dequantized_fp32(fp8_dir, monkeypatch):
     d, _ = fp8_dir
+    # FP8 experts never take the paired fp32 path (it sums in another order, ~1e-7): compare like with like
+    monkeypatch.setattr(Experts, "PAIR_MAX_ROWS", 0)
     ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a = nanoseek.load_model(d, dtype="fp32")(ids).logits

@@ -136,3 +136,36 @@ def test_paired_expert_path_matches_the_grouped_path(monkeypatch):
     with torch.no_grad():
         experts.to(torch.bfloat16)(x.bfloat16(), idx, weights)
     assert not used
+
+
+def test_grouped_path_runs_each_chosen_expert_once_on_its_rows():
+    # decode at batch > FEW_TOKENS and verification take the grouped path: with 256 experts and a
+    # handful of tokens it must touch only the chosen experts, each once, on exactly its tokens
+    from nanoseek.model.moe import Experts
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", n_routed_experts=256, n_group=8, topk_group=4, num_experts_per_tok=8)
+    experts = Experts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    N = Experts.FEW_TOKENS + 2
+    x = torch.randn(N, cfg.hidden_size)
+    idx = torch.stack([torch.randperm(256)[:8] for _ in range(N)])
+    idx[1] = idx[0]  # two tokens share all their experts
+    weights = torch.rand(N, 8)
+    calls = []
+    plain = Experts.expert_ffn
+
+    def spy(self, e, rows):
+        calls.append((e, rows.shape[0]))
+        return plain(self, e, rows)
+
+    experts.expert_ffn = spy.__get__(experts)
+    with torch.no_grad():
+        out, counts = experts(x, idx, weights)
+    chosen = idx.reshape(-1).bincount(minlength=256)
+    assert sorted(calls) == [(e, int(chosen[e])) for e in range(256) if chosen[e]]
+    assert torch.equal(counts, chosen)
+    ref = torch.stack([sum(weights[t, j] * plain(experts, int(idx[t, j]), x[t:t + 1])[0] for j in range(8))
+                       for t in range(N)])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

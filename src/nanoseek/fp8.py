@@ -182,6 +182,15 @@ def dequantize_weight_blockwise(
     # float32 * bf16/f16 promotes to float32 exactly, so converting the scale
     # first does not change a single bit of the product.
     s_all = scale_inv.to(device=w_fp8.device, dtype=torch.float32)
+    if torch.compiler.is_compiling() and M > 0 and N > 0:
+        # Inside a compiled graph (the engine's decode step), the scales broadcast to [M, N] through
+        # an expand + reshape: a plain 2-D elementwise product that Inductor fuses into the matmul
+        # that reads it, so the FP8 bytes are converted in registers and no dequantized copy is
+        # written. (The block view below made Inductor write the whole fp32 weight first: a step
+        # then read 9 bytes per weight instead of 1.) Same float32 products, same rounding.
+        nb0, nb1 = expected
+        s = s_all[:, None, :, None].expand(nb0, b, nb1, b).reshape(nb0 * b, nb1 * b)[:M, :N]
+        return (w_fp8.to(torch.float32) * s).to(dtype)
     step = _rows_per_chunk(b, N)
     if expected[0] <= step and M % b == 0 and N % b == 0 and M > 0 and N > 0:
         # Whole blocks in one chunk (most layers): broadcast the scales over block views, no

@@ -613,15 +613,20 @@ class FP8InferenceExperts(_KeepsFP8Buffers, Experts):
             m.set_expert(e, "down", dn[e])
         return m
 
+    def _pairs_pay(self, x: Tensor, picks: int) -> bool:
+        return False  # pairing reads the stacked weights, which here would dequantize every expert
+
     def _slot(self, e: int, which: str) -> tuple[Tensor, Tensor]:
         """(fp8 weight view, scale view) of expert e's gate, up or down matrix."""
         I, nbi = self.inter, math.ceil(self.inter / self.block_size)
+        # select(0, e), not [e, :I]: in the compiled decode step e is a graph scalar, which
+        # tuple indexing does not take
         if which == "gate":
-            return self.gate_up_qweight[e, :I], self.gate_up_scale_inv[e, :nbi]
+            return self.gate_up_qweight.select(0, e)[:I], self.gate_up_scale_inv.select(0, e)[:nbi]
         if which == "up":
-            return self.gate_up_qweight[e, I:], self.gate_up_scale_inv[e, nbi:]
+            return self.gate_up_qweight.select(0, e)[I:], self.gate_up_scale_inv.select(0, e)[nbi:]
         if which == "down":
-            return self.down_qweight[e], self.down_scale_inv[e]
+            return self.down_qweight.select(0, e), self.down_scale_inv.select(0, e)
         raise ValueError(f"unknown expert matrix {which!r}")
 
     @torch.no_grad()
