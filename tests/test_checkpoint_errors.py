@@ -89,6 +89,7 @@ def test_index_pointing_to_missing_shard(saved):
 
 
 def test_malformed_index(saved):
+    (saved / "model.safetensors").rename(saved / "model-00001-of-00001.safetensors")  # the index is read
     (saved / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="malformed"):
         nanoseek.load_model(saved)
@@ -159,10 +160,12 @@ def test_integer_weights_are_refused_not_cast(saved):
         nanoseek.load_model(saved)
 
 
-@pytest.mark.parametrize("entry", [5, None, "", "/etc/passwd", "../model.safetensors"])
+@pytest.mark.parametrize("entry", [5, None, "", "/etc/passwd", "../model-00001-of-00001.safetensors"])
 def test_index_entries_must_be_file_names_in_the_directory(saved, entry):
-    names = list(load_file(saved / "model.safetensors"))
-    wm = {n: "model.safetensors" for n in names}
+    shard = "model-00001-of-00001.safetensors"  # (beside a model.safetensors the index is not read)
+    (saved / "model.safetensors").rename(saved / shard)
+    names = list(load_file(saved / shard))
+    wm = {n: shard for n in names}
     wm[names[0]] = entry
     (saved / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
     with pytest.raises(CheckpointError, match="weight_map entries must be file names"):
@@ -198,3 +201,40 @@ def test_load_weights_into_keeps_the_models_own_mtp_when_the_checkpoint_has_none
     assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, source.model.layers[0].self_attn.o_proj.weight)
     assert all(torch.equal(v, mtp_before[k]) for k, v in model.model.layers[L].state_dict().items() if own(k))
     assert len(mtp_before) > 5
+
+
+def test_the_model_file_is_chosen_as_transformers_chooses_it(saved):
+    from safetensors.torch import save_file
+
+    ref = nanoseek.load_model(saved)
+    zeros = {n: torch.zeros_like(t) for n, t in load_file(saved / "model.safetensors").items()}
+    save_file(zeros, saved / "model_ema.safetensors")  # another file beside the model is not merged in
+    (saved / "._model.safetensors").write_bytes(b"\0\5\0\0AppleDouble")  # macOS metadata is skipped
+    got = nanoseek.load_model(saved)
+    for (n, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), n
+    # without model.safetensors or an index, two files with the same tensor names are ambiguous
+    (saved / "model.safetensors").rename(saved / "weights.safetensors")
+    with pytest.raises(CheckpointError, match="in both model_ema.safetensors and weights.safetensors"):
+        nanoseek.load_model(saved)
+    (saved / "model_ema.safetensors").unlink()
+    got = nanoseek.load_model(saved)  # one file under any name is the model
+    assert torch.equal(got.lm_head.weight, ref.lm_head.weight)
+
+
+def test_a_tensor_of_a_dtype_nanoseek_cannot_load_is_refused_only_when_needed(saved):
+    from safetensors.torch import save_file
+
+    (saved / "model.safetensors").rename(saved / "model-00001-of-00002.safetensors")
+    save_file({"extra.counter": torch.arange(4, dtype=torch.int32)}, saved / "model-00002-of-00002.safetensors")
+    path = saved / "model-00002-of-00002.safetensors"
+    raw = path.read_bytes()  # relabel the I32 tensor as U32 and as a dtype nanoseek has no table entry for
+    wm = {n: "model-00001-of-00002.safetensors" for n in load_file(saved / "model-00001-of-00002.safetensors")}
+    wm["extra.counter"] = "model-00002-of-00002.safetensors"
+    (saved / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    for label in (b'"U32"', b'"F4"'):
+        path.write_bytes(raw.replace(b'"I32"', label.ljust(5, b" ")))
+        with pytest.raises(CheckpointError, match="extra.counter") as e:  # unexpected, not "corrupt"
+            nanoseek.load_model(saved)
+        assert "corrupt" not in str(e.value)
+        assert nanoseek.load_model(saved, strict=False) is not None

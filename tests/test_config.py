@@ -61,6 +61,22 @@ def test_transformers_v5_dialect(tmp_path):
     assert cfg.q_lora_rank is None
 
 
+def test_both_rope_dialects_in_one_file_are_read_as_transformers_reads_them(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    yarn = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0, "original_max_position_embeddings": 512,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+    base = {k: v for k, v in OFFICIAL_V3.items() if k not in ("rope_scaling", "rope_theta", "auto_map")}
+    for extra, want in (({"rope_scaling": None}, (50000.0, "yarn", 4.0)),
+                        ({"rope_theta": 10000.0}, (50000.0, "yarn", 4.0)),
+                        ({"rope_scaling": {**{k: v for k, v in yarn.items() if k != "rope_theta"}, "factor": 2.0},
+                          "rope_theta": 20000.0}, (20000.0, "yarn", 2.0))):
+        (tmp_path / "config.json").write_text(json.dumps({**base, "rope_parameters": yarn, **extra}))
+        hf = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+        cfg = ModelConfig.from_json_file(tmp_path / "config.json")
+        assert (cfg.rope_theta, cfg.rope_scaling["type"], cfg.rope_scaling["factor"]) == (
+            hf["rope_theta"], hf["rope_type"], hf["factor"]) == want, extra
+
+
 def test_v5_dialect_inconsistent_derived_field():
     d = dict(OFFICIAL_V3, qk_head_dim=100)
     with pytest.raises(ConfigError, match=r"`qk_head_dim` \(100\) must equal"):

@@ -197,7 +197,16 @@ def _refuse_pickles(directory: Path) -> None:
 
 
 def weight_map(directory: Path) -> dict[str, str]:
-    """tensor name -> safetensors file name (relative to `directory`)."""
+    """tensor name -> safetensors file name (relative to `directory`).
+
+    Which files hold the model, in transformers' order: `model.safetensors` if present, else the
+    index; a directory with neither takes its one `*.safetensors` file, or several whose names do
+    not collide. Hidden files (macOS `._model.safetensors`) are never weights, and other files
+    beside the model's (an EMA copy, an adapter) are not read into it.
+    """
+    single = directory / SAFE_SINGLE
+    if single.is_file():
+        return {name: SAFE_SINGLE for name in _open(single).keys()}
     index = directory / SAFE_INDEX
     if index.exists():
         try:
@@ -216,13 +225,18 @@ def weight_map(directory: Path) -> dict[str, str]:
         if missing:
             raise CheckpointError(f"{index} lists shard files that do not exist: {', '.join(missing[:5])}")
         return wm
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(f for f in directory.glob("*.safetensors") if not f.name.startswith("."))
     if not files:
         _refuse_pickles(directory)
         raise CheckpointError(f"no weights in {directory}: expected {SAFE_SINGLE} or {SAFE_INDEX}")
-    wm = {}
+    wm: dict[str, str] = {}
     for f in files:
         for name in _open(f).keys():
+            if name in wm:
+                raise CheckpointError(
+                    f"{directory} has no {SAFE_SINGLE} or {SAFE_INDEX}, and tensor {name!r} is in both "
+                    f"{wm[name]} and {f.name}: which file is the model is ambiguous; move the other aside "
+                    f"or write an index")
             wm[name] = f.name
     return wm
 
@@ -231,7 +245,17 @@ _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    **{k: getattr(torch, v) for k, v in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                                         ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, v)},
 }
+# Other dtypes the safetensors format has (sub-byte floats, ...): such a tensor may sit in a file,
+# and is refused only if the model needs it.
+
+
+def _st_dtype(name: str, info: "TensorInfo") -> torch.dtype:
+    if info.dtype not in _ST_DTYPES:
+        raise CheckpointError(f"tensor {name!r} has dtype {info.dtype}, which nanoseek cannot load")
+    return _ST_DTYPES[info.dtype]
 
 
 @dataclass(frozen=True)
@@ -278,12 +302,13 @@ class SafetensorsFile:
         for name, info in header.items():
             try:
                 dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-                if dtype not in _ST_DTYPES:
-                    raise ValueError(f"unsupported dtype {dtype}")
+                if not isinstance(dtype, str):
+                    raise ValueError(f"dtype {dtype!r} is not a string")
                 if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, a, b)):
                     raise ValueError(f"shape {list(shape)} and data_offsets {[a, b]} must be non-negative integers")
-                expect = math.prod(shape) * _ST_DTYPES[dtype].itemsize
-                if b - a != expect or a < 0 or data_start + b > size:
+                # (a dtype this table lacks: its size is not checked, and reading it is refused)
+                expect = math.prod(shape) * _ST_DTYPES[dtype].itemsize if dtype in _ST_DTYPES else b - a
+                if b - a != expect or b < a or data_start + b > size:
                     raise ValueError(f"byte range {a}..{b} does not hold {dtype}{list(shape)} within the file")
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}: {e}") from e
@@ -305,7 +330,7 @@ class SafetensorsFile:
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Fill the contiguous CPU tensor `out` (same dtype and element count) from the file."""
         info = self.tensors[name]
-        if out.dtype != _ST_DTYPES[info.dtype] or out.numel() * out.element_size() != info.nbytes:
+        if out.dtype != _st_dtype(name, info) or out.numel() * out.element_size() != info.nbytes:
             raise ValueError(f"{name}: cannot read {info.dtype}{list(info.shape)} into {out.dtype}{list(out.shape)}")
         if not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"{name}: read target must be a contiguous CPU tensor")
@@ -321,7 +346,7 @@ class SafetensorsFile:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
-        return self.read_into(name, torch.empty(info.shape, dtype=_ST_DTYPES[info.dtype]))
+        return self.read_into(name, torch.empty(info.shape, dtype=_st_dtype(name, info)))
 
 
 def _open(path: Path) -> SafetensorsFile:
@@ -357,7 +382,7 @@ class TensorReader:
         return self.info(name).nbytes
 
     def dtype(self, name: str) -> torch.dtype:
-        return _ST_DTYPES[self.info(name).dtype]
+        return _st_dtype(name, self.info(name))
 
     def get(self, name: str) -> torch.Tensor:
         self.info(name)

@@ -221,11 +221,17 @@ class ModelConfig:
 
         # transformers >= 5 dialect -> official fields
         rope_params = d.pop("rope_parameters", None)
-        if rope_params is not None and "rope_scaling" not in d:
+        if rope_params and d.get("rope_scaling") is None:
+            # As transformers reads a config holding both dialects: a non-null `rope_scaling` wins;
+            # otherwise `rope_parameters` does, and its `rope_theta` wins over a top-level one.
             if not isinstance(rope_params, dict):
                 raise ConfigError(f"`rope_parameters` must be an object, got {rope_params!r}")
             rope_params = dict(rope_params)
-            d.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
+            d.pop("rope_scaling", None)
+            theta = rope_params.pop("rope_theta", None)
+            if theta is not None:
+                d["rope_theta"] = theta
+            d.setdefault("rope_theta", 10000.0)
             kind = rope_params.pop("rope_type", None) or rope_params.pop("type", "default")
             rope_params.pop("type", None)
             d["rope_scaling"] = None if kind == "default" else {"type": kind, **rope_params}

@@ -88,6 +88,47 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+    """The directory's chat template as transformers finds it: `chat_template.jinja`, else
+    tokenizer_config.json's `chat_template` (a string, or a list of named templates: "default")."""
+    file = directory / "chat_template.jinja"
+    if file.is_file():
+        try:
+            return file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read {file}: {e}") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string or a list "
+                             f"of {{'name', 'template'}} objects, got {type(template).__name__}")
+    return template
+
+
+def _jinja_environment():
+    """A sandboxed jinja2 environment set up as transformers renders chat templates (whitespace
+    control, loop controls, `raise_exception`, `strftime_now`, a non-ASCII-escaping `tojson`)."""
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
 def _byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's byte -> printable-unicode table used by byte-level BPE."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -106,9 +147,13 @@ class Tokenizer:
 
     def __init__(self, tokenizer: Any, bos_token: str | None = BOS, eos_token: str | None = EOS,
                  pad_token: str | None = None, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
-                 source: str | None = None) -> None:
+                 source: str | None = None, chat_template: str | None = None) -> None:
         self._tok = tokenizer
         self.source = source or "<memory>"
+        # The model directory's own jinja chat template, when it is not nanoseek's (DeepSeek-R1's,
+        # V3.1's, a fine-tune's): chat prompts are rendered with it (`chat_ids`). None: the built-in.
+        self.chat_template = chat_template if chat_template and chat_template != CHAT_TEMPLATE else None
+        self._jinja = None
         self.model_max_length = int(model_max_length)
         added = tokenizer.get_added_tokens_decoder()  # {id: AddedToken}
         self.special_tokens: dict[str, int] = {t.content: i for i, t in sorted(added.items())}
@@ -170,7 +215,8 @@ class Tokenizer:
         max_len = config.get("model_max_length")
         if not isinstance(max_len, int) or not 0 < max_len < 10**12:  # transformers writes 1e30 for "none"
             max_len = DEFAULT_MODEL_MAX_LENGTH
-        return cls(tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=max_len, source=str(file))
+        return cls(tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=max_len, source=str(file),
+                   chat_template=_read_chat_template(file.parent, config))
 
     @classmethod
     def from_str(cls, json_text: str, **kwargs: Any) -> "Tokenizer":
@@ -201,11 +247,8 @@ class Tokenizer:
         """Ids of text in which no added control token is matched: each occurrence is cut in two,
         and the pieces are encoded apart (the same characters, never the control id). Works whether
         the tokenizer file marks `<｜User｜>` special or not (DeepSeek's do not)."""
-        if self._control is None:
-            names = sorted((t for t in self.special_tokens if t not in NON_SPECIAL), key=len, reverse=True)
-            self._control = re.compile("|".join(map(re.escape, names))) if names else re.compile(r"(?!)")
         pieces, at = [], 0
-        for m in self._control.finditer(text):
+        for m in self._control_pattern().finditer(text):
             half = m.start() + max(1, (m.end() - m.start()) // 2)
             pieces += [text[at:m.start()], text[m.start():half], text[half:m.end()]]
             at = m.end()
@@ -213,6 +256,13 @@ class Tokenizer:
             return self._ids(text)
         pieces.append(text[at:])
         return [i for piece in pieces if piece for i in self._ids(piece)]
+
+    def _control_pattern(self) -> re.Pattern:
+        """Matches the text of every added control token (all added tokens but <think> / </think>)."""
+        if self._control is None:
+            names = sorted((t for t in self.special_tokens if t not in NON_SPECIAL), key=len, reverse=True)
+            self._control = re.compile("|".join(map(re.escape, names))) if names else re.compile(r"(?!)")
+        return self._control
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """Encode many texts in parallel (Rust threads); same ids as `encode` on each."""
@@ -269,7 +319,11 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                             thinking: bool = False) -> str:
-        """DeepSeek-V3's chat format as a string (the jinja `CHAT_TEMPLATE` renders the same)."""
+        """The chat prompt as a string: the model's own template (`chat_ids`), else DeepSeek-V3's
+        chat format (the jinja `CHAT_TEMPLATE` renders the same)."""
+        if self.chat_template is not None:
+            self._chat_parts(messages, False, False)  # the message checks
+            return self._render(messages, add_generation_prompt, thinking)
         return "".join(text for text, _, _ in self._chat_parts(messages, add_generation_prompt, thinking))
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False,
@@ -288,6 +342,48 @@ class Tokenizer:
             ids += piece
             mask += [int(learn)] * len(piece)
         return ids, mask
+
+    def chat_ids(self, messages: Sequence[dict], add_generation_prompt: bool = True, thinking: bool = False,
+                 literal: bool = True) -> list[int]:
+        """Token ids of a chat prompt with the model's own template: the directory's jinja template
+        when it has one of its own (rendered as transformers' `apply_chat_template`, which it
+        equals id for id), else the built-in one (`encode_chat`).
+
+        literal=True reads control-token text inside message contents as characters, as
+        `encode(literal=True)` does: each occurrence is marked in the middle before rendering, and
+        the rendered text is encoded in pieces cut at the marks, so the template's own control
+        tokens stay tokens while a message's cannot forge a turn.
+        """
+        if self.chat_template is None:
+            return self.encode_chat(messages, add_generation_prompt=add_generation_prompt, thinking=thinking,
+                                    literal=literal)[0]
+        self._chat_parts(messages, False, False)  # the same message checks as the built-in template
+        mark = None
+        if literal and self._control_pattern().search("".join(m["content"] for m in messages)):
+            used = set(self.chat_template).union(*(m["content"] for m in messages))
+            mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in used)  # a private-use char
+
+            def cut(m: re.Match) -> str:
+                half = max(1, len(m.group()) // 2)
+                return m.group()[:half] + mark + m.group()[half:]
+
+            messages = [{**m, "content": self._control_pattern().sub(cut, m["content"])} for m in messages]
+        text = self._render(messages, add_generation_prompt, thinking)
+        if mark is None:
+            return self._ids(text)
+        return [i for piece in text.split(mark) if piece for i in self._ids(piece)]
+
+    def _render(self, messages: Sequence[dict], add_generation_prompt: bool, thinking: bool) -> str:
+        import jinja2
+
+        try:
+            if self._jinja is None:
+                self._jinja = _jinja_environment().from_string(self.chat_template)
+            return self._jinja.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                      thinking=thinking, bos_token=self.bos_token or "", eos_token=self.eos_token,
+                                      pad_token=self.pad_token)
+        except jinja2.exceptions.TemplateError as e:
+            raise TokenizerError(f"the chat template of {self.source}: {e}") from None
 
     # ---- identity, bytes -------------------------------------------------------------------------
     def to_str(self) -> str:
@@ -338,7 +434,7 @@ class Tokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": int(model_max_length or self.model_max_length),
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template or CHAT_TEMPLATE,
         }
 
     def save(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:

@@ -350,14 +350,15 @@ class Engine:
     def chat_prompt(self, messages: list[dict], thinking: bool = False) -> list[int]:
         if self.tokenizer is None or not hasattr(self.tokenizer, "apply_chat_template"):
             raise SamplingError("chat needs a tokenizer with a chat template")
-        if not hasattr(self.tokenizer, "encode_chat"):
+        if not hasattr(self.tokenizer, "chat_ids"):
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
             return self.encode(text, add_bos=False)
         for m in messages:
             if isinstance(m, dict) and isinstance(m.get("content"), str):
                 _check_unicode(m["content"])
-        # message content is text: special tokens written in it do not become turns (as OpenAI's API)
-        ids, _ = self.tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=thinking, literal=True)
+        # the model's own template; message content is text: special tokens written in it do not
+        # become turns (as OpenAI's API)
+        ids = self.tokenizer.chat_ids(messages, add_generation_prompt=True, thinking=thinking, literal=True)
         return self._in_vocabulary(ids, _FROM_TOKENIZER)
 
     def warm_up(self, max_batch: int = 8, speculative: int = 0) -> int:

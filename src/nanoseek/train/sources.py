@@ -14,6 +14,7 @@ Both draw rows from a RNG seeded by (seed, step, micro): resuming at step s repr
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class SFTSource:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         convs = _read_conversations(self.path)
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        if getattr(tokenizer, "chat_template", None):
+            warnings.warn(f"{tokenizer.source} has a chat template of its own; SFT formats conversations with "
+                          "DeepSeek-V3's (nanoseek's built-in), whose assistant turns it can mask", stacklevel=2)
         encoded = [tokenizer.encode_chat(m) for m in convs]
         n_val = int(len(encoded) * val_fraction) if len(encoded) >= 20 else 0
         self.rows, self.masks = _pack(encoded[: len(encoded) - n_val], seq_len + 1, pad)

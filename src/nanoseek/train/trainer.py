@@ -189,7 +189,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, cfg.tensorboard, resume_step=self.step if self.resume_from else None)
 
     def _save_tokenizer(self) -> None:
-        self.tokenizer.save(self.run_dir)
+        # (the base model's own chat template, if any, is kept; the length is this model's context)
+        self.tokenizer.save(self.run_dir, model_max_length=self.model_config.max_position_embeddings)
 
     def _train_tokenizer(self, vocab_size: int, train_tokenizer):
         from ..data import input_keys, read_documents, split_files
