@@ -39,6 +39,26 @@ def test_token_by_token_decode_matches_full_forward(overrides):
     assert diff <= TOL
 
 
+def test_engine_decode_reads_the_latent_cache_on_the_absorbed_path(monkeypatch):
+    # equal logits could also come from re-expanding the cache: check which path each step takes
+    from nanoseek.engine import Engine
+    from nanoseek.model.attention import MLA
+
+    model = _model()
+    calls = []
+    for name in ("forward_expanded", "forward_absorbed"):
+        plain = getattr(MLA, name)
+        monkeypatch.setattr(MLA, name, lambda self, *a, _n=name, _f=plain, **k: calls.append(_n) or _f(self, *a, **k))
+    n_layers = model.config.num_hidden_layers
+    Engine(model, fast=False).generate([[3, 4, 5, 6]], max_tokens=5, temperature=0, ignore_eos=True)
+    expanded = [c for c in calls if c == "forward_expanded"]
+    # prefill: every layer but the last expands (the last attends from the last prompt token only);
+    # each of the 4 decode steps: every layer absorbed
+    assert len(expanded) == n_layers - 1
+    assert calls.count("forward_absorbed") == 1 + 4 * n_layers
+    assert calls[:n_layers] == ["forward_expanded"] * (n_layers - 1) + ["forward_absorbed"]
+
+
 def test_multi_token_block_on_the_absorbed_path_is_causal():
     """Verifying several tokens at once (speculative decoding) uses a causal mask inside the block."""
     model = _model()
