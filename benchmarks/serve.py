@@ -204,6 +204,8 @@ def main() -> int:
         print(f"| {c} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f} | "
               f"{r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
               f"{r['itl_p50_ms']:.1f} | {r['load_before']:.1f} / {r['load_after']:.1f} |{ref}")
+    if any(r["requests"] < 100 for r in rows):
+        print("\n(p99 of fewer than 100 requests is their maximum; raise --rounds for a real tail)")
     mean_batch = re.search(r"^nanoseek_decode_rows_total (\S+)", metrics, re.M)
     steps = re.search(r"^nanoseek_decode_steps_total (\S+)", metrics, re.M)
     if mean_batch and steps:
