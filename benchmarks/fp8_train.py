@@ -322,7 +322,7 @@ def cmd_gpu(args) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ids = torch.randint(0, cfg.vocab_size, (args.gpu_batch, args.gpu_seq + 1), device=dev)
 
-        def step():
+        def step(model=model, opt=opt, ids=ids):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = model(ids[:, :-1]).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
