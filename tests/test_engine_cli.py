@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -23,9 +24,19 @@ def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-chat")
     model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
     randomize(model, 4, bias_std=0.05)
-    save_model(model, d)
     text = ["hello world, this is a tiny corpus for a tiny tokenizer. " * 20, "def f(x):\n    return x + 1\n" * 20]
-    tok_mod.train_tokenizer(text, vocab_size=model.config.vocab_size, show_progress=False).save(d)
+    tok = tok_mod.train_tokenizer(text, vocab_size=model.config.vocab_size, show_progress=False)
+    tok.save(d)
+    # The corpus yields ~300 real tokens; the rest of the vocabulary is special placeholders that decode
+    # to "", and the byte tokens are mostly invalid UTF-8 or control characters. A zero logit for all
+    # of those keeps greedy answers printable text, so the tests below compare real text (not "" == "")
+    # and the terminal shows it as it is.
+    with torch.no_grad():
+        for i in range(model.config.vocab_size):
+            piece = tok.decode([i])
+            if not (piece and piece.isascii() and piece.isprintable()):
+                model.lm_head.weight[i] = 0
+    save_model(model, d)
     return d
 
 
@@ -43,6 +54,71 @@ def test_generate_speculative_and_stream(capsys):
     ref = Engine("tiny").generate([1, 2, 3], max_tokens=6, temperature=0)
     assert cap.out.split() == [str(t) for t in ref.token_ids]
     assert "acceptance" in cap.err and "tokens/forward" in cap.err
+
+
+def test_generate_sampling_flags(capsys):
+    """--temperature, --seed, --top-k and --top-p reach the sampler: a hot seeded run is the library's
+    for that seed and reproducible, another seed changes it, and top-k 1 or a tiny top-p is greedy."""
+    def ids(*flags: str) -> list[int]:
+        assert main(["generate", "tiny", "1 2 3", "--ids", "--max-tokens", "8", "--json", "--quiet", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["token_ids"]
+
+    greedy = ids()
+    hot = ids("--temperature", "5", "--seed", "3")  # near-uniform over 1,024 tokens: never the greedy 8
+    assert hot == Engine("tiny").generate([1, 2, 3], max_tokens=8, temperature=5, seed=3).token_ids
+    assert hot != greedy
+    assert ids("--temperature", "5", "--seed", "3") == hot  # same seed, same tokens
+    assert ids("--temperature", "5", "--seed", "4") != hot
+    assert ids("--temperature", "0", "--seed", "3") == greedy
+    assert ids("--temperature", "5", "--seed", "3", "--top-k", "1") == greedy
+    assert ids("--temperature", "5", "--seed", "3", "--top-p", "1e-6") == greedy
+
+
+def test_generate_dtype_flag(capsys):
+    """--dtype bf16 runs the model in bf16: the logprobs are the bf16 engine's, not fp32's."""
+    def logprobs(*flags: str) -> list[float]:
+        assert main(["generate", "tiny", "1 2 3", "--ids", "--max-tokens", "4", "--json", "--quiet", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["logprobs"]
+
+    fp32, bf16 = logprobs(), logprobs("--dtype", "bf16")
+    ref = Engine("tiny", dtype="bf16")
+    assert ref.dtype == torch.bfloat16
+    assert bf16 == pytest.approx(ref.generate([1, 2, 3], max_tokens=4, temperature=0, logprobs=0).logprobs, abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) > 1e-4  # bf16 rounding moves them (~1e-3)
+    assert fp32 == pytest.approx(Engine("tiny").generate([1, 2, 3], max_tokens=4, temperature=0, logprobs=0).logprobs,
+                                 abs=1e-5)
+
+
+def test_generate_stream_writes_each_piece_as_it_comes(model_dir, monkeypatch):
+    """--stream writes and flushes each piece of text before the next token is generated."""
+    import io
+
+    from nanoseek.engine import engine as engine_mod
+
+    class Pipe(io.StringIO):
+        received = ""  # what the reader at the other end has got: the text up to the last flush
+
+        def flush(self):
+            self.received = self.getvalue()
+
+    out, seen = Pipe(), []
+    real = engine_mod.Engine.stream
+
+    def stream(self, *args, **kwargs):
+        for chunk in real(self, *args, **kwargs):
+            seen.append((out.received, chunk.text))  # what was on screen when this piece was generated
+            yield chunk
+
+    monkeypatch.setattr(engine_mod.Engine, "stream", stream)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["generate", str(model_dir), "hello world", "--max-tokens", "8", "--stream", "--quiet"]) == 0
+    monkeypatch.undo()
+    ref = Engine(str(model_dir)).generate("hello world", max_tokens=8, temperature=0).text
+    assert out.getvalue() == ref + "\n"
+    texts = [text for _, text in seen]
+    assert "".join(texts) == ref and sum(map(bool, texts)) >= 2
+    for i, (received, _) in enumerate(seen):
+        assert received == "".join(texts[:i])
 
 
 def test_compile_flag_compiles_before_the_timed_request(capsys, monkeypatch):
@@ -101,15 +177,42 @@ def test_generate_text_from_a_model_directory(model_dir, capsys):
     assert out["text"] == ref.text and out["token_ids"] == ref.token_ids
 
 
-def test_chat_in_a_pseudo_terminal(model_dir):
+# `nanoseek chat` with the engine's step loop gated: after the first step that yields visible text,
+# generation waits until the file argv[1] exists. What reaches the terminal before the test creates
+# that file was shown while the answer was still being generated, however fast or slow the machine.
+_GATED_CHAT = """
+import os, sys, time
+from nanoseek.engine import engine
+run, gate = engine.Engine._run, sys.argv[1]
+
+def gated(self, *args, **kwargs):
+    for step in run(self, *args, **kwargs):
+        yield step
+        if any(c.text for c in step):
+            deadline = time.monotonic() + 300
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+engine.Engine._run = gated
+from nanoseek.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_chat_in_a_pseudo_terminal(model_dir, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     engine = Engine(str(model_dir))
-    first = engine.chat([{"role": "user", "content": "hello"}], max_tokens=6, temperature=0)
-    second = engine.chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.text},
-                          {"role": "user", "content": "hello"}], max_tokens=6, temperature=0)
-    assert first.token_ids, "the random model should say something"
-    child = pexpect.spawn(sys.executable, ["-m", "nanoseek.cli", "chat", str(model_dir), "--max-tokens", "6",
-                                           "--temperature", "0"], encoding="utf-8", timeout=90)
+    hello = [{"role": "user", "content": "hello"}]
+    pieces = [c.text for c in engine.chat(hello, max_tokens=6, temperature=0, stream=True) if c.text]
+    first = engine.chat(hello, max_tokens=6, temperature=0)
+    second = engine.chat(hello + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "hello"}],
+                         max_tokens=6, temperature=0)
+    assert len(pieces) >= 2 and "".join(pieces) == first.text, "the answer should come in several visible pieces"
+    assert first.text != second.text, "the history should change the answer"
+    gate = tmp_path / "go-on"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a user's terminal: output buffered
+    child = pexpect.spawn(sys.executable, ["-c", _GATED_CHAT, str(gate), "chat", str(model_dir), "--max-tokens", "6",
+                                           "--temperature", "0"], encoding="utf-8", timeout=90, env=env)
     try:
         child.expect_exact("/reset")
         child.expect_exact("> ")
@@ -119,7 +222,15 @@ def test_chat_in_a_pseudo_terminal(model_dir):
             child.expect_exact("> ")
             return child.before.replace("\r\n", "\n").split("\n", 1)[1].rstrip("\n")  # drop the echoed input
 
-        assert turn("hello") == first.text
+        # The first answer streams: its first piece is on the screen while the rest is not generated yet
+        # (a one-shot generate, or printing only after the last token, shows nothing here and times out).
+        child.sendline("hello")
+        child.expect_exact("\n")  # the echoed input
+        child.expect_exact(pieces[0], timeout=60)
+        shown = child.before + child.after
+        gate.touch()  # let the generation go on
+        child.expect_exact("> ")
+        assert (shown + child.before).replace("\r\n", "\n").rstrip("\n") == first.text
         assert turn("hello") == second.text  # history kept
         child.sendline("/reset")
         child.expect_exact("(conversation cleared)")
