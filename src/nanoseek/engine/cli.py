@@ -24,7 +24,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) when MODEL has none")
     p.add_argument("--no-fast", action="store_true", help="plain PyTorch linears (no oneDNN prepacking)")
     p.add_argument("--compile", action="store_true", help="compile each decode step whole with torch.compile: "
-                   "2-4x faster CPU decode after 30-60 s of compiling per batch shape (needs a C++ compiler)")
+                   "1.4-4x faster CPU decode after 20-60 s of compiling per batch shape (needs a C++ compiler)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
@@ -257,7 +257,7 @@ def register(sub) -> None:
     p.add_argument("model", help="run directory, Hugging Face directory, Hub id or preset")
     p.add_argument("prompt", help="the prompt text (or token ids with --ids)")
     p.add_argument("--ids", action="store_true", help="PROMPT is token ids, e.g. '0 15 27'")
-    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (not with --json, which prints one object at the end)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no statistics line on stderr")
     _sampling_flags(p, temperature=0.0, max_tokens=128)
