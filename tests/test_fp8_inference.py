@@ -205,6 +205,25 @@ def test_the_engine_runs_a_model_kept_in_fp8(fp8_dir, fast):
         assert [r.token_ids for r in kept.generate(prompts, **kw, speculative=spec)] == [r.token_ids for r in ref]
 
 
+def test_generate_and_engine_take_keep_fp8(fp8_dir, capsys):
+    import json
+
+    from nanoseek.cli import main
+    from nanoseek.engine import Engine
+    from nanoseek.engine.sampling import SamplingError
+
+    d, _ = fp8_dir
+    eng = Engine(d, dtype="fp32", keep_fp8=True, tokenizer=None)
+    assert isinstance(eng.model.model.layers[1].mlp.experts, FP8InferenceExperts)
+    ref = eng.generate([5, 6, 7], max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)
+    assert main(["generate", str(d), "5 6 7", "--ids", "--max-tokens", "5", "--json", "--quiet", "--dtype", "fp32",
+                 "--keep-fp8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == ref.token_ids and out["logprobs"] == pytest.approx(ref.logprobs, abs=1e-6)
+    with pytest.raises(SamplingError, match="keep_fp8"):
+        Engine(nanoseek.load_model("tiny"), keep_fp8=True)
+
+
 def test_keep_fp8_fp32_equals_dequantized_fp32(fp8_dir, monkeypatch):
     d, _ = fp8_dir
     # FP8 experts never take the paired fp32 path (it sums in another order, ~1e-7): compare like with like

@@ -23,6 +23,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) when MODEL has none")
     p.add_argument("--no-fast", action="store_true", help="plain PyTorch linears (no oneDNN prepacking)")
+    p.add_argument("--keep-fp8", action="store_true",
+                   help="hold the FP8-stored weights in FP8 (a third of fp32's memory; quantizes other checkpoints "
+                        "on load); on CPU use it with --compile, which converts them inside the fused matmuls")
     p.add_argument("--compile", action="store_true", help="compile each decode step whole with torch.compile: "
                    "1.4-4x faster CPU decode after 20-60 s of compiling per batch shape (needs a C++ compiler)")
 
@@ -58,7 +61,7 @@ def _engine(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     return Engine(args.model, dtype=args.dtype, device=args.device, fast=not args.no_fast, compile=args.compile,
-                  tokenizer=args.tokenizer or "auto")
+                  tokenizer=args.tokenizer or "auto", keep_fp8=args.keep_fp8)
 
 
 def _errors(fn):

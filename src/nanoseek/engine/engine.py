@@ -217,11 +217,15 @@ class Engine:
 
     def __init__(self, model: DeepseekV3ForCausalLM | str | os.PathLike, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, tokenizer="auto", fast: bool = True,
-                 compile: bool = False, seed: int | None = None, max_context: int | None = None) -> None:
+                 compile: bool = False, seed: int | None = None, max_context: int | None = None,
+                 keep_fp8: bool = False) -> None:
         self.model_dir: Path | None = None
         if device is not None:
             _check_device(device)
         if isinstance(model, DeepseekV3ForCausalLM):
+            if keep_fp8:
+                raise SamplingError("keep_fp8 applies when the engine loads the model; for a model object use "
+                                    "nanoseek.load_model(path, keep_fp8=True)")
             self.model = model
             if dtype is not None or device is not None:
                 from ..checkpoint import parse_dtype
@@ -235,7 +239,7 @@ class Engine:
             if not (name in PRESETS and not Path(name).exists()):
                 self.model_dir = resolve_model_dir(name)
                 model = self.model_dir
-            self.model = load_model(model, dtype=dtype, device=device or "cpu")
+            self.model = load_model(model, dtype=dtype, device=device or "cpu", keep_fp8=keep_fp8)
         self.model.eval()
         self.config = self.model.config
         p = self.model.lm_head.weight

@@ -54,7 +54,8 @@ def build(args: argparse.Namespace):
     tokenizer = args.tokenizer if args.tokenizer else "auto"
     model_thread = ModelThread()  # every torch call on one thread (see ModelThread)
     engine = model_thread.call(lambda: Engine(args.model, dtype=args.dtype, device=args.device, tokenizer=tokenizer,
-                                              fast=not args.no_fast, compile=args.compile, seed=args.seed))
+                                              fast=not args.no_fast, compile=args.compile, seed=args.seed,
+                                              keep_fp8=args.keep_fp8))
     if args.compile:  # compile every decode shape before the first request, not during one
         print("nanoseek serve: compiling the decode step for every batch shape (minutes the first time)...",
               file=sys.stderr, flush=True)
