@@ -23,7 +23,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
 from nanoseek.engine import Engine  # noqa: E402
-from test_server_support import LiveServer, assert_error_schema, random_model_dir  # noqa: E402
+from test_server_support import LiveServer, asgi_request, assert_error_schema, random_model_dir  # noqa: E402
 
 KEY = "sk-test-key"
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello world! How are you?"}]
@@ -157,6 +157,31 @@ def test_stop_sequences(client, engine):
                                            stream=True, extra_body={"ignore_eos": True}))
     assert "".join(p.choices[0].text for p in parts) == cut
     assert parts[-1].choices[0].finish_reason == "stop"
+
+
+PENALTIES = [  # on this model and prompt each changes the greedy output by its 3rd token
+    {"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
+    {"presence_penalty": -2.0}, {"frequency_penalty": -2.0},  # these two differ: a count, or only presence
+]
+
+
+def test_presence_and_frequency_penalties_equal_engine(client, engine):
+    prompt = "the the the the"
+    kw = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    plain = one_thread(lambda: engine.generate(prompt, **kw).token_ids)
+    refs = one_thread(lambda: [engine.generate(prompt, **kw, **pen).token_ids for pen in PENALTIES])
+    assert all(ref != plain for ref in refs) and refs[2] != refs[3]  # the check below can tell them apart
+    for pen, ref in zip(PENALTIES, refs):
+        r = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=12, temperature=0, **pen,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert r.choices[0].model_extra["token_ids"] == ref, pen
+    # chat, both penalties at once
+    chat_kw = dict(max_tokens=12, temperature=0, presence_penalty=0.5, frequency_penalty=-1.5)
+    ref = one_thread(lambda: engine.chat(MSGS, ignore_eos=True, **chat_kw).token_ids)
+    assert ref != one_thread(lambda: engine.chat(MSGS, max_tokens=12, temperature=0, ignore_eos=True).token_ids)
+    r = client.chat.completions.create(model="tiny-test", messages=MSGS, **chat_kw,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == ref
 
 
 def test_logprobs(client, engine):
@@ -321,6 +346,38 @@ def test_api_key_required_on_v1(server):
     assert requests.get(server.base + "/models", headers=server.headers()).status_code == 200
 
 
+def test_api_key_is_compared_in_constant_time(engine, monkeypatch):
+    """The key check goes through hmac.compare_digest (timing-safe) on fixed-size digests: spied on an
+    app built in this process (its worker never starts; /v1/models needs none)."""
+    import hashlib
+    import hmac
+
+    from nanoseek.engine.scheduler import Scheduler
+    from nanoseek.server.app import ServerConfig, create_app
+
+    app = create_app(engine, Scheduler(engine, max_batch=1), ServerConfig(model_name="tiny-test", api_key=KEY))
+    real = hmac.compare_digest
+    calls, verdict = [], [None]
+
+    def spy(a, b):
+        calls.append((bytes(a), bytes(b)))
+        return real(a, b) if verdict[0] is None else verdict[0]
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    for token, status in ((KEY, 200), ("wrong", 401), (KEY + "x" * 100, 401), ("", 401)):
+        calls.clear()
+        got, _ = asgi_request(app, "GET", "/v1/models", {"Authorization": f"Bearer {token}"})
+        assert got == status, token
+        assert len(calls) == 1, token  # one timing-safe comparison decides
+        (given, expected), = calls
+        assert len(given) == len(expected) == 32 and hashlib.sha256(KEY.encode()).digest() in (given, expected), token
+    verdict[0] = False  # the verdict is compare_digest's own
+    assert asgi_request(app, "GET", "/v1/models", {"Authorization": f"Bearer {KEY}"})[0] == 401
+    verdict[0] = True
+    assert asgi_request(app, "GET", "/v1/models", {"Authorization": "Bearer wrong"})[0] == 200
+    assert asgi_request(app, "GET", "/v1/models", {"Authorization": "Basic wrong"})[0] == 401  # and Bearer only
+
+
 BAD_BODIES = [
     ("/v1/chat/completions", b'{"model": "x", "messages": [', "json"),
     ("/v1/chat/completions", b"not json at all", "json"),
@@ -423,11 +480,28 @@ def test_a_client_gone_before_its_body_is_not_a_server_error(server):
 
 
 def test_metrics_are_prometheus_text(server, client):
-    client.completions.create(model="x", prompt="Hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    before = server.metrics()
+    usages = [client.completions.create(model="x", prompt="Hello", max_tokens=3, temperature=0,
+                                        extra_body={"ignore_eos": True}).usage,
+              client.completions.create(model="x", prompt=["Hi there", "Once upon a time"], n=2, max_tokens=4,
+                                        temperature=0.8, seed=3).usage,
+              client.chat.completions.create(model="x", messages=MSGS, max_tokens=5, temperature=0).usage]
+    chunks = list(client.chat.completions.create(model="x", messages=MSGS, max_tokens=6, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    usages.append(chunks[-1].usage)
+    with pytest.raises(openai.BadRequestError):  # refused: no tokens counted
+        client.completions.create(model="x", prompt="word " * 200, max_tokens=1)
+    assert requests.post(server.url + "/v1/chat/completions", json={"model": "x", "messages": MSGS}).status_code == 401
     m = server.metrics()  # parsed by prometheus_client: the format is valid
-    assert m['nanoseek_requests_total{route="/v1/completions",status="200"}'] >= 1
+    assert m['nanoseek_requests_total{route="/v1/completions",status="200"}'] >= 2
     assert m['nanoseek_requests_total{route="/v1/chat/completions",status="401"}'] >= 1
-    assert m["nanoseek_prompt_tokens_total"] > 0 and m["nanoseek_completion_tokens_total"] >= 3
+
+    def delta(name):
+        return m[name] - before[name]
+
+    assert delta("nanoseek_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert delta("nanoseek_completion_tokens_total") == sum(u.completion_tokens for u in usages)
+    assert usages[0].completion_tokens == 3 and usages[1].completion_tokens >= 4  # n = 2: prompts counted once each
     for h in ("nanoseek_time_to_first_token_seconds", "nanoseek_inter_token_latency_seconds",
               "nanoseek_request_latency_seconds"):
         assert m[h + "_count"] > 0 and m[h + '_bucket{le="+Inf"}'] == m[h + "_count"]

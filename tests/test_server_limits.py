@@ -1,6 +1,10 @@
 """Server limits on a live server with one batch slot and a one-request queue: 429 when the queue is
 full, a client that hangs up frees its slot at once (seen in /metrics), per-request timeout, and
-MTP speculative decoding behind the API (greedy output equals the engine's plain output)."""
+MTP speculative decoding behind the API (greedy output equals the engine's plain output).
+
+A second server ("drafting": a model whose MTP drafts are mostly accepted, two batch slots, a small
+--kv-cache-bytes, its API key only in $NANOSEEK_API_KEY) checks the MTP counters against the
+engine's, the cache budget's context, admission and gauges, and the key from the environment."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
 from nanoseek.engine import Engine  # noqa: E402
-from test_server_support import LiveServer, assert_error_schema, random_model_dir  # noqa: E402
+from test_server_support import LiveServer, assert_error_schema, drafting_model_dir, random_model_dir  # noqa: E402
 
 TIMEOUT = 3.0
 LONG = dict(max_tokens=1500, temperature=0, extra_body={"ignore_eos": True})
@@ -137,3 +141,129 @@ def test_request_timeout(server, client):
     assert events[-1] == b"data: [DONE]"
     assert json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
     assert server.alive() and server.get("/health")[0] == 200
+
+
+# ---- the drafting server: MTP acceptance, the cache budget, the key from the environment --------------------
+
+ENV_KEY = "sk-from-the-environment"
+BUDGET = "1128KiB"  # 1155072 bytes: 1804 positions of the speculative latent cache (see test_kv_cache_budget...)
+
+
+@pytest.fixture(scope="module")
+def drafting_dir(tmp_path_factory):
+    return drafting_model_dir(tmp_path_factory.mktemp("server-drafting"))
+
+
+@pytest.fixture(scope="module")
+def drafting(drafting_dir, tmp_path_factory):
+    s = LiveServer(drafting_dir, "--max-batch", "2", "--speculative", "--max-model-len", "2048",
+                   "--kv-cache-bytes", BUDGET, api_key=ENV_KEY, key_in_env=True,
+                   log_dir=tmp_path_factory.mktemp("logs"), name="drafting")
+    yield s
+    s.stop()
+
+
+def test_api_key_from_the_environment_alone(drafting):
+    assert "(API key required;" in drafting.banner  # no --api-key on its command line
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": ENV_KEY}):
+        r = requests.get(drafting.base + "/models", headers=headers)
+        assert r.status_code == 401 and assert_error_schema(r.content)["code"] == "invalid_api_key", headers
+    r = requests.post(drafting.base + "/completions", json={"model": "x", "prompt": "hi", "max_tokens": 1})
+    assert r.status_code == 401
+    r = requests.get(drafting.base + "/models", headers={"Authorization": f"Bearer {ENV_KEY}"})
+    assert r.status_code == 200 and r.json()["data"][0]["id"]
+    assert drafting.get("/health")[0] == 200  # only /v1 needs the key
+
+
+def test_mtp_drafts_are_accepted_and_counted_like_the_engine(drafting, drafting_dir):
+    engine = Engine(drafting_dir, seed=0)
+    prompts = ["Hello world", "def add(a, b):", "Once upon a time there was"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        refs, drafted, accepted, forwards = [], 0, 0, 0
+        for p in prompts:
+            plain = engine.generate(p, max_tokens=20, temperature=0, ignore_eos=True).token_ids
+            assert engine.generate(p, max_tokens=20, temperature=0, ignore_eos=True, speculative=1).token_ids == plain
+            refs.append(plain)
+            st = engine.last_stats
+            drafted, accepted, forwards = drafted + st.drafted, accepted + st.accepted, forwards + st.decode_forwards
+    finally:
+        torch.set_num_threads(n)
+    assert 0 < accepted < drafted  # this model accepts some drafts, not all
+    client = drafting.client()
+    before = idle(drafting)
+    usages = []
+    for p, ref in zip(prompts, refs):  # one at a time: the engine's batch-of-one drafts
+        r = client.completions.create(model="x", prompt=p, max_tokens=20, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert r.choices[0].model_extra["token_ids"] == ref
+        usages.append(r.usage)
+    m = drafting.metrics()
+    # an accepted draft brings two tokens in one update: each counts
+    assert m["nanoseek_completion_tokens_total"] - before["nanoseek_completion_tokens_total"] == 3 * 20 == \
+        sum(u.completion_tokens for u in usages)
+    assert m["nanoseek_prompt_tokens_total"] - before["nanoseek_prompt_tokens_total"] == \
+        sum(u.prompt_tokens for u in usages)
+    d = m["nanoseek_mtp_draft_tokens_total"] - before["nanoseek_mtp_draft_tokens_total"]
+    a = m["nanoseek_mtp_accepted_tokens_total"] - before["nanoseek_mtp_accepted_tokens_total"]
+    assert (d, a) == (drafted, accepted)
+    assert 0 < m["nanoseek_mtp_accepted_tokens_total"] < m["nanoseek_mtp_draft_tokens_total"]
+    assert m["nanoseek_mtp_acceptance_rate"] == pytest.approx(
+        m["nanoseek_mtp_accepted_tokens_total"] / m["nanoseek_mtp_draft_tokens_total"])
+    # accepted drafts saved decode forwards, as many as in the engine
+    assert m["nanoseek_decode_steps_total"] - before["nanoseek_decode_steps_total"] == forwards < 3 * 19
+
+
+def test_kv_cache_budget_sets_context_admission_and_gauges(drafting, drafting_dir):
+    cfg = json.loads((drafting_dir / "config.json").read_text())
+    # latent bytes per position: (layers + the MTP layer, which drafting caches too) x (kv_lora_rank +
+    # qk_rope_head_dim) float32 numbers; a sequence reserves prompt + max_tokens + 4 positions with k = 1
+    # (2k + 2 written past the last kept token)
+    per_pos = (cfg["num_hidden_layers"] + 1) * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+    slack, budget = 4, 1128 * 1024
+    context = budget // per_pos - slack
+    assert context == 1800 < 2048  # the budget, not --max-model-len, bounds the context
+    assert f"context {context}, cache budget {budget / 2**20:.1f} MiB" in drafting.banner
+    client = drafting.client()
+    assert client.models.list().data[0].model_extra["max_model_len"] == context
+    prompt = list(range(10, 20))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="x", prompt=prompt, max_tokens=context - len(prompt) + 1)
+    assert e.value.code == "context_length_exceeded" and str(context) in e.value.message
+
+    before = idle(drafting)
+    assert before["nanoseek_kv_cache_budget_bytes"] == budget
+    assert before["nanoseek_kv_cache_allocated_bytes"] == before["nanoseek_kv_cache_reserved_bytes"] == \
+        before["nanoseek_kv_cache_used_bytes"] == before["nanoseek_kv_cache_usage_ratio"] == 0
+    long_tokens = 1700
+    a = client.completions.create(model="x", prompt=prompt, max_tokens=long_tokens, temperature=0, stream=True,
+                                  extra_body={"ignore_eos": True})
+    it = iter(a)
+    for _ in range(3):
+        next(it)
+    m = drafting.metrics()
+    reserved = (len(prompt) + long_tokens + slack) * per_pos
+    assert m["nanoseek_running_batch_size"] == 1
+    assert m["nanoseek_kv_cache_reserved_bytes"] == reserved
+    assert m["nanoseek_kv_cache_usage_ratio"] == pytest.approx(reserved / budget)
+    used = m["nanoseek_kv_cache_used_bytes"]
+    assert used % per_pos == 0 and (len(prompt) + 2) * per_pos <= used <= reserved
+    alloc = m["nanoseek_kv_cache_allocated_bytes"]
+    assert alloc % per_pos == 0 and reserved <= alloc <= budget
+    # a second sequence would fit the batch (two slots) but not the budget next to the first: it waits
+    got = {}
+    b = threading.Thread(target=lambda: got.setdefault("b", client.completions.create(
+        model="x", prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})))
+    b.start()
+    drafting.wait_metric("nanoseek_waiting_sequences", lambda v: v == 1)
+    m = drafting.metrics()
+    assert m["nanoseek_running_batch_size"] == 1 and m["nanoseek_kv_cache_reserved_bytes"] == reserved
+    assert m["nanoseek_kv_cache_used_bytes"] > used  # the first one is still generating
+    a.close()  # the first hangs up: the second is admitted and runs
+    b.join(30)
+    assert got["b"].usage.completion_tokens == 5
+    after = idle(drafting)
+    assert after["nanoseek_kv_cache_allocated_bytes"] == after["nanoseek_kv_cache_reserved_bytes"] == \
+        after["nanoseek_kv_cache_used_bytes"] == after["nanoseek_kv_cache_usage_ratio"] == 0
+    assert after["nanoseek_kv_cache_budget_bytes"] == budget

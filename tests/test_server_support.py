@@ -1,4 +1,5 @@
-"""Shared pieces of the server tests (no tests here): tiny models on disk and live servers.
+"""Shared pieces of the server tests (no tests here): tiny models on disk, live servers, and an
+in-process ASGI request.
 
 A LiveServer is `nanoseek serve` in a subprocess on 127.0.0.1 with --port 0 (the kernel picks a free
 port; the server prints it), one torch thread, stopped at the end of the module that started it.
@@ -40,6 +41,35 @@ def random_model_dir(path: Path, seed: int = 4) -> Path:
 
     model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
     randomize(model, seed, bias_std=0.05)
+    save_model(model, path)
+    tokenizer_for(model.config.vocab_size).save(path)
+    return path
+
+
+def drafting_model_dir(path: Path, seed: int = 6, scale: float = 0.01) -> Path:
+    """A tiny random model whose MTP drafts are mostly, not always, accepted (about 60% greedy).
+
+    Every attention output and MLP/expert down projection is scaled by `scale`, so the residual
+    stream is nearly the token's own embedding and the model nearly a bigram table, with the
+    context still nudging some choices; the MTP module reads only the next token's embedding
+    (eh_proj = [I, 0], enorm = 1, its head norm = the final norm), so it drafts the bigram's next
+    token: right where the context does not change the argmax, wrong where it does.
+    """
+    from conftest import randomize
+    from nanoseek.checkpoint import save_model
+
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    randomize(model, seed, bias_std=0.05)
+    H = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("model.layers.") and ("o_proj" in name or "down_proj" in name):
+                p.mul_(scale)
+        mtp = model.model.mtp_layers[0]
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :H] = torch.eye(H)
+        mtp.enorm.weight.fill_(1.0)
+        mtp.shared_head.norm.weight.copy_(model.model.norm.weight)
     save_model(model, path)
     tokenizer_for(model.config.vocab_size).save(path)
     return path
@@ -95,18 +125,21 @@ def scripted_model_dir(path: Path) -> dict:
 
 
 class LiveServer:
-    def __init__(self, model_dir: Path | str, *args: str, api_key: str | None = None, log_dir: Path | None = None,
-                 name: str = "server") -> None:
+    """`api_key` goes on the command line (--api-key), or only in $NANOSEEK_API_KEY with key_in_env
+    (otherwise that variable is cleared); `banner` is the line the server printed at start."""
+
+    def __init__(self, model_dir: Path | str, *args: str, api_key: str | None = None, key_in_env: bool = False,
+                 log_dir: Path | None = None, name: str = "server") -> None:
         self.api_key = api_key
         cmd = [sys.executable, "-m", "nanoseek.cli", "serve", str(model_dir), "--port", "0", "--threads", "1",
                "--log-level", "warning", *args]
-        if api_key:
+        if api_key and not key_in_env:
             cmd += ["--api-key", api_key]
         self.log_path = (log_dir or Path("/tmp")) / f"{name}-{os.getpid()}-{int(time.time() * 1e3)}.log"
         self._log = open(self.log_path, "w")
-        env = dict(os.environ, NANOSEEK_API_KEY="", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, NANOSEEK_API_KEY=(api_key or "") if key_in_env else "", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
-        line = self.proc.stdout.readline()
+        line = self.banner = self.proc.stdout.readline()
         m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
         if not m:
             self.stop()
@@ -179,6 +212,35 @@ class LiveServer:
                 self.proc.wait()
         self.proc.stdout.close()
         self._log.close()
+
+
+def asgi_request(app, method: str, path: str, headers: dict | None = None, body: bytes = b"") -> tuple[int, bytes]:
+    """One HTTP request straight into an ASGI app, in this process (no socket, no lifespan)."""
+    import asyncio
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append(True)
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(30)  # the client stays connected (no route here waits for it)
+        return {"type": "http.disconnect"}
+
+    out = {"status": None, "body": b""}
+
+    async def send(msg):
+        if msg["type"] == "http.response.start":
+            out["status"] = msg["status"]
+        elif msg["type"] == "http.response.body":
+            out["body"] += msg.get("body", b"")
+
+    asyncio.run(app(scope, receive, send))
+    return out["status"], out["body"]
 
 
 def assert_error_schema(body: bytes | str | dict, status: int | None = None) -> dict:
