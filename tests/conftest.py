@@ -19,6 +19,17 @@ TINY = dict(
 )
 
 
+def random_experts(cfg, gen: torch.Generator, std: float):
+    """A stack of routed experts with normal(0, std) weights drawn from `gen`."""
+    from nanoseek.model.moe import Experts
+
+    ex = Experts(cfg)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, std, generator=gen)
+        ex.down_proj.normal_(0, std, generator=gen)
+    return ex
+
+
 @torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int, std: float = 0.08, bias_std: float = 0.0) -> None:
     """Weights large enough that every mechanism moves the logits; norms near, not at, one."""

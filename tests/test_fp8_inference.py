@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nanoseek
+from conftest import random_experts
 from nanoseek.checkpoint import save_model
 from nanoseek.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
 from nanoseek.fp8_linear import (
@@ -58,10 +59,7 @@ def test_dtype_moves_keep_fp8_buffers():
 def test_inference_experts_match_dequantized_experts():
     cfg = nanoseek.preset("tiny")  # moe_intermediate_size 64: gate and up blocks are partial
     gen = torch.Generator().manual_seed(1)
-    ex = Experts(cfg)
-    with torch.no_grad():
-        ex.gate_up_proj.normal_(0, 0.05, generator=gen)
-        ex.down_proj.normal_(0, 0.05, generator=gen)
+    ex = random_experts(cfg, gen, 0.05)
     fx = FP8InferenceExperts.from_experts(ex)
     I = cfg.moe_intermediate_size
     ref = Experts(cfg)
@@ -85,10 +83,7 @@ def test_fp8_experts_never_dequantize_the_whole_stack(monkeypatch):
     # experts that dequantized all of them, for every pair (a 64-token prompt on `bench` took 45 s)
     cfg = nanoseek.preset("tiny")
     gen = torch.Generator().manual_seed(2)
-    ex = Experts(cfg)
-    with torch.no_grad():
-        ex.gate_up_proj.normal_(0, 0.05, generator=gen)
-        ex.down_proj.normal_(0, 0.05, generator=gen)
+    ex = random_experts(cfg, gen, 0.05)
     fx = FP8InferenceExperts.from_experts(ex)
     ref = Experts(cfg)
     with torch.no_grad():

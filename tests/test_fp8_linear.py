@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nanoseek
+from conftest import random_experts
 from nanoseek.fp8 import (
     dequantize_activation_tiles,
     dequantize_weight_blockwise,
@@ -202,10 +203,7 @@ def test_swap_coverage():
 def test_fp8_experts_gradients():
     cfg = nanoseek.preset("tiny")
     gen = torch.Generator().manual_seed(5)
-    ex = Experts(cfg)
-    with torch.no_grad():
-        ex.gate_up_proj.normal_(0, 0.1, generator=gen)
-        ex.down_proj.normal_(0, 0.1, generator=gen)
+    ex = random_experts(cfg, gen, 0.1)
     x = torch.randn(40, cfg.hidden_size, generator=gen)
     idx = torch.randint(0, cfg.n_routed_experts, (40, cfg.num_experts_per_tok), generator=gen)
     wts = torch.rand(40, cfg.num_experts_per_tok, generator=gen)
