@@ -78,6 +78,10 @@ def test_tiny_run_learns_and_writes_a_model_directory(corpus, tmp_path):
         assert (hf(ids).logits - ours).abs().max() < 1e-4
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.encode("def f(x):\n    return x", add_special_tokens=False) == trainer.tokenizer.encode("def f(x):\n    return x")
+    # ids and lengths the other tools read: pad as the tokenizer's, the model's context as its max length
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert (hf.config.pad_token_id, gen.pad_token_id) == (tok.pad_token_id, tok.pad_token_id) == (2, 2)
+    assert tok.model_max_length == loaded.config.max_position_embeddings
     assert len(trainer.sample("def ", max_new_tokens=4)) > 4
 
 

@@ -800,6 +800,8 @@ def save_model(model: DeepseekV3ForCausalLM, directory: str | os.PathLike, dtype
         raise
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
            "temperature": 0.6, "top_p": 0.95}
+    if cfg.pad_token_id is not None:
+        gen["pad_token_id"] = cfg.pad_token_id
     atomic_write_text(directory / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     for fname, text in (extra_files or {}).items():
         atomic_write_text(directory / fname, text)

@@ -137,11 +137,11 @@ class Trainer:
             else:
                 mcfg = mcfg.replace(vocab_size=self.tokenizer.vocab_size)
         if not base:
-            mcfg = mcfg.replace(bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id)
+            mcfg = mcfg.replace(bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
+                                pad_token_id=self.tokenizer.pad_id)
         mcfg = mcfg.replace(torch_dtype="float32", quantization_config=None)
         self.model_config = mcfg
-        if tok_path:
-            self._save_tokenizer()  # the run directory must hold its tokenizer
+        self._save_tokenizer()  # the run directory must hold its tokenizer
 
         if cfg.sft_data:
             self.source = SFTSource(cfg.sft_data, self.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed)
@@ -217,9 +217,7 @@ class Trainer:
                 docs = out
             return docs
 
-        tok = train_tokenizer(texts(), vocab_size, show_progress=self.show_progress)
-        tok.save(self.run_dir)
-        return tok
+        return train_tokenizer(texts(), vocab_size, show_progress=self.show_progress)
 
     def _peak_tflops(self) -> float:
         if self.device.type == "cuda":
