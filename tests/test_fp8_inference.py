@@ -118,21 +118,33 @@ def test_compiled_decode_runs_fp8_weights(fp8_dir):
     d, _ = fp8_dir
     model = nanoseek.load_model(d, dtype="fp32", keep_fp8=True)
     kw = dict(max_tokens=6, temperature=0, ignore_eos=True)
-    ref = Engine(model).generate([5, 6, 7], **kw)
+    prompts = [[5, 6, 7], [9, 10, 11]]  # batch 2 too: tiny's [128, 352] down_proj was once miscompiled there
+    ref = Engine(model).generate(prompts, **kw)
     comp = Engine(model, compile=True)
-    got = comp.generate([5, 6, 7], **kw)
+    got = comp.generate(prompts, **kw)
     assert not comp.compiled.failed, comp.compiled.failed
-    assert got.token_ids == ref.token_ids
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]
 
 
 @pytest.mark.skipif(not _have_cxx(), reason="torch.compile needs a C++ compiler")
 def test_compiled_dequantization_is_bitwise_eager():
+    from nanoseek.engine.compiled import _small_matmuls_as_reductions
+
     gen = torch.Generator().manual_seed(3)
-    for shape in ((256, 384), (200, 130)):  # whole and partial blocks
+    # whole blocks; partial blocks, including one block row with a partial column block (torch
+    # 2.13's Inductor miscompiled a broadcast of the scales there)
+    for shape in ((256, 384), (200, 130), (128, 352), (64, 130)):
         q, s = quantize_weight_blockwise(torch.randn(*shape, generator=gen))
         for dtype in (torch.float32, torch.bfloat16):
+            torch._dynamo.reset()  # a static graph for each shape, as the decode step's weights get
             f = torch.compile(lambda q, s: dequantize_weight_blockwise(q, s, dtype=dtype), fullgraph=True)
-            assert torch.equal(f(q, s), dequantize_weight_blockwise(q, s, dtype=dtype))
+            assert torch.equal(f(q, s), dequantize_weight_blockwise(q, s, dtype=dtype)), (shape, dtype)
+        # inside a 2-row product, as the compiled decode step runs it
+        x = torch.randn(2, shape[1], generator=gen)
+        lin = torch.compile(lambda x, q, s: F.linear(x, dequantize_weight_blockwise(q, s, dtype=torch.float32)),
+                            fullgraph=True, options=_small_matmuls_as_reductions())
+        torch.testing.assert_close(lin(x, q, s), F.linear(x, dequantize_weight_blockwise(q, s, dtype=torch.float32)),
+                                   rtol=1e-4, atol=1e-4)  # (summation order; the miscompile gave zeros)
 
 
 @pytest.fixture(scope="module")

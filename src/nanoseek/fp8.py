@@ -189,8 +189,15 @@ def dequantize_weight_blockwise(
         # written. (The block view below made Inductor write the whole fp32 weight first: a step
         # then read 9 bytes per weight instead of 1.) Same float32 products, same rounding.
         nb0, nb1 = expected
-        s = s_all[:, None, :, None].expand(nb0, b, nb1, b).reshape(nb0 * b, nb1 * b)[:M, :N]
-        return (w_fp8.to(torch.float32) * s).to(dtype)
+        if M % b == 0 and N % b == 0:
+            s = s_all[:, None, :, None].expand(nb0, b, nb1, b).reshape(M, N)
+            return (w_fp8.to(torch.float32) * s).to(dtype)
+        # Partial blocks: padded to whole blocks, scaled on the block view, converted, cut back.
+        # (torch 2.13's Inductor miscompiled the other orders tried for weights of one block row:
+        # scales broadcast onto the unpadded weight by expand, repeat_interleave or a gather, and
+        # cutting back before the conversion to bf16; all-zero or garbage outputs.)
+        w = F.pad(w_fp8.to(torch.float32), (0, nb1 * b - N, 0, nb0 * b - M))
+        return (w.view(nb0, b, nb1, b) * s_all[:, None, :, None]).to(dtype).view(nb0 * b, nb1 * b)[:M, :N]
     step = _rows_per_chunk(b, N)
     if expected[0] <= step and M % b == 0 and N % b == 0 and M > 0 and N > 0:
         # Whole blocks in one chunk (most layers): broadcast the scales over block views, no
