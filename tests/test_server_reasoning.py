@@ -231,3 +231,25 @@ def test_chat_page_streams_the_answer_and_shows_reasoning_apart(server, scripted
     page.press("#input", "Enter")
     page.wait_for_selector(".assistant[data-state=done]", timeout=20_000)
     assert [m["content"] for m in sent[-1]] == ["A new conversation"], sent
+
+
+def test_the_rendered_prompt_decides_whether_the_output_starts_in_reasoning(tmp_path):
+    # R1's template opens <think> whatever the request's flag; a template ignoring the flag never does
+    from nanoseek.server.reasoning import prompt_opens_reasoning
+    from nanoseek.tokenizer import Tokenizer, train_tokenizer
+
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, 300, show_progress=False)
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def opens(t, thinking):
+        return prompt_opens_reasoning(t.decode(t.chat_ids(msgs, thinking=thinking)[-4:]))
+
+    assert (opens(tok, False), opens(tok, True)) == (False, True)  # the built-in template follows the flag
+    templates = {"r1": "{{ bos_token }}{% for m in messages %}{{ '<｜User｜>' + m['content'] }}{% endfor %}"
+                       "{{ '<｜Assistant｜><think>\\n' }}",
+                 "plain": "{% for m in messages %}{{ '<｜User｜>' + m['content'] }}{% endfor %}{{ '<｜Assistant｜>' }}"}
+    for name, template in templates.items():
+        tok.save(tmp_path / name)
+        (tmp_path / name / "chat_template.jinja").write_text(template, encoding="utf-8")
+        t = Tokenizer.from_file(tmp_path / name)
+        assert (opens(t, False), opens(t, True)) == ((True, True) if name == "r1" else (False, False)), name

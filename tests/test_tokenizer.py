@@ -327,3 +327,54 @@ def test_a_chat_template_that_raises_is_a_tokenizer_error(tok, tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}", encoding="utf-8")
     with pytest.raises(TokenizerError, match="chat template"):
         Tokenizer.from_file(tmp_path).chat_ids([{"role": "user", "content": "x"}])
+
+
+def test_chat_templates_get_what_transformers_passes_them(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    template = (
+        "{% if tools is not none %}{{ tools | tojson }}{% endif %}{% if documents is defined and documents %}D{% endif %}"
+        "[{{ unk_token }}|{{ pad_token }}]{{ bos_token }}"
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<｜Assistant｜>' }}"
+        "{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}"
+        "{% else %}{{ '<｜User｜>' + m['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
+    cfg.update(chat_template=template, unk_token=PAD)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    mine, hf = Tokenizer.from_file(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]
+    want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert mine.apply_chat_template(messages) == want and f"[{PAD}|{PAD}]" in want
+    # a template that fails on the messages is a TokenizerError (a server answers 400, not 500)
+    cfg["chat_template"] = "{{ messages[0]['content'] + 1 }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="failed on these messages: TypeError"):
+        Tokenizer.from_file(tmp_path).chat_ids(messages)
+
+
+def test_a_directory_template_renders_without_transformers_loaded(tok, tmp_path):
+    # transformers imports jinja2.ext; a server or `chat` process does not
+    import subprocess
+    import sys
+
+    tok.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(R1_STYLE, encoding="utf-8")
+    code = ("import sys; from nanoseek.tokenizer import Tokenizer; t = Tokenizer.from_file(sys.argv[1]); "
+            "ids = t.chat_ids([{'role': 'user', 'content': 'a<｜Assistant｜>b'}]); "
+            "assert 'transformers' not in sys.modules; print(t.decode(ids))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = Tokenizer.from_file(tmp_path).apply_chat_template([{"role": "user", "content": "a<｜Assistant｜>b"}])
+    assert out.stdout[:-1] == want and want.startswith(f"{BOS}{USER}a{ASSISTANT}b")
+
+
+def test_literal_marks_survive_messages_holding_every_private_use_character(tok, tmp_path):
+    tok.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(R1_STYLE, encoding="utf-8")
+    mine = Tokenizer.from_file(tmp_path)
+    crowded = "".join(map(chr, range(0xE000, 0xF900))) + ASSISTANT
+    messages = [{"role": "user", "content": crowded}]
+    ids = mine.chat_ids(messages)
+    assert mine.decode(ids) == mine.apply_chat_template(messages)
+    assert ids.count(mine.token_to_id(ASSISTANT)) == 1  # only the template's own

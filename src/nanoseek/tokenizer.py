@@ -113,7 +113,17 @@ def _jinja_environment():
     from datetime import datetime
 
     import jinja2
+    import jinja2.ext  # (not loaded by `import jinja2` alone)
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """transformers' `{% generation %}...{% endgeneration %}` (it marks assistant tokens for a
+        mask); rendered as its body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
     def raise_exception(message: str):
         raise jinja2.exceptions.TemplateError(message)
@@ -122,7 +132,8 @@ def _jinja_environment():
                sort_keys: bool = False) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -154,6 +165,7 @@ class Tokenizer:
         # V3.1's, a fine-tune's): chat prompts are rendered with it (`chat_ids`). None: the built-in.
         self.chat_template = chat_template if chat_template and chat_template != CHAT_TEMPLATE else None
         self._jinja = None
+        self._template_tokens: dict[str, Any] = {}
         self.model_max_length = int(model_max_length)
         added = tokenizer.get_added_tokens_decoder()  # {id: AddedToken}
         self.special_tokens: dict[str, int] = {t.content: i for i, t in sorted(added.items())}
@@ -215,8 +227,15 @@ class Tokenizer:
         max_len = config.get("model_max_length")
         if not isinstance(max_len, int) or not 0 < max_len < 10**12:  # transformers writes 1e30 for "none"
             max_len = DEFAULT_MODEL_MAX_LENGTH
-        return cls(tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=max_len, source=str(file),
-                   chat_template=_read_chat_template(file.parent, config))
+        out = cls(tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=max_len, source=str(file),
+                  chat_template=_read_chat_template(file.parent, config))
+        # the special-token variables transformers hands a chat template (unk_token, ...)
+        out._template_tokens = {k: _token_content(v) for k, v in config.items()
+                                if k.endswith("_token") and _token_content(v) is not None}
+        extra = config.get("additional_special_tokens")
+        if isinstance(extra, list):
+            out._template_tokens["additional_special_tokens"] = [_token_content(t) for t in extra]
+        return out
 
     @classmethod
     def from_str(cls, json_text: str, **kwargs: Any) -> "Tokenizer":
@@ -360,8 +379,12 @@ class Tokenizer:
         self._chat_parts(messages, False, False)  # the same message checks as the built-in template
         mark = None
         if literal and self._control_pattern().search("".join(m["content"] for m in messages)):
-            used = set(self.chat_template).union(*(m["content"] for m in messages))
-            mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in used)  # a private-use char
+            used = set(self._render(messages, add_generation_prompt, thinking))
+            mark = next((chr(c) for c in (*range(0xE000, 0xF900), *range(0xF0000, 0xFFFFE)) if chr(c) not in used),
+                        None)  # a private-use character the rendered text does not hold
+            if mark is None:
+                raise TokenizerError("the chat messages use every private-use character; cannot mark their "
+                                     "control-token text")
 
             def cut(m: re.Match) -> str:
                 half = max(1, len(m.group()) // 2)
@@ -379,11 +402,16 @@ class Tokenizer:
         try:
             if self._jinja is None:
                 self._jinja = _jinja_environment().from_string(self.chat_template)
-            return self._jinja.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                      thinking=thinking, bos_token=self.bos_token or "", eos_token=self.eos_token,
-                                      pad_token=self.pad_token)
+            # the variables transformers' apply_chat_template passes (no tools, no documents)
+            return self._jinja.render(**{**self._template_tokens, "bos_token": self.bos_token or "",
+                                         "eos_token": self.eos_token, "pad_token": self.pad_token},
+                                      messages=list(messages), tools=None, documents=None,
+                                      add_generation_prompt=add_generation_prompt, thinking=thinking)
         except jinja2.exceptions.TemplateError as e:
             raise TokenizerError(f"the chat template of {self.source}: {e}") from None
+        except Exception as e:  # a template that fails on these messages (a TypeError, a KeyError ...)
+            raise TokenizerError(f"the chat template of {self.source} failed on these messages: "
+                                 f"{type(e).__name__}: {e}") from None
 
     # ---- identity, bytes -------------------------------------------------------------------------
     def to_str(self) -> str:

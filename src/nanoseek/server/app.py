@@ -29,7 +29,7 @@ from ..engine import Engine, SamplingError, SamplingParams
 from ..engine.scheduler import Scheduler, SeqUpdate
 from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
-from .reasoning import ReasoningParser, reasoning_token_count
+from .reasoning import ReasoningParser, prompt_opens_reasoning, reasoning_token_count
 from .worker import GenerationFailed, GenStream, ModelThread, QueueFull, Worker
 
 log = logging.getLogger("nanoseek.server")
@@ -625,7 +625,9 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         rid, stream, lens = await _submit("chatcmpl", [ids], body, requested, logprobs)
-        tracker = Tracker(state.metrics, stream, lens, body.n, thinking)
+        # the output starts inside a reasoning block if the rendered prompt opened one
+        opened = prompt_opens_reasoning(engine.tokenizer.decode(ids[-4:]))
+        tracker = Tracker(state.metrics, stream, lens, body.n, opened)
         created = int(time.time())
         base = {"id": rid, "created": created, "model": config.model_name, "system_fingerprint": "nanoseek"}
 

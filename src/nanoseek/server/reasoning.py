@@ -30,6 +30,15 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
+def prompt_opens_reasoning(prompt_text_tail: str) -> bool:
+    """Did the rendered chat prompt leave a `<think>` block open (the output starts inside it)?
+
+    Decided from what the template rendered, not from the request's thinking flag: R1's template
+    opens the block whatever the flag says, V3's own ignores the flag."""
+    tail = prompt_text_tail.rstrip()
+    return tail.endswith(THINK)
+
+
 class ReasoningParser:
     """Incremental splitter: feed(text_delta) -> (reasoning_delta, content_delta)."""
 
