@@ -126,6 +126,20 @@ def test_engine_is_exported_at_the_top_level(model):
         nanoseek.Engin  # noqa: B018
 
 
+def test_engine_loads_a_directory_in_the_dtype_asked(tmp_path):
+    from nanoseek.checkpoint import save_model
+
+    save_model(nanoseek.load_model("tiny"), tmp_path)  # an fp32 checkpoint
+    for dtype, want in (("bf16", torch.bfloat16), ("fp16", torch.float16), (None, torch.float32)):
+        eng = Engine(tmp_path, dtype=dtype, tokenizer=None)
+        assert {p.dtype for p in eng.model.parameters()} == {want} and eng.cache_dtype == want
+        assert len(eng.generate([5, 6, 7], max_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
+    from nanoseek.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown dtype 'fp7'"):
+        Engine(tmp_path, dtype="fp7")
+
+
 def test_batched_generation_equals_one_by_one(engine):
     batch = engine.generate(PROMPTS, max_tokens=10, temperature=0, logprobs=0, ignore_eos=True)
     for prompt, r in zip(PROMPTS, batch):
