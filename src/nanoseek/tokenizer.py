@@ -140,6 +140,27 @@ def _jinja_environment():
     return env
 
 
+def _check_messages(messages: Sequence[dict]) -> None:
+    """A list of {"role": system | user | assistant, "content": str} messages, or a TokenizerError
+    naming the first bad one (for the built-in template and a model's own alike)."""
+    if not isinstance(messages, (list, tuple)):
+        raise TokenizerError("messages must be a list of {'role', 'content'} objects, "
+                             f"got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise TokenizerError(f"message {i} must be an object with a 'role', got {m!r}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise TokenizerError(f"message {i}: unsupported chat role {m['role']!r} (system, user, assistant)")
+        if not isinstance(m.get("content"), str):
+            raise TokenizerError(f"message {i} ({m['role']}): 'content' must be a string, got {m.get('content')!r}")
+
+
+def _cut_point(token_text: str) -> int:
+    """Where control-token text in a message is cut in two for literal encoding (the same place
+    for the built-in template and a model's own)."""
+    return max(1, len(token_text) // 2)
+
+
 def _byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's byte -> printable-unicode table used by byte-level BPE."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -158,14 +179,16 @@ class Tokenizer:
 
     def __init__(self, tokenizer: Any, bos_token: str | None = BOS, eos_token: str | None = EOS,
                  pad_token: str | None = None, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
-                 source: str | None = None, chat_template: str | None = None) -> None:
+                 source: str | None = None, chat_template: str | None = None,
+                 template_tokens: dict[str, Any] | None = None) -> None:
         self._tok = tokenizer
         self.source = source or "<memory>"
         # The model directory's own jinja chat template, when it is not nanoseek's (DeepSeek-R1's,
         # V3.1's, a fine-tune's): chat prompts are rendered with it (`chat_ids`). None: the built-in.
         self.chat_template = chat_template if chat_template and chat_template != CHAT_TEMPLATE else None
         self._jinja = None
-        self._template_tokens: dict[str, Any] = {}
+        # the special-token variables transformers hands a chat template (unk_token, ...)
+        self._template_tokens: dict[str, Any] = dict(template_tokens or {})
         self.model_max_length = int(model_max_length)
         added = tokenizer.get_added_tokens_decoder()  # {id: AddedToken}
         self.special_tokens: dict[str, int] = {t.content: i for i, t in sorted(added.items())}
@@ -227,15 +250,13 @@ class Tokenizer:
         max_len = config.get("model_max_length")
         if not isinstance(max_len, int) or not 0 < max_len < 10**12:  # transformers writes 1e30 for "none"
             max_len = DEFAULT_MODEL_MAX_LENGTH
-        out = cls(tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=max_len, source=str(file),
-                  chat_template=_read_chat_template(file.parent, config))
-        # the special-token variables transformers hands a chat template (unk_token, ...)
-        out._template_tokens = {k: _token_content(v) for k, v in config.items()
-                                if k.endswith("_token") and _token_content(v) is not None}
+        tokens = {k: _token_content(v) for k, v in config.items()
+                  if k.endswith("_token") and _token_content(v) is not None}
         extra = config.get("additional_special_tokens")
         if isinstance(extra, list):
-            out._template_tokens["additional_special_tokens"] = [_token_content(t) for t in extra]
-        return out
+            tokens["additional_special_tokens"] = [_token_content(t) for t in extra]
+        return cls(tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=max_len, source=str(file),
+                   chat_template=_read_chat_template(file.parent, config), template_tokens=tokens)
 
     @classmethod
     def from_str(cls, json_text: str, **kwargs: Any) -> "Tokenizer":
@@ -268,7 +289,7 @@ class Tokenizer:
         the tokenizer file marks `<｜User｜>` special or not (DeepSeek's do not)."""
         pieces, at = [], 0
         for m in self._control_pattern().finditer(text):
-            half = m.start() + max(1, (m.end() - m.start()) // 2)
+            half = m.start() + _cut_point(m.group())
             pieces += [text[at:m.start()], text[m.start():half], text[half:m.end()]]
             at = m.end()
         if not pieces:
@@ -315,16 +336,7 @@ class Tokenizer:
                     ) -> list[tuple[str, bool, bool]]:
         """The rendered template as (text, is_assistant_output, is_message_content) pieces; every
         content piece lies between special tokens."""
-        if not isinstance(messages, (list, tuple)):
-            raise TokenizerError("messages must be a list of {'role', 'content'} objects, "
-                                 f"got {type(messages).__name__}")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise TokenizerError(f"message {i} must be an object with a 'role', got {m!r}")
-            if m["role"] not in ("system", "user", "assistant"):
-                raise TokenizerError(f"message {i}: unsupported chat role {m['role']!r} (system, user, assistant)")
-            if not isinstance(m.get("content"), str):
-                raise TokenizerError(f"message {i} ({m['role']}): 'content' must be a string, got {m.get('content')!r}")
+        _check_messages(messages)
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         parts: list[tuple[str, bool, bool]] = [(self.bos_token or "", False, False), (system, False, True)]
         for m in messages:
@@ -341,7 +353,7 @@ class Tokenizer:
         """The chat prompt as a string: the model's own template (`chat_ids`), else DeepSeek-V3's
         chat format (the jinja `CHAT_TEMPLATE` renders the same)."""
         if self.chat_template is not None:
-            self._chat_parts(messages, False, False)  # the message checks
+            _check_messages(messages)
             return self._render(messages, add_generation_prompt, thinking)
         return "".join(text for text, _, _ in self._chat_parts(messages, add_generation_prompt, thinking))
 
@@ -376,7 +388,7 @@ class Tokenizer:
         if self.chat_template is None:
             return self.encode_chat(messages, add_generation_prompt=add_generation_prompt, thinking=thinking,
                                     literal=literal)[0]
-        self._chat_parts(messages, False, False)  # the same message checks as the built-in template
+        _check_messages(messages)
         mark = None
         if literal and self._control_pattern().search("".join(m["content"] for m in messages)):
             used = set(self._render(messages, add_generation_prompt, thinking))
@@ -387,7 +399,7 @@ class Tokenizer:
                                      "control-token text")
 
             def cut(m: re.Match) -> str:
-                half = max(1, len(m.group()) // 2)
+                half = _cut_point(m.group())
                 return m.group()[:half] + mark + m.group()[half:]
 
             messages = [{**m, "content": self._control_pattern().sub(cut, m["content"])} for m in messages]

@@ -664,11 +664,11 @@ def _check_device(device: str | torch.device) -> None:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise SamplingError(f"unknown device {device!r} ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SamplingError(f"device {device!r}: no CUDA here (this torch {torch.__version__} "
-                            f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); use cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SamplingError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) here")
+    from ..devices import device_unavailable
+
+    reason = device_unavailable(dev)
+    if reason:
+        raise SamplingError(f"device {device!r}: {reason}")
 
 
 def _check_unicode(text: str) -> None:

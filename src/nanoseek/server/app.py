@@ -103,9 +103,12 @@ class Tracker:
     """Per-sequence state of one request; records latency and token metrics as updates arrive."""
 
     def __init__(self, metrics: ServerMetrics, stream: GenStream, prompt_lens: list[int], n: int,
-                 thinking: bool | None) -> None:
+                 reasoning_opened: bool | None) -> None:
+        """reasoning_opened: chat only (None: completions, no reasoning split); whether the prompt
+        left a <think> block open, so that the output starts inside it."""
         self.metrics, self.stream = metrics, stream
-        self.seqs = {sid: _SeqState(i, prompt_lens[i // n], ReasoningParser(thinking) if thinking is not None else None)
+        self.seqs = {sid: _SeqState(i, prompt_lens[i // n],
+                                    None if reasoning_opened is None else ReasoningParser(reasoning_opened))
                      for i, sid in enumerate(stream.seq_ids)}
 
     def apply(self, u: SeqUpdate) -> tuple[_SeqState, str, str]:

@@ -57,14 +57,12 @@ def resolve_model_config(spec: str) -> ModelConfig:
 
 def _check_device(device: torch.device) -> None:
     """Fail up front, as a user error, on a device this machine does not have."""
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"`device` {str(device)!r}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"`device` {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"`device` {str(device)!r}: MPS is not available on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
+    from ..devices import device_unavailable
+
+    reason = device_unavailable(device)
+    if reason:
+        raise ConfigError(f"`device` {str(device)!r}: {reason}")
+    if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"`device` {str(device)!r}: training supports cpu, cuda and mps")
 
 
