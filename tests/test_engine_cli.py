@@ -314,3 +314,20 @@ def test_model_output_cannot_drive_the_terminal(monkeypatch):
     assert shown("a\x1b]0;title\x07b\n\tc\x9bd é中") == "a\\x1b]0;title\\x07b\n\tc\\x9bd é中"
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)  # piped: the text as generated
     assert shown("a\x1bb") == "a\x1bb"
+
+
+def test_cli_works_without_the_serve_extra(tmp_path):
+    """`pip install -e .` (README's main command) has no fastapi/uvicorn: train, generate and the
+    other commands must still start, and `serve` must say which extra to install."""
+    import subprocess
+
+    code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
+            "from nanoseek.cli import main\n"
+            "for argv in (['train', '--help'], ['generate', '--help']):\n"
+            "    try: main(argv)\n"
+            "    except SystemExit as e: assert e.code == 0, (argv, e.code)\n"
+            "sys.exit(main(['serve', 'tiny']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "usage: nanoseek train" in r.stdout and "usage: nanoseek generate" in r.stdout, r.stderr[-2000:]
+    assert r.returncode != 0 and "pip install -e '.[serve]'" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
