@@ -54,6 +54,10 @@ def start_server(args, tok_dir: Path) -> tuple[subprocess.Popen, str]:
         cmd += ["--speculative"]
     if args.compile:
         cmd += ["--compile"]
+    if args.device:
+        cmd += ["--device", args.device]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
     line = proc.stdout.readline()
     m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
@@ -103,7 +107,7 @@ def engine_baseline(args, vocab: int) -> dict[int, float]:
     from nanoseek.engine import Engine
 
     torch.set_num_threads(args.threads)
-    engine = Engine(args.model, seed=0, compile=args.compile)
+    engine = Engine(args.model, seed=0, compile=args.compile, device=args.device, dtype=args.dtype)
     rng = random.Random(0)
     out = {}
     for c in args.concurrency:
@@ -164,6 +168,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="server torch threads")
     p.add_argument("--rounds", type=int, default=3, help="requests per client at each level (at least 8 in all)")
     p.add_argument("--speculative", action="store_true")
+    p.add_argument("--device", default=None, help="the server's device (default cpu; cuda decodes with CUDA graphs)")
+    p.add_argument("--dtype", default=None, help="the server's dtype (default the model's)")
     p.add_argument("--compile", action="store_true", help="serve with --compile (warm-up compiles the step shapes)")
     p.add_argument("--engine-baseline", action="store_true",
                    help="first run Engine.generate with batch = each concurrency, in this process (no HTTP)")

@@ -40,8 +40,10 @@ Backends: ``emulate`` quantizes with E4M3 rounding, dequantizes to FP32 and runs
 (no TF32), so the numbers are those of an FP8 GEMM with FP32 accumulation, up to FP32 summation
 order; it runs anywhere. ``cuda`` feeds the FP8 tensors and scales to ``torch._scaled_mm`` with
 1x128 / 128x128 block scales (cuBLAS >= 12.9 on sm90); where that is rejected (other GPUs, older
-CUDA) it falls back to one tensor-wise FP8 ``_scaled_mm`` per 128-wide inner chunk with the
-scales applied in FP32 between chunks (the promotion scheme of the V3 report; correct, slower).
+CUDA, or a result that disagrees with the emulation in a one-time self-check) it falls back to
+one tensor-wise FP8 ``_scaled_mm`` per 128-wide inner chunk with the scales applied in FP32
+between chunks (the promotion scheme of the V3 report; correct, slower). cuBLAS reads 128x128
+scales with a K-block count rounded up to a multiple of 4, so such GEMMs pad K to 512.
 ``auto`` picks ``cuda`` only on a GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell).
 
 Which layers (`enable_fp8_training`): the Linear layers V3 runs in FP8, the same set its
@@ -211,23 +213,30 @@ def _expand_rows(sb: Tensor, n: int, blocked: bool) -> Tensor:
 
 
 def _scaled_mm_blockwise(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, blocked: bool) -> Tensor:
-    """cuBLAS block-scaled FP8 GEMM (sm90, CUDA >= 12.9) via torch._scaled_mm; dims padded to 128.
+    """cuBLAS block-scaled FP8 GEMM (sm90, CUDA >= 12.9) via torch._scaled_mm; dims zero-padded.
 
-    Scale layouts as in PyTorch's own tests (test_scaled_matmul_cuda.py): 1x128 scales
-    "outer-dim-major" ([M, K/128] with stride [1, M]); the 128x128 scales of B passed as the
-    transposed view [K/128, N/128]. `_scaled_mm`'s scales multiply (dequantize), as ours do.
+    cuBLASLt gets the scales as bare pointers and reads them in fixed layouts (cuBLAS docs,
+    "scaling factors layouts"; PyTorch PR #166752): with L = K/128 and L4 = L rounded up to 4,
+    1x128 scales are outer-dim-major ([M, L], stride [1, M]; B's likewise [N, L], stride [1, N]),
+    and B's 128x128 scales are K-block-major with leading dimension L4 ([L4, N/128], stride [1, L4]).
+    torch._scaled_mm (the v1 API) checks the 128x128 scales against stride L, not L4, and pads
+    nothing, so an L that is not a multiple of 4 is accepted and silently multiplied with misread
+    scales. In the blocked case K is therefore zero-padded to a multiple of 512 (L == L4; padded
+    columns are zero with scale 1): that one layout satisfies torch's checks and cuBLAS.
+    `_scaled_mm`'s scales multiply (dequantize), as ours do.
     """
     M, K = aq.shape
     N = bq.shape[0]
-    Mp, Np, Kp = _round_up(M, 128), _round_up(N, 128), _round_up(K, 128)
+    k_mult = 4 * BLOCK_SIZE if blocked else BLOCK_SIZE  # blocked: ceil(K/128) % 4 == 0, see above
+    Mp, Np, Kp = _round_up(M, 128), _round_up(N, 128), _round_up(K, k_mult)
     nk = Kp // 128
     a = _pad_fp8(aq, Mp, Kp)
     b = _pad_fp8(bq, Np, Kp)
-    scale_a = _pad_scale(sa, Mp, nk).t().contiguous().t()
+    scale_a = _pad_scale(sa, Mp, nk).t().contiguous().t()  # [Mp, nk], stride [1, Mp]
     if blocked:
-        scale_b = _pad_scale(sb, Np // 128, nk).t()
+        scale_b = _pad_scale(sb, Np // 128, nk).t()  # [nk, Np/128], stride [1, nk]; nk == L4
     else:
-        scale_b = _pad_scale(sb, Np, nk).t().contiguous().t().t()
+        scale_b = _pad_scale(sb, Np, nk).t().contiguous()  # [nk, Np], stride [Np, 1]: its .t() is N-major
     out = torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32,
                            use_fast_accum=False)
     return out[:M, :N]
@@ -267,17 +276,21 @@ def _cuda_mode(device: torch.device) -> str:
     a = torch.randn(200, 384, device=device, generator=g)
     b = torch.randn(320, 384, device=device, generator=g)
     aq, sa = quantize_activation_tiles(a)
-    bq, sb = quantize_weight_blockwise(b)
-    ref = gemm_emulated(aq, sa, bq, sb, True)
+    # K = 384 (3 K-blocks, not a multiple of 4) on purpose: the layout cuBLAS is most picky about.
+    # Both GEMM kinds are checked: 128x128 weight blocks (Fprop/Dgrad) and 1x128 tiles (Wgrad).
+    cases = ((*quantize_weight_blockwise(b), True), (*quantize_activation_tiles(b), False))
     mode = "chunked"
     try:
-        got = _scaled_mm_blockwise(aq, sa, bq, sb, True)
-        err = ((got - ref).norm() / ref.norm()).item()
-        if err < 1e-3:
+        errs = []
+        for bq, sb, blocked in cases:
+            ref = gemm_emulated(aq, sa, bq, sb, blocked)
+            got = _scaled_mm_blockwise(aq, sa, bq, sb, blocked)
+            errs.append(((got - ref).norm() / ref.norm()).item())
+        if all(e < 1e-3 for e in errs):  # False for NaN too
             mode = "blockwise"
         else:
-            log.warning("FP8 block-scaled _scaled_mm disagrees with emulation (rel. error %.2e); "
-                        "using the per-128-chunk tensor-wise GEMM", err)
+            log.warning("FP8 block-scaled _scaled_mm disagrees with emulation (rel. error %s); "
+                        "using the per-128-chunk tensor-wise GEMM", ", ".join(f"{e:.2e}" for e in errs))
     except (RuntimeError, NotImplementedError, ValueError) as e:
         log.info("FP8 block-scaled _scaled_mm unavailable (%s); using the per-128-chunk GEMM", str(e).split("\n")[0])
     _CUDA_MODE[idx] = mode

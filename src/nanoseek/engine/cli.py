@@ -28,6 +28,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "on load); on CPU use it with --compile, which converts them inside the fused matmuls")
     p.add_argument("--compile", action="store_true", help="compile each decode step whole with torch.compile: "
                    "1.4-4x faster CPU decode after 20-60 s of compiling per batch shape (needs a C++ compiler)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on a CUDA device, launch each decode step's kernels one by one instead of replaying "
+                        "recorded CUDA graphs (the default there)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
@@ -61,7 +64,12 @@ def _engine(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     return Engine(args.model, dtype=args.dtype, device=args.device, fast=not args.no_fast, compile=args.compile,
-                  tokenizer=args.tokenizer or "auto", keep_fp8=args.keep_fp8)
+                  tokenizer=args.tokenizer or "auto", keep_fp8=args.keep_fp8, cuda_graphs=_cuda_graphs(args))
+
+
+def _cuda_graphs(args: argparse.Namespace) -> bool | None:
+    """Engine's cuda_graphs from the flags: off when asked, else the engine's default (on for CUDA)."""
+    return False if getattr(args, "no_cuda_graphs", False) else None
 
 
 def _errors(fn):

@@ -34,9 +34,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..model.attention import LatentCache, take
+from ..model.attention import LatentCache
 from ..model.moe import Experts
-from .speculative import greedy_accept
+from . import steps
 
 
 def _small_matmuls_as_reductions() -> dict:
@@ -76,23 +76,13 @@ class CompiledDecode:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
 
         def forward(ids: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache):
-            out = model(ids, start_pos=start_pos, cache=cache, return_hidden=True)
-            return out.logits, out.hidden_states
+            return steps.forward_step(model, ids, start_pos, cache)
 
         def mtp(next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache):
-            return model.mtp_step(0, next_tokens, hidden, start_pos=start_pos, cache=cache)
+            return steps.mtp_step(model, next_tokens, hidden, start_pos, cache)
 
         def greedy_verify(last: torch.Tensor, drafts: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache):
-            # One speculative step for greedy rows, verification and the next draft in one graph.
-            # The tokens following the verified positions are the main model's argmaxes `best`:
-            # inside the accepted prefix they equal the drafts, at n_acc it is the new token, and
-            # the MTP module's output past n_acc is never read (its cache slots are rewritten).
-            out = model(torch.cat((last[:, None], drafts), dim=1), start_pos=start_pos, cache=cache, return_hidden=True)
-            best = out.logits.argmax(dim=-1)  # [B, k + 1]
-            n_acc, tokens = greedy_accept(best, drafts)
-            h_mtp, mtp_logits = model.mtp_step(0, best, out.hidden_states, start_pos=start_pos, cache=cache,
-                                               logits_at=n_acc)
-            return out.logits, tokens, n_acc, take(h_mtp, n_acc[:, None]), mtp_logits
+            return steps.greedy_verify_step(model, last, drafts, start_pos, cache)
 
         opts = {"dynamic": True, "fullgraph": True, "options": _small_matmuls_as_reductions()}
         self._forward = torch.compile(_fresh(forward), **opts)

@@ -213,12 +213,14 @@ class Engine:
     a Hub id. tokenizer: "auto" (the directory's tokenizer.json, if any), None, a path, or an object
     with encode/decode/eos_id. fast: use oneDNN-prepacked weights on CPU (see fastpath.py).
     compile: compile each decode step whole with torch.compile (see compiled.py, docs/engine.md).
+    cuda_graphs: replay each decode step as a recorded CUDA graph (see cudagraph.py); default: on
+    when the model is on a CUDA device. It takes precedence over `compile` there.
     """
 
     def __init__(self, model: DeepseekV3ForCausalLM | str | os.PathLike, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, tokenizer="auto", fast: bool = True,
                  compile: bool = False, seed: int | None = None, max_context: int | None = None,
-                 keep_fp8: bool = False) -> None:
+                 keep_fp8: bool = False, cuda_graphs: bool | None = None) -> None:
         self.model_dir: Path | None = None
         if device is not None:
             _check_device(device)
@@ -268,6 +270,12 @@ class Engine:
             from .compiled import CompiledDecode
 
             self.compiled = CompiledDecode(self.model)
+        from .cudagraph import CudaGraphDecode
+
+        if cuda_graphs and not CudaGraphDecode.available(self.device):
+            raise SamplingError(f"cuda_graphs needs the model on a CUDA device; it is on {self.device}")
+        want_graphs = CudaGraphDecode.available(self.device) if cuda_graphs is None else cuda_graphs
+        self.graphs = CudaGraphDecode(self.model) if want_graphs else None
         self.last_stats = GenerationStats()
 
     # -- tokenizer ------------------------------------------------------------------------------
@@ -372,7 +380,7 @@ class Engine:
         speculative shapes when `speculative` > 0 (greedy, one fused graph, and sampled). Returns
         how many generate calls it made (0 without compile). Takes minutes on a small CPU the first
         time; Inductor's disk cache makes later starts faster."""
-        if self.compiled is None:
+        if self.compiled is None or self.graphs is not None:  # CUDA graphs record in milliseconds
             return 0
         from ..model.moe import Experts
 
@@ -539,7 +547,12 @@ class Engine:
 
     def _forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache,
                  hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits, final hidden states or None) of a decode-time forward: compiled when it can be."""
+        """(logits, final hidden states or None) of a decode-time forward: a CUDA graph or compiled
+        when it can be."""
+        if self.graphs is not None:
+            out = self.graphs.forward(ids, start_pos, cache)
+            if out is not None:
+                return out
         if self.compiled is not None and self.compiled.usable(ids):
             out = self.compiled.forward(ids, start_pos, cache)
             if out is not None:
@@ -549,7 +562,11 @@ class Engine:
 
     def _mtp_step(self, next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor,
                   cache: LatentCache, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`model.mtp_step(0, ...)` at decode time: compiled when it can be."""
+        """`model.mtp_step(0, ...)` at decode time: a CUDA graph or compiled when it can be."""
+        if self.graphs is not None:
+            out = self.graphs.mtp_step(next_tokens, hidden.contiguous(), start_pos, cache)
+            if out is not None:
+                return out[0], gather_positions(out[1], logits_at)
         if self.compiled is not None and self.compiled.usable(next_tokens):
             # contiguous: a sliced `hidden` would make the compiled graph's stride guards recompile
             out = self.compiled.mtp_step(next_tokens, hidden.contiguous(), start_pos, cache)
@@ -574,10 +591,12 @@ class Engine:
         B = len(live)
         start = _start(n)
         fused = None
-        if self.compiled is not None and proc.all_greedy and proc.counts is None \
-                and self.compiled.usable(B * (k + 1)):
-            fused = self.compiled.greedy_verify(last, drafts, start, cache)
-        if fused is not None:  # verification, acceptance and the MTP step in one compiled call
+        if proc.all_greedy and proc.counts is None:
+            if self.graphs is not None:
+                fused = self.graphs.greedy_verify(last, drafts, start, cache)
+            if fused is None and self.compiled is not None and self.compiled.usable(B * (k + 1)):
+                fused = self.compiled.greedy_verify(last, drafts, start, cache)
+        if fused is not None:  # verification, acceptance and the MTP step in one graph
             logits, toks, n_acc, h_last, mtp_logits = fused
         else:
             logits, hidden = self._forward(torch.cat((last[:, None], drafts), dim=1), start, cache, hidden=True)

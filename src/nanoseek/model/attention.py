@@ -62,6 +62,10 @@ class LatentCache:
     """Preallocated latent KV cache: one [batch, max_len, kv_lora_rank + qk_rope_head_dim] tensor per layer.
 
     Row t of a layer holds [normalized c_kv_t | rotated k_pe_t] of the token at position t.
+
+    `attend_len`: when set, attention at per-row positions reads this many slots (masked past each
+    row's position) instead of up to the furthest row's end, which the host would have to read off
+    the device: a CUDA graph records a step with no such read (engine/cudagraph.py).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, n_layers: int | None = None,
@@ -71,6 +75,7 @@ class LatentCache:
         self.max_len = max_len
         self.layers = [torch.zeros(batch_size, max_len, cfg.kv_cache_dim, dtype=dtype, device=device)
                        for _ in range(n_layers)]
+        self.attend_len: int | None = None
 
     def nbytes_per_token(self) -> int:
         return sum(t.shape[-1] * t.element_size() for t in self.layers)
@@ -159,6 +164,9 @@ class MLA(nn.Module):
         layer = cache.layers[self.layer_idx]
         if isinstance(start_pos, torch.Tensor):
             pos = start_pos.view(-1, 1) + torch.arange(T, device=layer.device)  # [B, T]
+            if cache.attend_len is not None:  # the caller vouches that every position is below it
+                layer[torch.arange(B, device=layer.device)[:, None], pos] = latent
+                return layer[:, :cache.attend_len], pos
             end = int(pos.max()) + 1
             if torch.compiler.is_compiling():  # a graph cannot raise on a data-dependent value
                 torch._check(end >= T)

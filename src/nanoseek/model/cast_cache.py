@@ -42,7 +42,10 @@ def stamp_matches(stamp: tuple | None, w: torch.Tensor, sampled: bool = True) ->
 
 def cast_cached(owner: nn.Module, slot: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`w.to(dtype)`, cached in `owner.__dict__[slot]` under no-grad while `w` is unchanged."""
-    if w.dtype == dtype or torch.is_grad_enabled() or torch.compiler.is_compiling() or w.is_inference():
+    if w.dtype == dtype or torch.is_grad_enabled() or torch.compiler.is_compiling() or w.is_inference() \
+            or (w.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # (a CUDA graph converts at every replay: a cached copy would go stale unseen when the
+        # weight changes, since the graph never calls back here)
         # (an inference tensor has no version counter; here it is usually computed afresh anyway,
         # e.g. the dequantized weight of an FP8 module)
         return w.to(dtype)

@@ -126,6 +126,8 @@ class Experts(nn.Module):
         N, k = idx.shape
         if torch.compiler.is_compiling() and N <= self.TRACED_MAX_TOKENS and not torch.is_grad_enabled():
             return self._forward_traced(x, idx, weights)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._forward_static(x, idx, weights)
         if N == 1 or (N <= self.FEW_TOKENS and not torch.is_grad_enabled()):
             return self._forward_few(x, idx, weights)
         flat = idx.reshape(-1)
@@ -287,6 +289,42 @@ class Experts(nn.Module):
         flat = idx.reshape(-1)
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
         return (torch.cat(rows)[:N] if slots > 1 else rows[0]), counts
+
+
+    def _forward_static(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert computation with no host synchronization and a fixed sequence of kernels,
+        whatever the routing: what a CUDA graph can record (engine/cudagraph.py).
+
+        With fewer (token, expert) pairs than experts, the chosen experts' weights are gathered
+        (one copy of N*k experts) and run as batched matrix-vector products; otherwise every
+        expert runs on every token and the gate weights (zero for experts not chosen) combine
+        them. An expert class with its own `expert_ffn` (FP8 weights) takes the second form
+        through that method. Each token sums its experts in fp32, as `_forward_few` does.
+        """
+        N, k = idx.shape
+        E, I = self.n_experts, self.inter
+        flat = idx.reshape(-1)
+        counts = torch.zeros(E, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+        if type(self).expert_ffn is not Experts.expert_ffn:
+            combine = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter_(1, idx, weights.float())
+            out = None
+            for e in range(E):
+                y = self.expert_ffn(e, x)
+                term = combine[:, e:e + 1] * y.float()
+                out = term if out is None else out + term
+            return out.to(y.dtype), counts
+        if N * k < E:
+            gate_up = self.gate_up_proj.index_select(0, flat)  # [N*k, 2I, H]
+            h = torch.bmm(x.repeat_interleave(k, dim=0)[:, None, :], gate_up.transpose(1, 2))  # [N*k, 1, 2I]
+            gate, up = h.split(I, dim=-1)
+            y = torch.bmm(F.silu(gate) * up, self.down_proj.index_select(0, flat).transpose(1, 2))[:, 0]  # [N*k, H]
+            out = (y.view(N, k, -1).float() * weights[..., None].float()).sum(dim=1)
+            return out.to(y.dtype), counts
+        h = torch.matmul(x[None], self.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
+        gate, up = h.split(I, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, H]
+        combine = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter_(1, idx, weights.float())
+        return torch.einsum("ne,enh->nh", combine, y.float()).to(y.dtype), counts
 
 
 def _stride_pair(w: torch.Tensor, pair: list[int]) -> torch.Tensor:

@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from ..engine.cli import add_model_flags
+from ..engine.cli import _cuda_graphs, add_model_flags
 
 DEFAULT_MAX_MODEL_LEN = 8192
 
@@ -55,7 +55,7 @@ def build(args: argparse.Namespace):
     model_thread = ModelThread()  # every torch call on one thread (see ModelThread)
     engine = model_thread.call(lambda: Engine(args.model, dtype=args.dtype, device=args.device, tokenizer=tokenizer,
                                               fast=not args.no_fast, compile=args.compile, seed=args.seed,
-                                              keep_fp8=args.keep_fp8))
+                                              keep_fp8=args.keep_fp8, cuda_graphs=_cuda_graphs(args)))
     if args.compile:  # compile every decode shape before the first request, not during one
         print("nanoseek serve: compiling the decode step for every batch shape (minutes the first time)...",
               file=sys.stderr, flush=True)

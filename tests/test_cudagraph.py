@@ -1,0 +1,173 @@
+"""CUDA-graph decoding (engine/cudagraph.py) and the pieces that make a step recordable.
+
+The recordable pieces (the experts' static path, attention over a fixed cache span) are checked on
+the CPU against the ordinary paths; the graphs themselves need a CUDA GPU, and those tests skip
+without one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanoseek
+from conftest import random_experts, randomize
+from nanoseek.engine import Engine, SamplingError
+from nanoseek.engine.cudagraph import MIN_ATTEND, attend_bucket
+from nanoseek.model.moe import Experts
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("N", [1, 3, 8])  # N*k below E (gathered experts), and at or above it (all experts)
+def test_static_experts_equal_the_ordinary_path(N):
+    cfg = nanoseek.preset("tiny")  # 8 experts, 2 per token
+    gen = torch.Generator().manual_seed(N)
+    ex = random_experts(cfg, gen, 0.2)
+    x = torch.randn(N, cfg.hidden_size, generator=gen)
+    idx = torch.stack([torch.randperm(cfg.n_routed_experts, generator=gen)[:2] for _ in range(N)])
+    w = torch.rand(N, 2, generator=gen)
+    with torch.no_grad():
+        ref, ref_counts = ex(x, idx, w)
+        out, counts = ex._forward_static(x, idx, w)
+    assert torch.equal(counts, ref_counts)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_static_experts_use_a_subclass_expert_ffn():
+    """An expert class with its own expert_ffn (FP8 weights) is run through that method."""
+    cfg = nanoseek.preset("tiny")
+    gen = torch.Generator().manual_seed(0)
+    ex = random_experts(cfg, gen, 0.2)
+    calls = []
+
+    class Doubled(Experts):
+        def expert_ffn(self, e, x):
+            calls.append(e)
+            return 2 * super().expert_ffn(e, x)
+
+    dbl = Doubled(cfg)
+    dbl.load_state_dict(ex.state_dict())
+    x = torch.randn(2, cfg.hidden_size, generator=gen)
+    idx, w = torch.tensor([[0, 5], [5, 7]]), torch.rand(2, 2, generator=gen)
+    with torch.no_grad():
+        out, _ = dbl._forward_static(x, idx, w)
+        ref, _ = ex(x, idx, w)
+    assert sorted(set(calls)) == list(range(cfg.n_routed_experts))
+    assert torch.allclose(out, 2 * ref, atol=1e-5)
+
+
+def test_attending_over_a_fixed_cache_span_equals_the_exact_span(monkeypatch):
+    """With cache.attend_len set, rows at different positions attend over a fixed number of slots
+    (stale and future slots masked): the same logits as attending up to the furthest row."""
+    from nanoseek.model.attention import MLA
+
+    spans = []
+    absorbed = MLA.forward_absorbed
+    monkeypatch.setattr(MLA, "forward_absorbed", lambda self, qn, qp, cached, pos: (
+        spans.append(cached.shape[1]), absorbed(self, qn, qp, cached, pos))[1])
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    randomize(model, 3)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1024, (2, 12), generator=gen)
+    with torch.no_grad():
+        outs = []
+        for span in (None, 40):
+            cache = model.new_cache(2, 64)
+            cache.layers = [t.normal_(generator=torch.Generator().manual_seed(9)) for t in cache.layers]  # stale slots
+            model(ids[:, :9], cache=cache)
+            pos = torch.tensor([5, 9])  # row 0 rewinds: its slots 5.. are stale
+            cache.attend_len = span
+            outs.append(model(ids[:, 9:12], start_pos=pos, cache=cache).logits)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+    assert set(spans) == {12, 40}  # the furthest row's end, then the fixed span
+
+
+def test_attend_buckets():
+    assert attend_bucket(1, 4096) == MIN_ATTEND
+    assert attend_bucket(MIN_ATTEND + 1, 4096) == 2 * MIN_ATTEND
+    assert attend_bucket(600, 4096) == 1024
+    assert attend_bucket(3000, 3100) == 3100  # never past the cache
+    assert all(attend_bucket(e, 10_000) >= e for e in range(1, 5000, 37))
+
+
+def test_cuda_graphs_need_a_cuda_model():
+    with pytest.raises(SamplingError, match="CUDA device"):
+        Engine("tiny", cuda_graphs=True)
+    assert Engine("tiny").graphs is None  # default: only on CUDA
+
+
+# -- on a GPU ------------------------------------------------------------------------------------
+
+def _engines(dtype="fp32", **kw):
+    torch.manual_seed(0)
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    randomize(model, 1, bias_std=0.05)
+    plain = Engine(model, device="cuda", dtype=dtype, cuda_graphs=False, tokenizer=None, **kw)
+    graphed_model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    graphed_model.load_state_dict(model.state_dict())
+    graphed = Engine(graphed_model, device="cuda", dtype=dtype, tokenizer=None, **kw)
+    return plain, graphed
+
+
+PROMPTS = [[1, 5, 9, 200, 7], [3] * 11, [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12, 13, 14, 15, 16, 17, 18]]
+
+
+@needs_cuda
+def test_graphed_greedy_decode_equals_the_plain_step():
+    plain, graphed = _engines()
+    assert graphed.graphs is not None
+    for prompts in (PROMPTS[:1], PROMPTS):  # batch 1, and rows at different positions
+        a = plain.generate(prompts, max_tokens=40, temperature=0, ignore_eos=True, logprobs=0)
+        b = graphed.generate(prompts, max_tokens=40, temperature=0, ignore_eos=True, logprobs=0)
+        for ra, rb in zip(a, b):
+            assert ra.token_ids == rb.token_ids
+            assert max(abs(x - y) for x, y in zip(ra.logprobs, rb.logprobs)) <= 1e-4
+    assert graphed.graphs.failed is None and graphed.graphs.recorded > 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("k", [1, 2])
+def test_graphed_speculative_greedy_equals_plain_greedy(k):
+    plain, graphed = _engines()
+    ref = plain.generate(PROMPTS, max_tokens=30, temperature=0, ignore_eos=True)
+    out = graphed.generate(PROMPTS, max_tokens=30, temperature=0, ignore_eos=True, speculative=k)
+    assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+    assert graphed.last_stats.drafted > 0 and graphed.graphs.failed is None
+
+
+@needs_cuda
+def test_graphed_sampling_follows_the_seed():
+    plain, graphed = _engines()
+    kw = dict(max_tokens=25, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    assert [r.token_ids for r in graphed.generate(PROMPTS, **kw)] == [r.token_ids for r in plain.generate(PROMPTS, **kw)]
+
+
+@needs_cuda
+def test_graphs_are_reused_across_calls_and_follow_weight_updates():
+    _, graphed = _engines()
+    graphed.generate(PROMPTS[:1], max_tokens=20, temperature=0, ignore_eos=True)
+    n = graphed.graphs.recorded
+    graphed.generate(PROMPTS[:1], max_tokens=20, temperature=0, ignore_eos=True)
+    assert graphed.graphs.recorded <= n + 1  # the allocator usually hands the new cache the same memory
+    with torch.no_grad():  # an in-place update (as an optimizer step) is read by the recorded graph
+        graphed.model.lm_head.weight.mul_(-1.0)
+    after = graphed.generate(PROMPTS[:1], max_tokens=20, temperature=0, ignore_eos=True)[0].token_ids
+    plain = Engine(graphed.model, cuda_graphs=False, tokenizer=None)
+    assert after == plain.generate(PROMPTS[:1], max_tokens=20, temperature=0, ignore_eos=True)[0].token_ids
+
+
+@needs_cuda
+def test_a_step_that_cannot_be_recorded_falls_back_with_a_warning(monkeypatch):
+    plain, graphed = _engines()
+    from nanoseek.model import moe
+
+    def host_read(self, x, idx, weights):
+        return self._forward_few(x, idx, weights)  # reads the routing back to the host: not recordable
+
+    monkeypatch.setattr(moe.Experts, "_forward_static", host_read)
+    with pytest.warns(RuntimeWarning, match="CUDA graph recording failed"):
+        out = graphed.generate(PROMPTS, max_tokens=12, temperature=0, ignore_eos=True)
+    ref = plain.generate(PROMPTS, max_tokens=12, temperature=0, ignore_eos=True)
+    assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+    assert graphed.graphs.failed is not None
