@@ -75,3 +75,12 @@ def tiny_model():
     model = nanoseek.load_model("tiny")
     randomize(model, 1, bias_std=0.05)
     return model
+
+
+@pytest.fixture(autouse=True)
+def _check_host_positions(monkeypatch):
+    """Every decode step in the tests checks that the positions the engine tracks on the host (to
+    avoid waiting for the device) equal the device's."""
+    from nanoseek.engine import engine
+
+    monkeypatch.setattr(engine, "CHECK_POSITIONS", True)

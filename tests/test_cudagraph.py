@@ -171,3 +171,18 @@ def test_a_step_that_cannot_be_recorded_falls_back_with_a_warning(monkeypatch):
     ref = plain.generate(PROMPTS, max_tokens=12, temperature=0, ignore_eos=True)
     assert [r.token_ids for r in out] == [r.token_ids for r in ref]
     assert graphed.graphs.failed is not None
+
+
+@needs_cuda
+def test_gpu_engine_equals_the_cpu_engine():
+    """The GPU paths (static experts in prefill and decode, graphs) against the CPU engine, fp32."""
+    torch.manual_seed(0)
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    randomize(model, 1, bias_std=0.05)
+    cpu = Engine(model, tokenizer=None)
+    ref = [r.token_ids for r in cpu.generate(PROMPTS, max_tokens=24, temperature=0, ignore_eos=True)]
+    gpu_model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    gpu_model.load_state_dict(model.state_dict())
+    for graphs in (False, True):
+        gpu = Engine(gpu_model, device="cuda", tokenizer=None, cuda_graphs=graphs)
+        assert [r.token_ids for r in gpu.generate(PROMPTS, max_tokens=24, temperature=0, ignore_eos=True)] == ref

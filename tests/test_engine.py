@@ -266,8 +266,8 @@ def _oracle(engine, refs, wrong_every: int):
     calls = [0]
     real = engine._draft
 
-    def draft(proc, h_last, mtp_logits, n_next, cache, k):
-        real(proc, h_last, mtp_logits, n_next, cache, k)  # keep the MTP cache work identical
+    def draft(proc, h_last, mtp_logits, n_next, cache, k, host):
+        real(proc, h_last, mtp_logits, n_next, cache, k, host)  # keep the MTP cache work identical
         rows = []
         for b in range(len(n_next)):
             pos = int(n_next[b]) + 1

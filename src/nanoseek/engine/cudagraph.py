@@ -65,28 +65,31 @@ class CudaGraphDecode:
         return device.type == "cuda" and torch.cuda.is_available()
 
     # -- the steps -----------------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor,
-                cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(logits [B, T, vocab], final hidden states [B, T, hidden]), as `steps.forward_step`."""
-        return self._run("forward", steps.forward_step, (ids,), start_pos, ids.shape[1], cache)
+    def forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache,
+                end: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits [B, T, vocab], final hidden states [B, T, hidden]), as `steps.forward_step`.
+        `end` (optional): the furthest row's position + T, if the caller knows it without asking
+        the device."""
+        return self._run("forward", steps.forward_step, (ids,), start_pos, ids.shape[1], cache, end)
 
     def mtp_step(self, next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor,
-                 cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self._run("mtp", steps.mtp_step, (next_tokens, hidden), start_pos, next_tokens.shape[1], cache)
+                 cache: LatentCache, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._run("mtp", steps.mtp_step, (next_tokens, hidden), start_pos, next_tokens.shape[1], cache, end)
 
     def greedy_verify(self, last: torch.Tensor, drafts: torch.Tensor, start_pos: int | torch.Tensor,
-                      cache: LatentCache) -> tuple[torch.Tensor, ...] | None:
+                      cache: LatentCache, end: int | None = None) -> tuple[torch.Tensor, ...] | None:
         return self._run("greedy_verify", steps.greedy_verify_step, (last, drafts), start_pos,
-                         drafts.shape[1] + 1, cache)
+                         drafts.shape[1] + 1, cache, end)
 
     # -- recording and replay ------------------------------------------------------------------
     def _run(self, kind: str, fn: Callable, args: tuple[torch.Tensor, ...], start_pos: int | torch.Tensor,
-             T: int, cache: LatentCache) -> tuple[torch.Tensor, ...] | None:
+             T: int, cache: LatentCache, end: int | None) -> tuple[torch.Tensor, ...] | None:
         if self.failed is not None:
             return None
         B = args[0].shape[0]
         if isinstance(start_pos, torch.Tensor):
-            end = int(start_pos.max()) + T
+            if end is None:
+                end = int(start_pos.max()) + T  # waits for the device
             pos = start_pos
         else:
             end = start_pos + T

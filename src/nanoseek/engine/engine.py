@@ -135,6 +135,13 @@ class _Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def position(self) -> int:
+        """Position of the newest token: the next step's input, not yet in the cache. While the
+        request is unfinished this equals the engine's device-side position `n`, so steps can
+        choose their cache span without reading `n` back from the device."""
+        return len(self.prompt) + len(self.output) - 1
+
     def add(self, token: int, logprob: float | None = None, top: dict[int, float] | None = None) -> bool:
         """Append one token; returns True when the request is finished."""
         if self.finished:
@@ -515,7 +522,7 @@ class Engine:
         tok = proc.sample(logits)
         self._emit(live, proc, tok[:, None], torch.zeros(B, dtype=torch.long, device=self.device), logits[:, None],
                    want_lp, stats, first=True)
-        drafts, q = self._prefill_drafts(proc, ids, n, tok, out.hidden_states, cache, k) if k else (None, None)
+        drafts, q = self._prefill_drafts(proc, ids, n, tok, out.hidden_states, cache, k, lens) if k else (None, None)
         stats.prefill_s = time.perf_counter() - t0
         last = tok
         yield [c for c in (r.chunk() for r in live) if c is not None]
@@ -546,11 +553,11 @@ class Engine:
         stats.decode_s = time.perf_counter() - t0
 
     def _forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache,
-                 hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 hidden: bool = False, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, final hidden states or None) of a decode-time forward: a CUDA graph or compiled
         when it can be."""
         if self.graphs is not None:
-            out = self.graphs.forward(ids, start_pos, cache)
+            out = self.graphs.forward(ids, start_pos, cache, end)
             if out is not None:
                 return out
         if self.compiled is not None and self.compiled.usable(ids):
@@ -561,10 +568,11 @@ class Engine:
         return out.logits, out.hidden_states
 
     def _mtp_step(self, next_tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int | torch.Tensor,
-                  cache: LatentCache, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  cache: LatentCache, logits_at: torch.Tensor | None = None,
+                  end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`model.mtp_step(0, ...)` at decode time: a CUDA graph or compiled when it can be."""
         if self.graphs is not None:
-            out = self.graphs.mtp_step(next_tokens, hidden.contiguous(), start_pos, cache)
+            out = self.graphs.mtp_step(next_tokens, hidden.contiguous(), start_pos, cache, end)
             if out is not None:
                 return out[0], gather_positions(out[1], logits_at)
         if self.compiled is not None and self.compiled.usable(next_tokens):
@@ -577,7 +585,8 @@ class Engine:
     def _plain_step(self, live: list, proc: LogitsProcessor, last: torch.Tensor, n: torch.Tensor,
                     cache: LatentCache, want_lp: bool, stats: GenerationStats) -> tuple[torch.Tensor, torch.Tensor]:
         """One ordinary decode step for every live row; returns the new (n, last)."""
-        logits = self._forward(last[:, None], _start(n), cache)[0][:, -1]
+        host = _host_positions(live, n)
+        logits = self._forward(last[:, None], _start(n, host), cache, end=max(host) + 1)[0][:, -1]
         tok = proc.sample(logits)
         zeros = torch.zeros(len(live), dtype=torch.long, device=self.device)
         self._emit(live, proc, tok[:, None], zeros, logits[:, None], want_lp, stats)
@@ -589,17 +598,18 @@ class Engine:
         """One speculative step: verify `last` + k drafts in one forward, emit the accepted tokens,
         then draft the next k from the MTP module. Returns the new (n, last, drafts, q)."""
         B = len(live)
-        start = _start(n)
+        host = _host_positions(live, n)
+        start, end = _start(n, host), max(host) + k + 1
         fused = None
         if proc.all_greedy and proc.counts is None:
             if self.graphs is not None:
-                fused = self.graphs.greedy_verify(last, drafts, start, cache)
+                fused = self.graphs.greedy_verify(last, drafts, start, cache, end)
             if fused is None and self.compiled is not None and self.compiled.usable(B * (k + 1)):
                 fused = self.compiled.greedy_verify(last, drafts, start, cache)
         if fused is not None:  # verification, acceptance and the MTP step in one graph
             logits, toks, n_acc, h_last, mtp_logits = fused
         else:
-            logits, hidden = self._forward(torch.cat((last[:, None], drafts), dim=1), start, cache, hidden=True)
+            logits, hidden = self._forward(torch.cat((last[:, None], drafts), dim=1), start, cache, hidden=True, end=end)
             n_acc, toks = speculative_accept(logits, drafts, q, proc)
         stats.drafted += B * k
         stats.accepted += int(n_acc.sum())
@@ -608,26 +618,30 @@ class Engine:
         if fused is None:
             A = int(n_acc.max()) + 1
             nt = mtp_next_tokens(drafts, n_acc, new_last)[:, :A]
-            h_mtp, mtp_logits = self._mtp_step(nt, hidden[:, :A], start, cache, logits_at=n_acc)
+            h_mtp, mtp_logits = self._mtp_step(nt, hidden[:, :A], start, cache, logits_at=n_acc, end=max(host) + A)
             h_last = take(h_mtp, n_acc[:, None])
         n = n + n_acc + 1
-        drafts, q = self._draft(proc, h_last, mtp_logits, n, cache, k)
+        # finished rows' positions may lag (tokens past a stop are dropped): harmless, they leave
+        # the batch before the next step, and only their own drafts read them
+        drafts, q = self._draft(proc, h_last, mtp_logits, n, cache, k, [r.position for r in live])
         return n, new_last, drafts, q
 
     def _prefill_drafts(self, proc: LogitsProcessor, ids: torch.Tensor, n: torch.Tensor, tok: torch.Tensor,
-                        hidden: torch.Tensor, cache: LatentCache, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        hidden: torch.Tensor, cache: LatentCache, k: int,
+                        lens: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """After a prefill of right-padded `ids` (row lengths n, first sampled tokens `tok`): fill the
         MTP module's cache over the prompts and draft k tokens from its output at each row's last
         position. Position i reads the token at i + 1, which at a row's last position is `tok`."""
         nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
         nxt[torch.arange(ids.shape[0], device=ids.device), n - 1] = tok
         h_mtp, mtp_logits = self.model.mtp_step(0, nxt, hidden, start_pos=0, cache=cache, logits_at=n - 1)
-        return self._draft(proc, take(h_mtp, (n - 1)[:, None]), mtp_logits, n, cache, k)
+        return self._draft(proc, take(h_mtp, (n - 1)[:, None]), mtp_logits, n, cache, k, lens)
 
     def _draft(self, proc: LogitsProcessor, h_last: torch.Tensor, mtp_logits: torch.Tensor, n_next: torch.Tensor,
-               cache: LatentCache, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+               cache: LatentCache, k: int, host: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """k drafts per row: the first from `mtp_logits` (the MTP output at position n_next - 1); each
-        next one from the MTP module run on its own output and the previous draft at n_next + j."""
+        next one from the MTP module run on its own output and the previous draft at n_next + j.
+        `host`: n_next as a host-side list."""
         drafts, qs = [], []
         logits = mtp_logits
         h = h_last
@@ -640,7 +654,8 @@ class Engine:
                 qs.append(qj)
             drafts.append(d)
             if j + 1 < k:
-                h, logits = self._mtp_step(d[:, None], h, _start(n_next + j), cache)
+                h, logits = self._mtp_step(d[:, None], h, _start(n_next + j, [p + j for p in host]), cache,
+                                           end=max(host) + j + 1)
                 logits = logits[:, -1]
         q = torch.stack(qs, dim=1) if qs else None
         return torch.stack(drafts, dim=1), q
@@ -707,9 +722,23 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _start(n: torch.Tensor) -> int | torch.Tensor:
-    """The start_pos for a forward of rows at positions n [B]: an int when all rows agree (always at
-    batch 1), which lets attention slice the cache and skip per-row masks, else the tensor."""
-    if n.shape[0] == 1 or bool((n == n[0]).all()):
-        return int(n[0])
+# Tests set this: every step then checks the host-side positions against the device's.
+CHECK_POSITIONS = False
+
+
+def _host_positions(live: list[_Request], n: torch.Tensor) -> list[int]:
+    """The live rows' positions n [B], known on the host (see _Request.position): reading n back
+    would make the host wait for the device at every step."""
+    host = [r.position for r in live]
+    if CHECK_POSITIONS and n.tolist() != host:
+        raise AssertionError(f"host positions {host} != device positions {n.tolist()}")
+    return host
+
+
+def _start(n: torch.Tensor, host: list[int]) -> int | torch.Tensor:
+    """The start_pos for a forward of rows at positions n [B] (`host`: the same on the host): an int
+    when all rows agree (always at batch 1), which lets attention slice the cache and skip per-row
+    masks, else the tensor."""
+    if all(p == host[0] for p in host):
+        return host[0]
     return n

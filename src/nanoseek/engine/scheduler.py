@@ -162,7 +162,8 @@ class Scheduler:
 
     @property
     def cache_bytes_used(self) -> int:
-        return int(self._n.sum()) * self.bytes_per_token if self.running else 0
+        # host-side positions: summing the device's would wait for the device after every step
+        return sum(s.req.position for s in self.running) * self.bytes_per_token
 
     # -- requests -------------------------------------------------------------------------------
     def make_sequence(self, seq_id: Hashable, prompt: Prompt, params: SamplingParams | None = None,
@@ -309,7 +310,7 @@ class Scheduler:
         # the first token is counted (penalties) before the MTP module drafts the next, as in Engine._run
         engine._emit(reqs, proc, tok[:, None], torch.zeros(b, dtype=torch.long, device=self.device),
                      out.logits[:, None], self._want_logprobs(joiners), self.stats, first=True)
-        drafts, q = engine._prefill_drafts(proc, ids, n, tok, out.hidden_states, cache, k) if k else (None, None)
+        drafts, q = engine._prefill_drafts(proc, ids, n, tok, out.hidden_states, cache, k, lens) if k else (None, None)
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefill_s += time.perf_counter() - t0
         self.prefill_steps += 1
