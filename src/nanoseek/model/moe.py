@@ -292,15 +292,19 @@ class Experts(nn.Module):
 
 
     # On a GPU, inference runs every expert on every token (`_forward_static`) while that costs at
-    # most this many FLOPs: less time than the grouped path's host round trips and per-expert
-    # launches (an H100 prefill of 64 tokens on `bench` took ~25 ms grouped).
-    STATIC_MAX_FLOPS = 2e10
+    # most STATIC_MAX_FLOPS (~1-2 ms on an H100, 10-20 on a small GPU) and its intermediates fit in
+    # STATIC_MAX_BYTES: less time than the grouped path's host round trips and per-expert launches
+    # (on an H100, `bench` prefills of 64 and 8 x 512 tokens took ~25 and ~50 ms grouped).
+    STATIC_MAX_FLOPS = 5e11
+    STATIC_MAX_BYTES = 2 << 30
 
     def _static_pays(self, N: int, k: int) -> bool:
         if torch.is_grad_enabled() or type(self).expert_ffn is not Experts.expert_ffn:
             return False
-        H = self.gate_up_proj.shape[-1]
-        return N * k < self.n_experts or 6 * N * self.n_experts * self.inter * H <= self.STATIC_MAX_FLOPS
+        E, I, H = self.n_experts, self.inter, self.gate_up_proj.shape[-1]
+        if N * k < E:  # gathers only the chosen experts
+            return True
+        return 6 * N * E * I * H <= self.STATIC_MAX_FLOPS and 4 * N * E * (2 * I + 2 * H) <= self.STATIC_MAX_BYTES
 
     def _forward_static(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The expert computation with no host synchronization and a fixed sequence of kernels,
