@@ -253,3 +253,54 @@ def assert_error_schema(body: bytes | str | dict, status: int | None = None) -> 
     assert isinstance(e["type"], str) and e["type"], e
     assert "Traceback" not in e["message"] and 'File "' not in e["message"], e
     return e
+
+
+def test_stream_deadline_is_one_timer_queued_behind_the_updates():
+    """GenStream.get: updates queued before the deadline are read; then TimeoutError; the timer is
+    cancelled once every sequence has finished, or on abort (it must not hold the stream)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from nanoseek.engine.scheduler import ScheduledSequence, SeqUpdate
+    from nanoseek.server.worker import GenerationFailed, GenStream
+
+    sent = []
+    worker = SimpleNamespace(_queued=set(), _send=sent.append)
+    seq = lambda i: SimpleNamespace(seq_id=i)  # noqa: E731 - only seq_id is read
+    assert ScheduledSequence  # the real type has seq_id too
+
+    async def main():
+        s = GenStream(worker, [seq(1)], time.perf_counter())
+        s._push([SeqUpdate(1, [5], "a")])
+        assert (await s.get(time.perf_counter() + 0.05)).token_ids == [5]
+        assert s._timer is not None and not s._timer.cancelled()
+        await asyncio.sleep(0.1)
+        try:
+            await s.get(time.perf_counter() + 0.05)
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("no timeout")
+        done = GenStream(worker, [seq(2)], time.perf_counter())
+        assert (await asyncio.gather(done.get(time.perf_counter() + 60), _push_later(done)))[0].token_ids == [7]
+        assert done._timer.cancelled() and done.get_ready() is None
+        aborted = GenStream(worker, [seq(3)], time.perf_counter())
+        aborted._push([SeqUpdate(3, [1], "x")])
+        await aborted.get(time.perf_counter() + 60)
+        aborted.abort()
+        assert aborted._timer.cancelled() and sent == [("abort", [3])]
+        failed = GenStream(worker, [seq(4)], time.perf_counter())
+        failed._push([SeqUpdate(4, [2], "y"), GenerationFailed("boom")])
+        assert failed.get_ready().token_ids == [2]
+        try:
+            failed.get_ready()
+        except GenerationFailed:
+            pass
+        else:
+            raise AssertionError("the failure was not raised")
+
+    async def _push_later(stream):
+        await asyncio.sleep(0.01)
+        stream._push([SeqUpdate(2, [7], "b", finish_reason="stop")])
+
+    asyncio.run(main())

@@ -489,7 +489,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         return rid, stream, lens
 
     async def _next(stream: GenStream, deadline: float) -> SeqUpdate:
-        return await stream.get(timeout=max(0.0, deadline - time.perf_counter()))
+        return await stream.get(deadline)
 
     async def _collect(request: Request, tracker: Tracker) -> None:
         """Run a non-streaming request to the end (or to a disconnect / the timeout)."""
@@ -566,9 +566,22 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             yield _sse({**head, "choices": [choice]})
         try:
             while not tracker.done:
-                choice = choice_of(await _next(stream, deadline))
-                if choice is not None:
-                    yield _sse({**head, "choices": [choice]})
+                # Updates already queued behind this one (the loop fell behind the model) go out in
+                # the same write: the same events, one pass through the ASGI send chain.
+                update = await _next(stream, deadline)
+                events, error = [], None
+                while update is not None:
+                    choice = choice_of(update)
+                    if choice is not None:
+                        events.append(_sse({**head, "choices": [choice]}))
+                    try:
+                        update = None if tracker.done else stream.get_ready()
+                    except (TimeoutError, GenerationFailed) as e:  # after the events before it
+                        update, error = None, e
+                if events:
+                    yield "".join(events)
+                if error is not None:
+                    raise error
         except (TimeoutError, asyncio.TimeoutError):
             tracker.close("timeout")
             yield _sse(error_body(408, f"The request did not finish within the server's timeout of "
