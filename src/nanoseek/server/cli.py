@@ -11,7 +11,7 @@ import sys
 from ..engine.cli import _cuda_graphs, add_model_flags
 
 DEFAULT_MAX_MODEL_LEN = 8192
-SWITCH_INTERVAL_S = 0.0005  # GIL hand-off between the model thread and the event loop (see run_serve)
+SWITCH_INTERVAL_S = 0.0001  # GIL hand-off between the model thread and the event loop (see run_serve)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,7 +89,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # The model thread and the event loop share the GIL. At the default 5 ms switch interval a step
     # that is ready waits behind the loop's streaming work for up to 5 ms: on an H100 (CUDA graphs,
     # bench preset, 8 clients) inter-token latency p50 fell from 4.6 to 3.1 ms and throughput rose
-    # 13% at 0.5 ms (benchmarks/RESULTS.md).
+    # 13% at 0.5 ms, and 0.1 ms gave another ~10% at 1 and 8 clients (benchmarks/RESULTS.md).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     for flag in ("max_batch", "max_queue"):
         if getattr(args, flag) < 1:
