@@ -186,3 +186,29 @@ def test_gpu_engine_equals_the_cpu_engine():
     for graphs in (False, True):
         gpu = Engine(gpu_model, device="cuda", tokenizer=None, cuda_graphs=graphs)
         assert [r.token_ids for r in gpu.generate(PROMPTS, max_tokens=24, temperature=0, ignore_eos=True)] == ref
+
+
+def test_static_expert_path_bounds():
+    """The static path (every CUDA-graph step, and GPU inference within bounds) gathers only while
+    that moves fewer bytes than running every expert, and refuses sizes it cannot do cheaply:
+    a graph of such a step is not recorded (the engine decodes on the plain path)."""
+    def experts(name):
+        with torch.device("meta"):
+            return Experts(nanoseek.preset(name))
+
+    bench, v3 = experts("bench"), experts("deepseek-v3")  # E=32 k=4; E=256 k=8
+    assert bench._static_gathers(2, 4) and not bench._static_gathers(3, 4)
+    assert all(bench._static_fits(n, 4) for n in (1, 8, 32, 4096))
+    assert not bench._static_fits(16384, 4)  # every expert on 16K tokens: 3.2 GB of intermediates
+    assert v3._static_fits(1, 8)  # 8 experts gathered: 0.66 GiB
+    assert not v3._static_fits(8, 8) and not v3._static_fits(64, 8)  # 64 gathered / all 256 read: too many bytes
+
+
+@needs_cuda
+def test_a_step_beyond_the_static_bounds_is_not_recorded(monkeypatch):
+    plain, graphed = _engines()
+    monkeypatch.setattr(Experts, "STATIC_MAX_WEIGHT_BYTES", 0)
+    with pytest.warns(RuntimeWarning, match="CUDA graph recording failed"):
+        out = graphed.generate(PROMPTS, max_tokens=12, temperature=0, ignore_eos=True)
+    ref = plain.generate(PROMPTS, max_tokens=12, temperature=0, ignore_eos=True)
+    assert [r.token_ids for r in out] == [r.token_ids for r in ref]

@@ -15,9 +15,11 @@ the host or branch on them. Three things make the step that way while it is bein
 * dtype conversions of weights run inside the graph rather than from a host-side cache.
 
 Graphs are keyed by step kind, input shapes, attend_len and the latent cache's addresses and
-layout (a graph records the addresses it writes): a server's cache pool keeps one graph per batch
-size and span, and `generate` calls reuse graphs when the allocator hands their cache the same
-memory. The MAX_GRAPHS most recently used are kept. Recording takes a few milliseconds after one eager warm-up run of the same step (which
+layout (a graph records the addresses it writes): a server's cache pool keeps one graph per step
+kind, batch size, tokens per step and span. `generate` builds a cache per call, and a new one
+(smaller) whenever rows finish, so it records again unless the allocator hands back the same
+memory laid out the same way. Each recording also synchronizes and empties PyTorch's cache (what
+`torch.cuda.graph` does), a few milliseconds. The MAX_GRAPHS most recently used are kept. Recording takes a few milliseconds after one eager warm-up run of the same step (which
 writes the same cache entries the replay writes). The graphs' inputs are copied in and their
 outputs copied out, so callers never hold the graph's own memory. Weights are read in place, so
 a model trained between calls is seen as it is; `model.to(...)` (new tensors) needs a new engine.
@@ -86,6 +88,12 @@ class CudaGraphDecode:
              T: int, cache: LatentCache, end: int | None) -> tuple[torch.Tensor, ...] | None:
         if self.failed is not None:
             return None
+        # streams, recording and replay belong to the current device: make it the model's
+        with torch.cuda.device(args[0].device):
+            return self._run_here(kind, fn, args, start_pos, T, cache, end)
+
+    def _run_here(self, kind: str, fn: Callable, args: tuple[torch.Tensor, ...], start_pos: int | torch.Tensor,
+                  T: int, cache: LatentCache, end: int | None) -> tuple[torch.Tensor, ...] | None:
         B = args[0].shape[0]
         if isinstance(start_pos, torch.Tensor):
             if end is None:

@@ -126,8 +126,15 @@ class Experts(nn.Module):
         N, k = idx.shape
         if torch.compiler.is_compiling() and N <= self.TRACED_MAX_TOKENS and not torch.is_grad_enabled():
             return self._forward_traced(x, idx, weights)
-        if x.is_cuda and (torch.cuda.is_current_stream_capturing() or self._static_pays(N, k)):
-            return self._forward_static(x, idx, weights)
+        if x.is_cuda and not torch.is_grad_enabled():
+            fits = self._static_fits(N, k)
+            if torch.cuda.is_current_stream_capturing():
+                if not fits:  # the recording fails and the engine decodes on the plain path
+                    raise NotImplementedError(f"{N} tokens x {k} experts exceed the static expert path's bounds "
+                                              "(Experts.STATIC_MAX_*); not recordable as a CUDA graph")
+                return self._forward_static(x, idx, weights)
+            if fits and type(self).expert_ffn is Experts.expert_ffn:
+                return self._forward_static(x, idx, weights)
         if N == 1 or (N <= self.FEW_TOKENS and not torch.is_grad_enabled()):
             return self._forward_few(x, idx, weights)
         flat = idx.reshape(-1)
@@ -291,27 +298,34 @@ class Experts(nn.Module):
         return (torch.cat(rows)[:N] if slots > 1 else rows[0]), counts
 
 
-    # On a GPU, inference runs every expert on every token (`_forward_static`) while that costs at
-    # most STATIC_MAX_FLOPS (~1-2 ms on an H100, 10-20 on a small GPU) and its intermediates fit in
-    # STATIC_MAX_BYTES: less time than the grouped path's host round trips and per-expert launches
-    # (on an H100, `bench` prefills of 64 and 8 x 512 tokens took ~25 and ~50 ms grouped).
+    # On a GPU, inference takes `_forward_static` (no host round trips, no per-expert launches: the
+    # grouped path took ~25 and ~50 ms for `bench` prefills of 64 and 8 x 512 tokens on an H100)
+    # while it stays within these bounds per MoE layer: expert weights read or gathered, FLOPs of
+    # running every expert on every token (~1-2 ms on an H100), and intermediates. A CUDA graph
+    # must use it, so a step beyond them is not recorded.
+    STATIC_MAX_WEIGHT_BYTES = 1 << 30
     STATIC_MAX_FLOPS = 5e11
     STATIC_MAX_BYTES = 2 << 30
 
-    def _static_pays(self, N: int, k: int) -> bool:
-        if torch.is_grad_enabled() or type(self).expert_ffn is not Experts.expert_ffn:
-            return False
-        E, I, H = self.n_experts, self.inter, self.gate_up_proj.shape[-1]
-        if N * k < E:  # gathers only the chosen experts
-            return True
-        return 6 * N * E * I * H <= self.STATIC_MAX_FLOPS and 4 * N * E * (2 * I + 2 * H) <= self.STATIC_MAX_BYTES
+    def _static_gathers(self, N: int, k: int) -> bool:
+        """Gather the N*k chosen experts (a copy: ~3x their bytes moved) rather than run all E."""
+        return 3 * N * k <= self.n_experts
+
+    def _static_fits(self, N: int, k: int) -> bool:
+        E, I = self.n_experts, self.inter
+        H = self.hidden if hasattr(self, "hidden") else self.gate_up_proj.shape[-1]
+        expert_bytes = 3 * I * H * (1 if type(self).expert_ffn is not Experts.expert_ffn else 2)  # fp8 or 16-bit
+        if self._static_gathers(N, k) and type(self).expert_ffn is Experts.expert_ffn:
+            return N * k * expert_bytes <= self.STATIC_MAX_WEIGHT_BYTES
+        return (E * expert_bytes <= self.STATIC_MAX_WEIGHT_BYTES and 6 * N * E * I * H <= self.STATIC_MAX_FLOPS
+                and 4 * N * E * (2 * I + 2 * H) <= self.STATIC_MAX_BYTES)
 
     def _forward_static(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The expert computation with no host synchronization and a fixed sequence of kernels,
         whatever the routing: what a CUDA graph can record (engine/cudagraph.py).
 
-        With fewer (token, expert) pairs than experts, the chosen experts' weights are gathered
-        (one copy of N*k experts) and run as batched matrix-vector products; otherwise every
+        With at most a third as many (token, expert) pairs as experts, the chosen experts' weights are
+        gathered (one copy of N*k experts) and run as batched matrix-vector products; otherwise every
         expert runs on every token and the gate weights (zero for experts not chosen) combine
         them. An expert class with its own `expert_ffn` (FP8 weights) takes the second form
         through that method. Each token sums its experts in fp32, as `_forward_few` does.
@@ -328,7 +342,7 @@ class Experts(nn.Module):
                 term = combine[:, e:e + 1] * y.float()
                 out = term if out is None else out + term
             return out.to(y.dtype), counts
-        if N * k < E:
+        if self._static_gathers(N, k):
             gate_up = self.gate_up_proj.index_select(0, flat)  # [N*k, 2I, H]
             h = torch.bmm(x.repeat_interleave(k, dim=0)[:, None, :], gate_up.transpose(1, 2))  # [N*k, 1, 2I]
             gate, up = h.split(I, dim=-1)

@@ -570,14 +570,14 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 # the same write: the same events, one pass through the ASGI send chain.
                 update = await _next(stream, deadline)
                 events, error = [], None
-                while update is not None:
-                    choice = choice_of(update)
-                    if choice is not None:
-                        events.append(_sse({**head, "choices": [choice]}))
-                    try:
+                try:
+                    while update is not None:
+                        choice = choice_of(update)
+                        if choice is not None:
+                            events.append(_sse({**head, "choices": [choice]}))
                         update = None if tracker.done else stream.get_ready()
-                    except (TimeoutError, GenerationFailed) as e:  # after the events before it
-                        update, error = None, e
+                except Exception as e:  # noqa: BLE001 - raised below, after the events before it are sent
+                    error = e
                 if events:
                     yield "".join(events)
                 if error is not None:
