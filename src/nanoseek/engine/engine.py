@@ -612,8 +612,8 @@ class Engine:
             logits, hidden = self._forward(torch.cat((last[:, None], drafts), dim=1), start, cache, hidden=True, end=end)
             n_acc, toks = speculative_accept(logits, drafts, q, proc)
         stats.drafted += B * k
-        stats.accepted += int(n_acc.sum())
-        self._emit(live, proc, toks, n_acc, logits, want_lp, stats)
+        counts = self._emit(live, proc, toks, n_acc, logits, want_lp, stats)
+        stats.accepted += sum(counts) - B  # from the host copy: no second wait for the device
         new_last = toks.gather(1, n_acc[:, None])[:, 0]
         if fused is None:
             A = int(n_acc.max()) + 1
@@ -661,8 +661,9 @@ class Engine:
         return torch.stack(drafts, dim=1), q
 
     def _emit(self, live: list[_Request], proc: LogitsProcessor, toks: torch.Tensor, n_acc: torch.Tensor,
-              logits: torch.Tensor, want_lp: int | None, stats: GenerationStats, first: bool = False) -> None:
-        """Give each row its new tokens toks[b, :n_acc[b] + 1] (logits[b, i] produced toks[b, i])."""
+              logits: torch.Tensor, want_lp: int | None, stats: GenerationStats, first: bool = False) -> list[int]:
+        """Give each row its new tokens toks[b, :n_acc[b] + 1] (logits[b, i] produced toks[b, i]).
+        Returns n_acc + 1 per row, read once from the device."""
         counts = (n_acc + 1).tolist()
         toks_l = toks.tolist()
         lps = tops = None
@@ -687,6 +688,7 @@ class Engine:
                     break
         if committed is not None:  # penalties count what was emitted
             proc.update(torch.tensor(committed, device=toks.device))
+        return counts
 
 
 _FROM_TOKENIZER = "the tokenizer gave ids outside the model's vocabulary"
