@@ -44,3 +44,19 @@ def test_serve_benchmark_runs_the_real_server(tmp_path):
         assert r["errors"] == 0 and r["output_tokens"] == 3 * r["requests"] and r["tokens_per_s"] > 0
         assert 0 < r["ttft_p50_s"] <= r["latency_p50_s"]
     assert "| 3 |" in out and "x c=1" in out
+
+
+def test_gpu_decode_benchmark(tmp_path):
+    """On a GPU: graphs vs eager vs transformers, every case reported; without one, a clear skip."""
+    import torch
+
+    pytest.importorskip("transformers")
+    args = ["benchmarks/gpu_decode.py", "--batches", "1", "2", "--prompt", "24", "--new", "6", "--rounds", "1",
+            "--ckpt", str(tmp_path / "bench"), "--json", str(tmp_path / "r.json")]
+    out = _run(args)
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in out and not (tmp_path / "r.json").exists()
+        return
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [c["batch"] for c in report["cases"]] == [1, 2] and report["fp32_identical"]
+    assert all(c[name] > 0 for c in report["cases"] for name in ("graphs", "plain", "transformers"))
