@@ -111,12 +111,13 @@ def test_reasoning_content_non_streaming(server, scripted):
     assert r.usage.completion_tokens == scripted["tokens"]  # <think> \n R(3) </think> A(3) <eos>
     assert r.usage.completion_tokens_details.reasoning_tokens == 6
     # thinking mode: the prompt ends with "<think>\n", the output is R </think> A <eos>
-    r = client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=30, temperature=0,
-                                       extra_body={"chat_template_kwargs": {"thinking": True}})
-    m = r.choices[0].message
-    assert (m.reasoning_content, m.content) == (scripted["reasoning"], scripted["answer"])
-    assert r.usage.completion_tokens == scripted["tokens"] - 2
-    assert r.usage.completion_tokens_details.reasoning_tokens == 4
+    for kwargs in ({"thinking": True}, {"enable_thinking": True}):  # the second: other servers' name for it
+        r = client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=30, temperature=0,
+                                           extra_body={"chat_template_kwargs": kwargs})
+        m = r.choices[0].message
+        assert (m.reasoning_content, m.content) == (scripted["reasoning"], scripted["answer"])
+        assert r.usage.completion_tokens == scripted["tokens"] - 2
+        assert r.usage.completion_tokens_details.reasoning_tokens == 4
     # unfinished reasoning (max_tokens inside the block) is all reasoning
     r = client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=3, temperature=0)
     assert r.choices[0].message.content == "" and r.choices[0].finish_reason == "length"

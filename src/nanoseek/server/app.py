@@ -632,7 +632,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         if engine.tokenizer is None:
             raise APIError(400, "chat needs a tokenizer, and this model has none (serve it with --tokenizer)", None,
                            "no_tokenizer")
-        thinking = bool(body.chat_template_kwargs and body.chat_template_kwargs.thinking)
+        thinking = bool(body.chat_template_kwargs and body.chat_template_kwargs.wants_thinking)
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
             ids = await asyncio.to_thread(engine.chat_prompt, msgs, thinking)

@@ -50,6 +50,11 @@ class ChatMessage(_Base):
 
 class ChatTemplateKwargs(_Base):
     thinking: bool = False
+    enable_thinking: bool = False  # the name other servers' clients send (Qwen3-style templates); same effect
+
+    @property
+    def wants_thinking(self) -> bool:
+        return self.thinking or self.enable_thinking
 
 
 class _Sampling(_Base):
