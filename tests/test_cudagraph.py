@@ -212,3 +212,51 @@ def test_a_step_beyond_the_static_bounds_is_not_recorded(monkeypatch):
         out = graphed.generate(PROMPTS, max_tokens=12, temperature=0, ignore_eos=True)
     ref = plain.generate(PROMPTS, max_tokens=12, temperature=0, ignore_eos=True)
     assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+
+
+def test_graph_table_keys_reuse_and_eviction(monkeypatch):
+    """The bookkeeping around recording, on the CPU with a stand-in for the recorder: one graph per
+    kind, shape, span and cache layout; reused on a hit (inputs copied in, outputs copied out);
+    the least recently used dropped past MAX_GRAPHS; an end hint saves the device read."""
+    from nanoseek.engine.cudagraph import CudaGraphDecode
+
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    graphs = CudaGraphDecode(model)
+    recorded = []
+
+    class Replay:
+        def __init__(self, static_in, out):
+            self.static_in, self.out = static_in, out
+
+        def replay(self):  # "the graph": writes a function of its static inputs into its outputs
+            self.out.copy_(self.static_in[0].float().sum() + self.static_in[-1].float().sum())
+
+    def record(fn, inputs, span, cache):
+        recorded.append((fn.__name__, span, tuple(t.shape for t in inputs)))
+        static_in = tuple(t.clone() for t in inputs)
+        out = torch.zeros(())
+        return static_in, Replay(static_in, out), (out,)
+
+    monkeypatch.setattr(graphs, "_record", record)
+    cache = model.new_cache(2, 600)
+    ids = torch.tensor([[3], [4]])
+    (a,) = graphs._run_here("forward", lambda *a: None, (ids,), 5, 1, cache, None)
+    assert float(a) == 3 + 4 + 5 + 5 and recorded[-1][1] == 128  # positions 5: span 128
+    (b,) = graphs._run_here("forward", lambda *a: None, (ids + 1,), 6, 1, cache, None)
+    assert float(b) == 4 + 5 + 6 + 6 and len(recorded) == 1  # same key: replayed with the new inputs
+    assert float(a) == 17  # outputs are copies: a later replay does not change them
+    graphs._run_here("forward", lambda *a: None, (ids,), torch.tensor([100, 200]), 1, cache, 201)
+    assert recorded[-1][1] == 256 and len(recorded) == 2  # per-row positions, span from the end hint
+    other = model.new_cache(2, 600)
+    graphs._run_here("forward", lambda *a: None, (ids,), 5, 1, other, None)
+    assert len(recorded) == 3  # another cache's memory: another graph
+    monkeypatch.setattr(CudaGraphDecode, "MAX_GRAPHS", 3)
+    graphs._run_here("forward", lambda *a: None, (ids,), 5, 1, cache, None)  # a hit: now most recent
+    graphs._run_here("mtp", lambda *a: None, (ids,), 5, 1, cache, None)  # a 4th: evicts the least recent
+    assert len(graphs._graphs) == 3 and len(recorded) == 4
+    graphs._run_here("forward", lambda *a: None, (ids,), torch.tensor([100, 200]), 1, cache, 201)
+    assert len(recorded) == 5  # it was the least recently used one, so it is recorded again
+    graphs._run_here("forward", lambda *a: None, (ids,), 5, 1, cache, None)
+    assert len(recorded) == 5
+    with pytest.raises(ValueError, match="cache holds 600 positions"):
+        graphs._run_here("forward", lambda *a: None, (ids,), 600, 1, cache, None)
