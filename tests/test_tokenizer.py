@@ -378,3 +378,36 @@ def test_literal_marks_survive_messages_holding_every_private_use_character(tok,
     ids = mine.chat_ids(messages)
     assert mine.decode(ids) == mine.apply_chat_template(messages)
     assert ids.count(mine.token_to_id(ASSISTANT)) == 1  # only the template's own
+
+
+def test_named_chat_templates_as_transformers(tok, tmp_path):
+    """tokenizer_config.json may hold a list of named templates: the "default" one renders (as in
+    transformers without a template name), the list is saved whole, and without a "default" a chat
+    prompt is a clear error, as transformers raises, not a silent switch to the built-in format."""
+    transformers = pytest.importorskip("transformers")
+    rag = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    tok.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    messages = [{"role": "user", "content": "Hi"}]
+    for named in ([{"name": "default", "template": R1_STYLE}, {"name": "rag", "template": rag}],
+                  [{"name": "rag", "template": rag}, {"name": "tool_use", "template": rag}]):
+        d = tmp_path / named[0]["name"]
+        tok.save(d)
+        (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": named}), encoding="utf-8")
+        mine, hf = Tokenizer.from_file(d), transformers.AutoTokenizer.from_pretrained(d)
+        mine.save(d / "again")
+        saved = json.loads((d / "again" / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+        assert saved == named  # every named template kept, not only the one that renders
+        if named[0]["name"] == "default":
+            want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            assert mine.apply_chat_template(messages) == want and mine.chat_template == R1_STYLE
+            assert Tokenizer.from_file(d / "again").apply_chat_template(messages) == want
+            again = transformers.AutoTokenizer.from_pretrained(d / "again")
+            assert again.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
+        else:
+            with pytest.raises(ValueError):
+                hf.apply_chat_template(messages, tokenize=False)
+            for call in (mine.apply_chat_template, mine.chat_ids):
+                with pytest.raises(TokenizerError, match="none named 'default'"):
+                    call(messages)
+            assert mine.encode("plain text still works")

@@ -88,9 +88,10 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | list[dict[str, str]] | None:
     """The directory's chat template as transformers finds it: `chat_template.jinja`, else
-    tokenizer_config.json's `chat_template` (a string, or a list of named templates: "default")."""
+    tokenizer_config.json's `chat_template`: a string, or a list of named templates (returned as
+    the list; `Tokenizer` renders the one named "default")."""
     file = directory / "chat_template.jinja"
     if file.is_file():
         try:
@@ -98,9 +99,9 @@ def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
         except (OSError, UnicodeDecodeError) as e:
             raise TokenizerError(f"cannot read {file}: {e}") from None
     template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
+    if isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                          and isinstance(t.get("template"), str) for t in template):
+        return [{"name": t["name"], "template": t["template"]} for t in template]
     if template is not None and not isinstance(template, str):
         raise TokenizerError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string or a list "
                              f"of {{'name', 'template'}} objects, got {type(template).__name__}")
@@ -179,12 +180,25 @@ class Tokenizer:
 
     def __init__(self, tokenizer: Any, bos_token: str | None = BOS, eos_token: str | None = EOS,
                  pad_token: str | None = None, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
-                 source: str | None = None, chat_template: str | None = None,
+                 source: str | None = None, chat_template: str | list[dict[str, str]] | None = None,
                  template_tokens: dict[str, Any] | None = None) -> None:
         self._tok = tokenizer
         self.source = source or "<memory>"
         # The model directory's own jinja chat template, when it is not nanoseek's (DeepSeek-R1's,
         # V3.1's, a fine-tune's): chat prompts are rendered with it (`chat_ids`). None: the built-in.
+        # A list of named templates is kept whole (and saved so); the one named "default" renders,
+        # and without one chat prompts are an error, as in transformers (no template name is asked
+        # for; a "tool_use" template would need tools, which nanoseek does not send).
+        self._named_templates: list[dict[str, str]] | None = None
+        self._template_error: str | None = None
+        if isinstance(chat_template, list):
+            self._named_templates = chat_template
+            named = {t["name"]: t["template"] for t in chat_template}
+            chat_template = named.get("default")
+            if chat_template is None:
+                self._template_error = (f"{self.source}: the tokenizer has named chat templates "
+                                        f"({', '.join(map(repr, named))}) and none named 'default'; "
+                                        "cannot choose one for chat prompts")
         self.chat_template = chat_template if chat_template and chat_template != CHAT_TEMPLATE else None
         self._jinja = None
         # the special-token variables transformers hands a chat template (unk_token, ...)
@@ -352,6 +366,8 @@ class Tokenizer:
                             thinking: bool = False) -> str:
         """The chat prompt as a string: the model's own template (`chat_ids`), else DeepSeek-V3's
         chat format (the jinja `CHAT_TEMPLATE` renders the same)."""
+        if self._template_error is not None:
+            raise TokenizerError(self._template_error)
         if self.chat_template is not None:
             _check_messages(messages)
             return self._render(messages, add_generation_prompt, thinking)
@@ -385,6 +401,8 @@ class Tokenizer:
         the rendered text is encoded in pieces cut at the marks, so the template's own control
         tokens stay tokens while a message's cannot forge a turn.
         """
+        if self._template_error is not None:
+            raise TokenizerError(self._template_error)
         if self.chat_template is None:
             return self.encode_chat(messages, add_generation_prompt=add_generation_prompt, thinking=thinking,
                                     literal=literal)[0]
@@ -474,7 +492,7 @@ class Tokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": int(model_max_length or self.model_max_length),
-            "chat_template": self.chat_template or CHAT_TEMPLATE,
+            "chat_template": self._named_templates or self.chat_template or CHAT_TEMPLATE,
         }
 
     def save(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
