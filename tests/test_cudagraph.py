@@ -260,3 +260,25 @@ def test_graph_table_keys_reuse_and_eviction(monkeypatch):
     assert len(recorded) == 5
     with pytest.raises(ValueError, match="cache holds 600 positions"):
         graphs._run_here("forward", lambda *a: None, (ids,), 600, 1, cache, None)
+
+
+def test_graphs_are_dropped_when_weights_are_replaced():
+    """A graph reads the memory its weights had when it was recorded: in-place updates are seen,
+    but weights replaced by new tensors must drop the graphs (refresh, at every generate call)."""
+    from nanoseek.engine.cudagraph import CudaGraphDecode
+
+    model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
+    graphs = CudaGraphDecode(model)
+    graphs.refresh()
+    graphs._graphs["stand-in"] = ()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # in place: the same memory
+    graphs.refresh()
+    assert "stand-in" in graphs._graphs
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # new tensors
+    graphs.refresh()
+    assert not graphs._graphs
+    graphs._graphs["stand-in"] = ()
+    model.to(torch.bfloat16)
+    graphs.refresh()
+    assert not graphs._graphs

@@ -22,7 +22,8 @@ memory laid out the same way. Each recording also synchronizes and empties PyTor
 `torch.cuda.graph` does), a few milliseconds. The MAX_GRAPHS most recently used are kept. Recording takes a few milliseconds after one eager warm-up run of the same step (which
 writes the same cache entries the replay writes). The graphs' inputs are copied in and their
 outputs copied out, so callers never hold the graph's own memory. Weights are read in place, so
-a model trained between calls is seen as it is; `model.to(...)` (new tensors) needs a new engine.
+a model trained between calls is seen as it is; weights replaced by new tensors (`model.to(...)`,
+`load_state_dict(..., assign=True)`) drop the graphs at the next generate call or prefill.
 Anything that fails to record (an unsupported op) warns once and falls back to the plain step.
 """
 
@@ -60,6 +61,7 @@ class CudaGraphDecode:
         self.failed: str | None = None
         self._graphs: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self._pool = None
+        self._weights: tuple[int, ...] | None = None
         self.recorded = 0  # graphs recorded so far (tests and benchmarks read it)
 
     @staticmethod
@@ -150,6 +152,15 @@ class CudaGraphDecode:
             cache.attend_len = None
         self.recorded += 1
         return static_in, graph, tuple(out)
+
+    def refresh(self) -> None:
+        """Drop every graph if a parameter or buffer now lives elsewhere (replaced, moved or cast:
+        a graph would read the old memory). In-place updates (an optimizer step) need nothing.
+        The engine calls this once per generate call and per prefill, not per step."""
+        stamp = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+        if stamp != self._weights:
+            self.reset()
+            self._weights = stamp
 
     def reset(self) -> None:
         """Drop every graph (and the memory they hold)."""

@@ -494,6 +494,8 @@ class Engine:
         stats = self.last_stats = GenerationStats(speculative=k)
         if self.packed is not None:
             self.packed.refresh()
+        if self.graphs is not None:
+            self.graphs.refresh()
         done = [r.chunk() for r in reqs if r.finished]  # max_tokens 0
         if done:
             yield [c for c in done if c is not None]

@@ -294,6 +294,8 @@ class Scheduler:
         engine, model, k = self.engine, self.model, self.k
         if engine.packed is not None:
             engine.packed.refresh()
+        if engine.graphs is not None:
+            engine.graphs.refresh()
         t0 = time.perf_counter()
         B0, b = len(self.running), len(joiners)
         reqs = [s.req for s in joiners]
