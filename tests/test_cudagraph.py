@@ -282,3 +282,22 @@ def test_graphs_are_dropped_when_weights_are_replaced():
     model.to(torch.bfloat16)
     graphs.refresh()
     assert not graphs._graphs
+
+
+def test_static_experts_with_fp8_weights():
+    """FP8-held experts (keep_fp8) under a CUDA graph take the all-experts form through their own
+    expert_ffn: the same output as their ordinary path, and their size bound counts FP8 bytes
+    without dequantizing the stack."""
+    from nanoseek.fp8_linear import FP8InferenceExperts
+
+    cfg = nanoseek.preset("tiny")
+    gen = torch.Generator().manual_seed(3)
+    fp8 = FP8InferenceExperts.from_experts(random_experts(cfg, gen, 0.2))
+    x = torch.randn(3, cfg.hidden_size, generator=gen)
+    idx, w = torch.tensor([[0, 5], [5, 7], [1, 2]]), torch.rand(3, 2, generator=gen)
+    with torch.no_grad():
+        ref, ref_counts = fp8(x, idx, w)
+        out, counts = fp8._forward_static(x, idx, w)
+    assert torch.equal(counts, ref_counts)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert fp8._static_fits(3, 2)
