@@ -63,13 +63,15 @@ def _engine(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Engine(args.model, dtype=args.dtype, device=args.device, fast=not args.no_fast, compile=args.compile,
-                  tokenizer=args.tokenizer or "auto", keep_fp8=args.keep_fp8, cuda_graphs=_cuda_graphs(args))
+    return Engine(args.model, **engine_kwargs(args))
 
 
-def _cuda_graphs(args: argparse.Namespace) -> bool | None:
-    """Engine's cuda_graphs from the flags: off when asked, else the engine's default (on for CUDA)."""
-    return False if getattr(args, "no_cuda_graphs", False) else None
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """`Engine` keyword arguments from the flags `add_model_flags` adds (generate, chat, bench, serve).
+    cuda_graphs: off when asked, else the engine's default (on for CUDA)."""
+    return dict(dtype=args.dtype, device=args.device, fast=not args.no_fast, compile=args.compile,
+                tokenizer=args.tokenizer or "auto", keep_fp8=args.keep_fp8,
+                cuda_graphs=False if args.no_cuda_graphs else None)
 
 
 def _errors(fn):

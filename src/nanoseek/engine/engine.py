@@ -421,8 +421,7 @@ class Engine:
             raise SamplingError(f"the prompt has {len(ids)} tokens; the context holds {self.max_context}")
         if not _is_int(top) or not 0 <= top <= self.config.vocab_size:
             raise SamplingError(f"top must be an integer in [0, {self.config.vocab_size}], got {top!r}")
-        if self.packed is not None:
-            self.packed.refresh()
+        self._refresh()
         x = torch.tensor([ids], device=self.device)
         # logits_at a single position: the forward returns every hidden state and skips the full head
         h = self.model(x, return_hidden=True, logits_at=torch.zeros(1, dtype=torch.long, device=self.device))
@@ -492,10 +491,7 @@ class Engine:
     def _run(self, reqs: list[_Request], k: int) -> Iterator[list[StreamChunk]]:
         model, cfg = self.model, self.config
         stats = self.last_stats = GenerationStats(speculative=k)
-        if self.packed is not None:
-            self.packed.refresh()
-        if self.graphs is not None:
-            self.graphs.refresh()
+        self._refresh()
         done = [r.chunk() for r in reqs if r.finished]  # max_tokens 0
         if done:
             yield [c for c in done if c is not None]
@@ -553,6 +549,14 @@ class Engine:
                 n, last, drafts, q = self._verify_step(live, proc, last, drafts, q, n, cache, k, want_lp, stats)
             yield [c for c in (r.chunk() for r in live) if c is not None]
         stats.decode_s = time.perf_counter() - t0
+
+    def _refresh(self) -> None:
+        """Bring the fast paths in line with the model's weights now (they may have been trained or
+        replaced since the last call): the CPU's prepacked copies, the GPU's recorded graphs."""
+        if self.packed is not None:
+            self.packed.refresh()
+        if self.graphs is not None:
+            self.graphs.refresh()
 
     def _forward(self, ids: torch.Tensor, start_pos: int | torch.Tensor, cache: LatentCache,
                  hidden: bool = False, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -292,10 +292,7 @@ class Scheduler:
     # -- forwards -------------------------------------------------------------------------------
     def _prefill(self, joiners: list[ScheduledSequence], updates: list[SeqUpdate]) -> None:
         engine, model, k = self.engine, self.model, self.k
-        if engine.packed is not None:
-            engine.packed.refresh()
-        if engine.graphs is not None:
-            engine.graphs.refresh()
+        engine._refresh()
         t0 = time.perf_counter()
         B0, b = len(self.running), len(joiners)
         reqs = [s.req for s in joiners]

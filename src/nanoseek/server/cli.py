@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from ..engine.cli import _cuda_graphs, add_model_flags
+from ..engine.cli import add_model_flags, engine_kwargs
 
 DEFAULT_MAX_MODEL_LEN = 8192
 SWITCH_INTERVAL_S = 0.0001  # GIL hand-off between the model thread and the event loop (see run_serve)
@@ -52,11 +52,8 @@ def build(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = args.tokenizer if args.tokenizer else "auto"
     model_thread = ModelThread()  # every torch call on one thread (see ModelThread)
-    engine = model_thread.call(lambda: Engine(args.model, dtype=args.dtype, device=args.device, tokenizer=tokenizer,
-                                              fast=not args.no_fast, compile=args.compile, seed=args.seed,
-                                              keep_fp8=args.keep_fp8, cuda_graphs=_cuda_graphs(args)))
+    engine = model_thread.call(lambda: Engine(args.model, seed=args.seed, **engine_kwargs(args)))
     if args.compile:  # compile every decode shape before the first request, not during one
         print("nanoseek serve: compiling the decode step for every batch shape (minutes the first time)...",
               file=sys.stderr, flush=True)
