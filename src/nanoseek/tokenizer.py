@@ -366,9 +366,7 @@ class Tokenizer:
                             thinking: bool = False) -> str:
         """The chat prompt as a string: the model's own template (`chat_ids`), else DeepSeek-V3's
         chat format (the jinja `CHAT_TEMPLATE` renders the same)."""
-        if self._template_error is not None:
-            raise TokenizerError(self._template_error)
-        if self.chat_template is not None:
+        if self._own_template():
             _check_messages(messages)
             return self._render(messages, add_generation_prompt, thinking)
         return "".join(text for text, _, _ in self._chat_parts(messages, add_generation_prompt, thinking))
@@ -401,9 +399,7 @@ class Tokenizer:
         the rendered text is encoded in pieces cut at the marks, so the template's own control
         tokens stay tokens while a message's cannot forge a turn.
         """
-        if self._template_error is not None:
-            raise TokenizerError(self._template_error)
-        if self.chat_template is None:
+        if not self._own_template():
             return self.encode_chat(messages, add_generation_prompt=add_generation_prompt, thinking=thinking,
                                     literal=literal)[0]
         _check_messages(messages)
@@ -425,6 +421,13 @@ class Tokenizer:
         if mark is None:
             return self._ids(text)
         return [i for piece in text.split(mark) if piece for i in self._ids(piece)]
+
+    def _own_template(self) -> bool:
+        """Do chat prompts render with the directory's own template (else the built-in one)? Raises
+        when its named templates leave no choice."""
+        if self._template_error is not None:
+            raise TokenizerError(self._template_error)
+        return self.chat_template is not None
 
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool, thinking: bool) -> str:
         import jinja2
