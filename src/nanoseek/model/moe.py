@@ -133,7 +133,7 @@ class Experts(nn.Module):
                     raise NotImplementedError(f"{N} tokens x {k} experts exceed the static expert path's bounds "
                                               "(Experts.STATIC_MAX_*); not recordable as a CUDA graph")
                 return self._forward_static(x, idx, weights)
-            if fits and type(self).expert_ffn is Experts.expert_ffn:
+            if fits and self._stacked_ffn:
                 return self._forward_static(x, idx, weights)
         if N == 1 or (N <= self.FEW_TOKENS and not torch.is_grad_enabled()):
             return self._forward_few(x, idx, weights)
@@ -293,10 +293,17 @@ class Experts(nn.Module):
                 y = y * w[t, j].to(y.dtype)
                 acc = y if acc is None else acc.float() + y.float()
             rows.append(acc.to(y.dtype))
-        flat = idx.reshape(-1)
-        counts = torch.zeros(self.n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
-        return (torch.cat(rows)[:N] if slots > 1 else rows[0]), counts
+        return (torch.cat(rows)[:N] if slots > 1 else rows[0]), self._counts(idx)
 
+    def _counts(self, idx: torch.Tensor) -> torch.Tensor:
+        """Tokens per expert [E] without a host round trip (bincount's output size is data-dependent)."""
+        flat = idx.reshape(-1)
+        return torch.zeros(self.n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+    @property
+    def _stacked_ffn(self) -> bool:
+        """Is `expert_ffn` this class's own (plain stacked weights), not a subclass's (FP8 weights)?"""
+        return type(self).expert_ffn is Experts.expert_ffn
 
     # On a GPU, inference takes `_forward_static` (no host round trips, no per-expert launches: the
     # grouped path took ~25 and ~50 ms for `bench` prefills of 64 and 8 x 512 tokens on an H100)
@@ -314,8 +321,8 @@ class Experts(nn.Module):
     def _static_fits(self, N: int, k: int) -> bool:
         E, I = self.n_experts, self.inter
         H = self.hidden if hasattr(self, "hidden") else self.gate_up_proj.shape[-1]
-        expert_bytes = 3 * I * H * (1 if type(self).expert_ffn is not Experts.expert_ffn else 2)  # fp8 or 16-bit
-        if self._static_gathers(N, k) and type(self).expert_ffn is Experts.expert_ffn:
+        expert_bytes = 3 * I * H * (2 if self._stacked_ffn else 1)  # 16-bit or fp8
+        if self._static_gathers(N, k) and self._stacked_ffn:
             return N * k * expert_bytes <= self.STATIC_MAX_WEIGHT_BYTES
         return (E * expert_bytes <= self.STATIC_MAX_WEIGHT_BYTES and 6 * N * E * I * H <= self.STATIC_MAX_FLOPS
                 and 4 * N * E * (2 * I + 2 * H) <= self.STATIC_MAX_BYTES)
@@ -333,26 +340,25 @@ class Experts(nn.Module):
         N, k = idx.shape
         E, I = self.n_experts, self.inter
         flat = idx.reshape(-1)
-        counts = torch.zeros(E, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
-        if type(self).expert_ffn is not Experts.expert_ffn:
-            combine = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter_(1, idx, weights.float())
-            out = None
-            for e in range(E):
-                y = self.expert_ffn(e, x)
-                term = combine[:, e:e + 1] * y.float()
-                out = term if out is None else out + term
-            return out.to(y.dtype), counts
-        if self._static_gathers(N, k):
+        counts = self._counts(idx)
+        if self._stacked_ffn and self._static_gathers(N, k):
             gate_up = self.gate_up_proj.index_select(0, flat)  # [N*k, 2I, H]
             h = torch.bmm(x.repeat_interleave(k, dim=0)[:, None, :], gate_up.transpose(1, 2))  # [N*k, 1, 2I]
             gate, up = h.split(I, dim=-1)
             y = torch.bmm(F.silu(gate) * up, self.down_proj.index_select(0, flat).transpose(1, 2))[:, 0]  # [N*k, H]
             out = (y.view(N, k, -1).float() * weights[..., None].float()).sum(dim=1)
             return out.to(y.dtype), counts
+        combine = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter_(1, idx, weights.float())
+        if not self._stacked_ffn:
+            out = None
+            for e in range(E):
+                y = self.expert_ffn(e, x)
+                term = combine[:, e:e + 1] * y.float()
+                out = term if out is None else out + term
+            return out.to(y.dtype), counts
         h = torch.matmul(x[None], self.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
         gate, up = h.split(I, dim=-1)
         y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, H]
-        combine = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter_(1, idx, weights.float())
         return torch.einsum("ne,enh->nh", combine, y.float()).to(y.dtype), counts
 
 
