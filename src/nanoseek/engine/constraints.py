@@ -11,12 +11,17 @@ is closed only an end-of-sentence token is. Bytes of 0x80 and above are allowed 
 
 `compile_schema` reads a JSON Schema into `Node`s. Supported: `type` (a name or a list of names),
 `properties`, `required`, `additionalProperties` (true, false or a schema; JSON Schema's default
-is true), `items`, `minItems`, `maxItems`, `enum`, `const`, `$ref` to `#/$defs/...` or
-`#/definitions/...` (recursion included), and the annotations (`title`, `description`, ...). The
-top level must be an object. Anything else (`pattern`, `minimum`, `anyOf`, ...) is a
-`SchemaError` naming the keyword, rather than a document that silently ignores it. Enum and const
-values must be written in their compact form (`json.dumps(v, separators=(",", ":"))`); a key may
-appear once; property names are matched on their raw bytes.
+is true), `items`, `minItems`, `maxItems`, `enum`, `const`, `anyOf`, `allOf` of one schema, `oneOf`
+whose branches cannot both match (different types, or a discriminator: a required property with
+different const values), `$ref` to `#`, `#/$defs/...` or `#/definitions/...` (recursion included),
+and the annotations (`title`, `description`, ...): what pydantic writes. The top level must be an
+object. Anything else (`pattern`, `minimum`, ...) is a `SchemaError` naming the keyword, rather
+than a document that silently ignores it. Enum and const values must be written in their compact
+form (`json.dumps(v, separators=(",", ":"))`); a key may appear once; keys are compared by name
+(escapes decoded), and a listed name is written in its compact form.
+
+An `anyOf` makes the automaton nondeterministic: `JsonState` holds every reading (`_Path`) of the
+text that a branch still allows, and a byte is allowed while one reading survives.
 
 `JsonConstraint` picks the next token for one row without scoring the whole vocabulary: greedy
 rows take the most likely allowed token (candidates in order of likelihood), sampled rows draw from
@@ -28,6 +33,7 @@ cannot fill max_tokens with blank lines inside the document.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +48,7 @@ _ESCAPES = frozenset(b'"\\/bfnrtu')
 _LITERALS = {ord("t"): (b"rue", "boolean"), ord("f"): (b"alse", "boolean"), ord("n"): (b"ull", "null")}
 _KINDS = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "format", "$schema", "$id", "$comment",
-                          "deprecated", "readOnly", "writeOnly", "$defs", "definitions"})
+                          "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "discriminator"})
 MAX_WHITESPACE = 32  # bytes of whitespace in a row
 MAX_CANDIDATES = 64  # refused candidates before every token is checked
 
@@ -53,17 +59,21 @@ class SchemaError(ValueError):
 
 @dataclass(eq=False)
 class Node:
-    """One schema node, compiled. `additional`: the schema of keys outside `properties` (None:
-    not allowed); `enum`: the compact serializations a value must equal (None: any)."""
+    """One schema node, compiled. `properties` by name (UTF-8); `written`: each property's name as
+    a key writes it (escaped, compact) -> the name; `additional`: the schema of keys outside
+    `properties` (None: not allowed); `enum`: the compact serializations a value must equal (None:
+    any); `any_of`: the branches a value may match instead of this node's own keywords."""
 
     kinds: frozenset = _KINDS
     properties: dict[bytes, Node] = field(default_factory=dict)
+    written: dict[bytes, bytes] = field(default_factory=dict)
     required: frozenset = frozenset()
     additional: Node | None = None
     items: Node | None = None
     min_items: int = 0
     max_items: int | None = None
     enum: tuple[bytes, ...] | None = None
+    any_of: tuple[Node, ...] | None = None
 
 
 def _any() -> Node:
@@ -77,38 +87,72 @@ OBJECT = Node(kinds=frozenset({"object"}), additional=ANY, items=ANY)  # JSON mo
 
 
 def compile_schema(schema: Any) -> Node:
-    """A JSON Schema (a dict) as a `Node` tree; SchemaError for what is not supported."""
+    """A JSON Schema (a dict) as a `Node` tree; SchemaError for what is not supported. The trees of
+    the last 64 schemas are kept (a request's n choices and its retries share one)."""
+    try:
+        text = json.dumps(schema, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):  # not JSON: let the compiler say what is wrong
+        return _compile(schema)
+    return _compile_text(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_text(text: str) -> Node:
+    return _compile(json.loads(text))
+
+
+def _compile(schema: Any) -> Node:
     if not isinstance(schema, dict):
         raise SchemaError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    refs: dict[str, Node] = {}
+    exclusive: list[tuple[Node, str]] = []  # oneOf nodes, whose branches must exclude each other
+    refs: dict[str, Node] = {"#": Node()}  # the root, filled at the end; "$ref": "#" recurses to it
 
-    def resolve(ref: str) -> Node:
+    def resolve(ref: str, bare: frozenset) -> Node:
+        if ref in bare:  # back to itself through $ref, anyOf and allOf alone: a value that never starts
+            raise SchemaError(f"$ref {ref!r} refers to itself without an object or array in between")
         if ref in refs:
             return refs[ref]
-        parts = ref.split("/")
+        parts = ref.split("/") if isinstance(ref, str) else []
         if len(parts) != 3 or parts[0] != "#" or parts[1] not in ("$defs", "definitions"):
             raise SchemaError(f"$ref {ref!r}: only local references to #/$defs/NAME or #/definitions/NAME")
         target = (schema.get(parts[1]) or {}).get(parts[2].replace("~1", "/").replace("~0", "~"))
         if target is None:
             raise SchemaError(f"$ref {ref!r} names no definition")
         node = refs[ref] = Node()  # filled below; a recursive reference finds it here
-        node.__dict__.update(build(target, ref).__dict__)
+        node.__dict__.update(build(target, ref, bare | {ref}).__dict__)
         return node
 
-    def build(s: Any, where: str) -> Node:
+    def build(s: Any, where: str, bare: frozenset = frozenset()) -> Node:
+        """`bare`: the references entered since the last object or array (see resolve)."""
         if s is True or s == {}:
             return ANY
         if not isinstance(s, dict):
             raise SchemaError(f"{where}: a schema must be an object or true, got {s!r}")
         unknown = sorted(set(s) - _ANNOTATIONS - {"type", "properties", "required", "additionalProperties", "items",
-                                                    "minItems", "maxItems", "enum", "const", "$ref"})
+                                                    "minItems", "maxItems", "enum", "const", "$ref", "anyOf", "allOf",
+                                                    "oneOf"})
         if unknown:
             raise SchemaError(f"{where}: JSON Schema keyword {unknown[0]!r} is not supported by this server's "
                               "constrained decoding")
+        for key in ("$ref", "anyOf", "allOf", "oneOf"):
+            if key in s and set(s) - _ANNOTATIONS - {key}:
+                raise SchemaError(f"{where}: {key} beside other keywords is not supported")
         if "$ref" in s:
-            if set(s) - _ANNOTATIONS - {"$ref"}:
-                raise SchemaError(f"{where}: $ref beside other keywords is not supported")
-            return resolve(s["$ref"])
+            return resolve(s["$ref"], bare)
+        if "allOf" in s:
+            if not isinstance(s["allOf"], list) or len(s["allOf"]) != 1:
+                raise SchemaError(f"{where}: allOf is supported with one schema only")
+            return build(s["allOf"][0], f"{where}/allOf/0", bare)
+        for key in ("anyOf", "oneOf"):
+            if key not in s:
+                continue
+            if not isinstance(s[key], list) or not s[key]:
+                raise SchemaError(f"{where}: {key} must be a non-empty list of schemas")
+            branches = [build(b, f"{where}/{key}/{i}", bare) for i, b in enumerate(s[key])]
+            node = Node(any_of=tuple(branches))
+            if key == "oneOf":
+                exclusive.append((node, where))  # checked once every $ref is filled in
+            return ANY if key == "anyOf" and any(b is ANY for b in branches) else node
         node = Node()
         if "type" in s:
             names = s["type"] if isinstance(s["type"], list) else [s["type"]]
@@ -127,9 +171,10 @@ def compile_schema(schema: Any) -> Node:
             if not node.enum:
                 raise SchemaError(f"{where}: no enum/const value has the schema's type")
         props = s.get("properties", {})
-        if not isinstance(props, dict):
-            raise SchemaError(f"{where}: properties must be an object")
+        if not isinstance(props, dict) or not all(isinstance(k, str) for k in props):
+            raise SchemaError(f"{where}: properties must be an object (names are strings)")
         node.properties = {k.encode(): build(v, f"{where}/properties/{k}") for k, v in props.items()}
+        node.written = {json.dumps(k, ensure_ascii=False)[1:-1].encode(): k.encode() for k in props}
         required = s.get("required", [])
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise SchemaError(f"{where}: required must be a list of names")
@@ -150,67 +195,93 @@ def compile_schema(schema: Any) -> Node:
         return node
 
     try:
-        root = build(schema, "#")
+        root = refs["#"]
+        root.__dict__.update(build(schema, "#", frozenset({"#"})).__dict__)
     except UnicodeEncodeError as e:
         raise SchemaError(f"a name in the schema is not valid Unicode text: {e.reason}") from None
     except RecursionError:
-        raise SchemaError("the schema's $refs refer to each other without end") from None
-    if root.kinds != frozenset({"object"}) or root.enum is not None:
+        raise SchemaError("the schema nests too deeply") from None
+    if root.kinds != frozenset({"object"}) or root.enum is not None or root.any_of is not None:
         raise SchemaError("the schema's top level must be {\"type\": \"object\", ...}")
+    for node, where in exclusive:
+        if not _exclusive(node.any_of):
+            raise SchemaError(f"{where}: oneOf is supported where its branches cannot both match: different types, "
+                              "or objects told apart by a required property with different const values (a "
+                              "discriminator); anyOf takes any branches")
     return root
 
 
-# Frames (tuples, innermost last): ("value", node) a value is expected; ("obj", node, keys used,
+def _exclusive(branches: tuple[Node, ...]) -> bool:
+    """Can no value match two of these branches (as far as a simple check can tell)?"""
+    if any(b.any_of is not None for b in branches):
+        return False
+
+    def kinds(b: Node) -> set[str]:
+        return set(b.kinds) | ({"integer"} if "number" in b.kinds else set())  # an integer is a number
+
+    if all(b.enum is None for b in branches):
+        seen: set[str] = set()
+        for b in branches:
+            if kinds(b) & seen:
+                break
+            seen |= kinds(b)
+        else:
+            return True
+    if any(b.kinds != frozenset({"object"}) or b.enum is not None for b in branches):
+        return False
+    for name in frozenset.intersection(*(b.required for b in branches)):
+        tags = [b.properties.get(name) for b in branches]
+        if any(t is None or t.enum is None for t in tags):
+            continue
+        values = [[(type(v) is bool, v) for v in map(json.loads, t.enum)] for t in tags]  # (1 == 1.0, not True)
+        if all(not any(v in values[j] for v in values[i]) for i in range(len(values)) for j in range(i)):
+            return True
+    return False
+
+
+# Frames (tuples, innermost last): ("value", node) a value is expected; ("obj", node, names used,
 # phase: key_or_end | key | colon | value | after, the value's node between key and value);
 # ("arr", node, items so far, phase: value_or_end | value | after); ("str", escape state);
 # ("key", bytes so far, escape state) above its object; ("num", integer only, phase);
 # ("lit", bytes left); ("enum", candidates, bytes matched).
+# A _Path's steps answer a tuple of paths: none (the byte cannot follow), one, or several where an
+# `anyOf` lets the same bytes mean more than one branch.
 
 @dataclass(frozen=True)
-class JsonState:
-    """Where a JSON document's text stands against its schema (default: any object)."""
+class _Path:
+    """One reading of the text so far: a stack of frames."""
 
     frames: tuple = (("value", OBJECT),)
     ws: int = 0
     done: bool = False
 
-    @classmethod
-    def start(cls, schema: Node = OBJECT) -> JsonState:
-        return cls((("value", schema),))
-
-    def feed(self, data: bytes) -> JsonState | None:
-        state: JsonState | None = self
-        for b in data:
-            state = state._step(b)
-            if state is None:
-                return None
-        return state
-
     # -- helpers ------------------------------------------------------------------------------
-    def _set(self, *frames: tuple, drop: int = 1) -> JsonState:
+    def _set(self, *frames: tuple, drop: int = 1) -> tuple[_Path]:
         """Replace the innermost `drop` frames with `frames` (whitespace run reset)."""
-        return JsonState(self.frames[:len(self.frames) - drop] + frames)
+        return (_Path(self.frames[:len(self.frames) - drop] + frames),)
 
-    def _space(self) -> JsonState | None:
-        return JsonState(self.frames, self.ws + 1) if self.ws < MAX_WHITESPACE else None
+    def _space(self) -> tuple[_Path, ...]:
+        return (_Path(self.frames, self.ws + 1),) if self.ws < MAX_WHITESPACE else ()
 
-    def _finish_value(self, drop: int = 1) -> JsonState:
+    def _finish_value(self, drop: int = 1) -> _Path:
         """The innermost value is complete: its parent moves on (or the document is done)."""
         frames = self.frames[:len(self.frames) - drop]
         if not frames:
-            return JsonState((), 0, True)
+            return _Path((), 0, True)
         parent = frames[-1]
         if parent[0] == "obj":
-            return JsonState(frames[:-1] + (("obj", parent[1], parent[2], "after", None),))
-        return JsonState(frames[:-1] + (("arr", parent[1], parent[2] + 1, "after"),))  # an array
+            return _Path(frames[:-1] + (("obj", parent[1], parent[2], "after", None),))
+        return _Path(frames[:-1] + (("arr", parent[1], parent[2] + 1, "after"),))  # an array
 
-    def _value(self, node: Node, b: int) -> JsonState | None:
+    def _value(self, node: Node, b: int) -> tuple[_Path, ...]:
         """The first byte of a value of `node`, replacing its "value" frame."""
+        if node.any_of is not None:
+            return tuple(p for branch in node.any_of for p in self._value(branch, b))
         if node.enum is not None:
             matches = tuple(c for c in node.enum if c[0] == b)
             if not matches:
-                return None
-            return self._set(("enum", matches, 1)) if any(len(c) > 1 for c in matches) else self._finish_value()
+                return ()
+            return self._set(("enum", matches, 1)) if any(len(c) > 1 for c in matches) else (self._finish_value(),)
         k = node.kinds
         if b == ord("{") and "object" in k:
             return self._set(("obj", node, frozenset(), "key_or_end", None))
@@ -223,7 +294,7 @@ class JsonState:
             return self._set(("num", integer, "minus" if b == ord("-") else ("zero" if b == ord("0") else "int")))
         if b in _LITERALS and _LITERALS[b][1] in k:
             return self._set(("lit", _LITERALS[b][0]))
-        return None
+        return ()
 
     def _close_ok(self, frame: tuple) -> bool:
         if frame[0] == "obj":
@@ -232,9 +303,9 @@ class JsonState:
         return count >= node.min_items
 
     # -- one byte -----------------------------------------------------------------------------
-    def _step(self, b: int) -> JsonState | None:
+    def step(self, b: int) -> tuple[_Path, ...]:
         if self.done:
-            return None
+            return ()
         top = self.frames[-1]
         kind = top[0]
         if kind == "value":
@@ -249,100 +320,100 @@ class JsonState:
             return self._key(top, b)
         if kind == "lit":
             if b != top[1][0]:
-                return None
-            return self._set(("lit", top[1][1:])) if len(top[1]) > 1 else self._finish_value()
+                return ()
+            return self._set(("lit", top[1][1:])) if len(top[1]) > 1 else (self._finish_value(),)
         if kind == "enum":
             _, cands, pos = top
             longer = tuple(c for c in cands if len(c) > pos and c[pos] == b)
             if longer:
                 if any(len(c) > pos + 1 for c in longer):
                     return self._set(("enum", longer, pos + 1))
-                return self._finish_value()
+                return (self._finish_value(),)
             # no candidate goes on with this byte: the value ended one byte ago if one is complete
-            return self._finish_value()._step(b) if any(len(c) == pos for c in cands) else None
+            return self._finish_value().step(b) if any(len(c) == pos for c in cands) else ()
         return self._number(top, b)
 
-    def _object(self, top: tuple, b: int) -> JsonState | None:
+    def _object(self, top: tuple, b: int) -> tuple[_Path, ...]:
         _, node, used, phase, pending = top
         if b in _WS:
             return self._space()
         more = node.additional is not None or any(k not in used for k in node.properties)
         if phase in ("key_or_end", "key"):
             if b == ord('"') and more:  # (no key left to write: only the closing brace)
-                return JsonState(self.frames + (("key", b"", ""),))
+                return (_Path(self.frames + (("key", b"", ""),)),)
             if phase == "key_or_end" and b == ord("}") and self._close_ok(top):
-                return self._finish_value()
-            return None
+                return (self._finish_value(),)
+            return ()
         if phase == "colon":
-            return self._set(("obj", node, used, "value", None), ("value", pending)) if b == ord(":") else None
+            return self._set(("obj", node, used, "value", None), ("value", pending)) if b == ord(":") else ()
         # after a member
         if b == ord(",") and more:
             return self._set(("obj", node, used, "key", None))
         if b == ord("}") and self._close_ok(top):
-            return self._finish_value()
-        return None
+            return (self._finish_value(),)
+        return ()
 
-    def _key(self, top: tuple, b: int) -> JsonState | None:
+    def _key(self, top: tuple, b: int) -> tuple[_Path, ...]:
         _, buf, esc = top
         _, node, used, _, _ = self.frames[-2]
-        free = node.additional is not None
+        if b == ord('"') and not esc:
+            name = _key_name(buf)
+            value = node.properties.get(name, node.additional)
+            if name in used or value is None:
+                return ()
+            return self._set(("obj", node, used | {name}, "colon", value), drop=2)
         if esc:
             nxt = _escape(esc, b)
-            return None if nxt is None else self._set(("key", buf + bytes([b]), nxt))
-        if b == ord('"'):
-            value = node.properties.get(buf, node.additional)
-            if buf in used or value is None:
-                return None
-            return self._set(("obj", node, used | {buf}, "colon", value), drop=2)
-        if b < 0x20:
-            return None
-        if b == ord("\\"):
-            if not free:
-                return None  # listed names only: matched on their raw bytes
-            return self._set(("key", buf + bytes([b]), "\\"))
+            if nxt is None:
+                return ()
+        elif b < 0x20:
+            return ()
+        else:
+            nxt = "\\" if b == ord("\\") else ""
         grown = buf + bytes([b])
-        if not free and not any(k.startswith(grown) for k in node.properties if k not in used):
-            return None
-        return self._set(("key", grown, ""))
+        if node.additional is None and not any(written.startswith(grown) for written, name in node.written.items()
+                                               if name not in used):
+            return ()  # listed names only, each written in its one compact form
+        return self._set(("key", grown, nxt))
 
-    def _array(self, top: tuple, b: int) -> JsonState | None:
+    def _array(self, top: tuple, b: int) -> tuple[_Path, ...]:
         _, node, count, phase = top
         if b in _WS:
             return self._space()
         if phase in ("value_or_end", "value"):
             if phase == "value_or_end" and b == ord("]") and self._close_ok(top):
-                return self._finish_value()
+                return (self._finish_value(),)
             if node.max_items is not None and count >= node.max_items:
-                return None
-            return JsonState(self.frames + (("value", node.items),))._value(node.items, b)
+                return ()
+            return _Path(self.frames + (("value", node.items),))._value(node.items, b)
         if b == ord(","):
             if node.max_items is not None and count >= node.max_items:
-                return None
+                return ()
             return self._set(("arr", node, count, "value"))
         if b == ord("]") and self._close_ok(top):
-            return self._finish_value()
-        return None
+            return (self._finish_value(),)
+        return ()
 
-    def _string(self, top: tuple, b: int) -> JsonState | None:
+    def _string(self, top: tuple, b: int) -> tuple[_Path, ...]:
         esc = top[1]
         if esc:
             nxt = _escape(esc, b)
-            return None if nxt is None else self._set(("str", nxt))
+            return () if nxt is None else self._set(("str", nxt))
         if b == ord('"'):
-            return self._finish_value()
+            return (self._finish_value(),)
         if b == ord("\\"):
             return self._set(("str", "\\"))
-        return None if b < 0x20 else (self if self.ws == 0 else JsonState(self.frames))
+        return () if b < 0x20 else ((self,) if self.ws == 0 else (_Path(self.frames),))
 
-    def _number(self, top: tuple, b: int) -> JsonState | None:
+    def _number(self, top: tuple, b: int) -> tuple[_Path, ...]:
         _, integer, m = top
         digit = b in _DIGITS
 
-        def go(phase: str) -> JsonState:
+        def go(phase: str) -> tuple[_Path]:
             return self._set(("num", integer, phase))
 
         if m == "minus":
-            return go("zero" if b == ord("0") else "int") if digit else None
+            return go("zero" if b == ord("0") else "int") if digit else ()
         if m in ("zero", "int"):
             if digit and m == "int":
                 return go("int")
@@ -351,7 +422,7 @@ class JsonState:
             if not integer and b in b"eE":
                 return go("exp")
         elif m == "dot":
-            return go("frac") if digit else None
+            return go("frac") if digit else ()
         elif m == "frac":
             if digit:
                 return go("frac")
@@ -360,13 +431,53 @@ class JsonState:
         elif m == "exp":
             if b in b"+-":
                 return go("exp_sign")
-            return go("exp_digits") if digit else None
+            return go("exp_digits") if digit else ()
         elif m == "exp_sign":
-            return go("exp_digits") if digit else None
+            return go("exp_digits") if digit else ()
         elif m == "exp_digits" and digit:
             return go("exp_digits")
         # the number has ended (it cannot end in minus, dot, exp or exp_sign): this byte follows it
-        return self._finish_value()._step(b) if m in ("zero", "int", "frac", "exp_digits") else None
+        return self._finish_value().step(b) if m in ("zero", "int", "frac", "exp_digits") else ()
+
+
+class JsonState:
+    """Where a JSON document's text stands against its schema (default: any object): the readings
+    of the text that are still possible (one, unless an `anyOf` keeps several branches open)."""
+
+    __slots__ = ("paths",)
+
+    def __init__(self, paths: tuple[_Path, ...] = (_Path(),)) -> None:
+        self.paths = paths
+
+    @classmethod
+    def start(cls, schema: Node = OBJECT) -> JsonState:
+        return cls((_Path((("value", schema),)),))
+
+    @property
+    def done(self) -> bool:
+        return any(p.done for p in self.paths)
+
+    def feed(self, data: bytes) -> JsonState | None:
+        """The state after `data`, or None where the bytes cannot continue any valid document."""
+        paths = self.paths
+        for b in data:
+            if len(paths) == 1:
+                paths = paths[0].step(b)
+            else:
+                paths = tuple(dict.fromkeys(q for p in paths for q in p.step(b)))  # (same reading twice: once)
+            if not paths:
+                return None
+        return JsonState(paths)
+
+
+def _key_name(written: bytes) -> bytes:
+    """A key's name (UTF-8) from the bytes written between its quotes, escapes decoded."""
+    if b"\\" not in written:
+        return written
+    try:
+        return json.loads(b'"' + written + b'"').encode("utf-8", "surrogatepass")
+    except ValueError:  # not UTF-8 text: the raw bytes are the name
+        return written
 
 
 def _escape(esc: str, b: int) -> str | None:
