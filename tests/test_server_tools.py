@@ -279,8 +279,7 @@ def test_without_tools_the_output_is_plain_content(server, tooled):
 
 
 @pytest.mark.parametrize("extra,status,param", [
-    ({"tool_choice": "required"}, 400, "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "now"}}}, 400, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "absent"}}}, 400, "tool_choice"),
     ({"tools": None, "tool_choice": "auto"}, 400, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, 400, None),
     ({"tools": [{"type": "retrieval"}]}, 400, None),

@@ -505,8 +505,69 @@ def _kind_of(v: Any) -> set[str]:
     return {"string"} if isinstance(v, str) else ({"array"} if isinstance(v, list) else {"object"})
 
 
-class JsonConstraint:
-    """One row's constrained-decoding state; `choose` picks its next token and `advance` records it."""
+class TokenConstraint:
+    """One row's constrained-decoding state: subclasses say which tokens are `allowed` next (and may
+    list them, `candidates`) and `advance` on the chosen one; `choose` picks it."""
+
+    def allowed(self, token: int) -> bool:
+        raise NotImplementedError
+
+    def advance(self, token: int) -> None:
+        raise NotImplementedError
+
+    def candidates(self) -> list[int] | None:
+        """Allowed tokens to pick from where the row's own choice is refused, when they are few and
+        known (a marker, the stop tokens; not necessarily every allowed token); None: search."""
+        return None
+
+    def mask(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """The tokens `choose` picks from once the likeliest ones are refused: the candidates, or
+        every allowed token, checked one by one (the slow path)."""
+        listed = self.candidates()
+        if listed is not None:
+            mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            mask[[t for t in listed if 0 <= t < vocab_size]] = True
+            return mask
+        return torch.tensor([self.allowed(i) for i in range(vocab_size)], dtype=torch.bool, device=device)
+
+    def choose(self, first: int, logits: torch.Tensor, probs: torch.Tensor | None,
+               generator: torch.Generator | None) -> int:
+        """The row's token: `first` if allowed. Else, for a greedy row (`probs` None) the allowed token
+        with the highest processed logit; for a sampled one a new draw from `probs` [V] without the
+        refused tokens. Raises ValueError when no token is allowed."""
+        if self.allowed(first):
+            return first
+        if self.candidates() is None:
+            if probs is None:
+                for t in logits.topk(min(MAX_CANDIDATES, logits.numel())).indices.tolist():
+                    if self.allowed(t):
+                        return t
+            else:
+                p = probs.clone()
+                p[first] = 0
+                for _ in range(MAX_CANDIDATES):
+                    if not bool((p > 0).any()):
+                        break
+                    noise = torch.empty_like(p).exponential_(generator=generator)
+                    t = int((p / noise).argmax())
+                    if self.allowed(t):
+                        return t
+                    p[t] = 0
+        mask = self.mask(logits.numel(), logits.device)
+        if not bool(mask.any()):
+            raise ValueError("constrained decoding: no token of the vocabulary can continue the output")
+        if probs is not None:
+            p = probs.masked_fill(~mask, 0)
+            if bool((p > 0).any()):
+                noise = torch.empty_like(p).exponential_(generator=generator)
+                return int((p / noise).argmax())
+        # greedy, or every allowed token had probability 0 (cut by top-k/top-p): the likeliest allowed
+        return int(logits.float().masked_fill(~mask, float("-inf")).argmax())
+
+
+class JsonConstraint(TokenConstraint):
+    """A row held to one JSON object (that a schema accepts); `choose` picks its next token and
+    `advance` records it."""
 
     def __init__(self, token_bytes: Sequence[bytes | None], eos_ids: set[int], schema: Node = OBJECT) -> None:
         self.token_bytes, self.eos_ids = token_bytes, eos_ids
@@ -518,46 +579,12 @@ class JsonConstraint:
         data = self.token_bytes[token] if 0 <= token < len(self.token_bytes) else None
         return bool(data) and self.state.feed(data) is not None
 
+    def candidates(self) -> list[int] | None:
+        return sorted(self.eos_ids) if self.state.done else None
+
     def advance(self, token: int) -> None:
         if not self.state.done:
             data = self.token_bytes[token] if 0 <= token < len(self.token_bytes) else None
             nxt = self.state.feed(data) if data else None
             if nxt is not None:
                 self.state = nxt
-
-    def mask(self, vocab_size: int, device: torch.device) -> torch.Tensor:
-        """Every allowed token, checked one by one (the slow path)."""
-        return torch.tensor([self.allowed(i) for i in range(vocab_size)], dtype=torch.bool, device=device)
-
-    def choose(self, first: int, logits: torch.Tensor, probs: torch.Tensor | None,
-               generator: torch.Generator | None) -> int:
-        """The row's token: `first` if allowed. Else, for a greedy row (`probs` None) the allowed token
-        with the highest processed logit; for a sampled one a new draw from `probs` [V] without the
-        refused tokens. Raises ValueError when no token is allowed."""
-        if self.allowed(first):
-            return first
-        if probs is None:
-            for t in logits.topk(min(MAX_CANDIDATES, logits.numel())).indices.tolist():
-                if self.allowed(t):
-                    return t
-        else:
-            p = probs.clone()
-            p[first] = 0
-            for _ in range(MAX_CANDIDATES):
-                if not bool((p > 0).any()):
-                    break
-                noise = torch.empty_like(p).exponential_(generator=generator)
-                t = int((p / noise).argmax())
-                if self.allowed(t):
-                    return t
-                p[t] = 0
-        mask = self.mask(logits.numel(), logits.device)
-        if not bool(mask.any()):
-            raise ValueError("constrained decoding: no token of the vocabulary can continue the output")
-        if probs is not None:
-            p = probs.masked_fill(~mask, 0)
-            if bool((p > 0).any()):
-                noise = torch.empty_like(p).exponential_(generator=generator)
-                return int((p / noise).argmax())
-        # greedy, or every allowed token had probability 0 (cut by top-k/top-p): the likeliest allowed
-        return int(logits.float().masked_fill(~mask, float("-inf")).argmax())

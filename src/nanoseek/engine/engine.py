@@ -29,7 +29,7 @@ import numbers
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,8 @@ from ..model import DeepseekV3ForCausalLM, LatentCache
 from ..model.attention import take
 from ..model.transformer import gather_positions
 from .sampling import LogitsProcessor, SamplingError, SamplingParams, make_params, raw_logprobs
-from .constraints import JsonConstraint
+from .constraints import JsonConstraint, TokenConstraint
+from .toolcalls import ToolCallConstraint, ToolCallRule, marker_ids, markup_of, rule_for
 from .speculative import mtp_next_tokens, speculative_accept
 
 Prompt = str | Sequence[int]
@@ -377,9 +378,14 @@ class Engine:
             yield from step
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, *, stream: bool = False,
-             speculative: bool | int = False, thinking: bool = False, tools: list[dict] | None = None, **kwargs):
+             speculative: bool | int = False, thinking: bool = False, tools: list[dict] | None = None,
+             tool_choice: str | dict | None = None, parallel_tool_calls: bool = True, **kwargs):
         """One assistant turn for a list of {"role", "content"} messages, with the model's chat template
-        (`tools`: OpenAI function definitions, for a template that renders them)."""
+        (`tools`: OpenAI function definitions, for a template that renders them; `tool_choice`
+        "required" or {"type": "function", "function": {"name": ...}} forces calls, see toolcalls.py)."""
+        rule = self.tool_call_rule(tools or [], tool_choice, parallel_tool_calls)
+        if rule is not None:
+            kwargs["tool_call"] = rule
         ids = self.chat_prompt(messages, thinking=thinking, tools=tools)
         if stream:
             return self.stream([ids], params, speculative=speculative, **kwargs)
@@ -512,7 +518,7 @@ class Engine:
             if p.stop_strings and self.tokenizer is None:
                 raise SamplingError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
             if p.constrained and not hasattr(self.tokenizer, "token_bytes"):
-                raise SamplingError("JSON mode (json_object) needs the model's tokenizer")
+                raise SamplingError("constrained decoding (JSON mode, forced tool calls) needs the model's tokenizer")
             outside = [t for t in (p.logit_bias or {}) if t >= V]
             if outside:
                 raise SamplingError(f"logit_bias names token {outside[0]}, outside the vocabulary (size {V})")
@@ -525,14 +531,51 @@ class Engine:
             reqs.append(_Request(i, ids, p, self.eos_ids, self.tokenizer, self.max_context))
         return single, reqs
 
-    def _constraints(self, reqs: list[_Request]) -> list[JsonConstraint | None] | None:
-        """JSON mode's per-row state (None for free rows; None for all when no row asks): once the
-        object is closed, a row's stop tokens are the only ones allowed."""
+    def _constraints(self, reqs: list[_Request]) -> list[TokenConstraint | None] | None:
+        """Constrained rows' state (None for free rows; None for all when no row asks): JSON mode, or
+        forced tool calls. Once the object or the calls are closed, a row's stop tokens are the only
+        ones allowed."""
         if not any(r.params.constrained for r in reqs):
             return None
         table = self.tokenizer.token_bytes()
-        return [JsonConstraint(table, r.stop_ids or self.eos_ids, *([r.params.schema_node] if r.params.schema_node else []))
-                if r.params.constrained else None for r in reqs]
+
+        def one(p: SamplingParams, stop: set[int]) -> TokenConstraint | None:
+            if p.tool_call is not None:
+                return ToolCallConstraint(table, stop, self._tool_markers(), p.tool_call, p.tool_schemas)
+            if p.constrained:
+                return JsonConstraint(table, stop, *([p.schema_node] if p.schema_node else []))
+            return None
+
+        return [one(r.params, r.stop_ids or self.eos_ids) for r in reqs]
+
+    def _tool_markers(self) -> dict[str, int]:
+        try:
+            return marker_ids(self.tokenizer)
+        except ValueError as e:
+            raise SamplingError(str(e)) from None
+
+    def tool_call_markup(self) -> str | None:
+        """The tool-call markup the chat template writes ("v3" for V3/R1, "v3.1"), or None where it
+        writes none this engine can force (toolcalls.py)."""
+        if self.tokenizer is None or not hasattr(self.tokenizer, "apply_chat_template"):
+            return None
+        return markup_of(lambda msgs: self.tokenizer.apply_chat_template(msgs, add_generation_prompt=False))
+
+    def tool_call_rule(self, tools: list[dict], tool_choice, parallel: bool = True) -> ToolCallRule | None:
+        """The rule that forces OpenAI's `tool_choice` ("required" or {"type": "function", "function":
+        {"name": ...}}; None for "auto" and "none") over `tools`, in the template's markup."""
+        try:
+            rule = rule_for(tools or [], tool_choice, "v3", parallel)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SamplingError(f"tool_choice: {e}") from None
+        if rule is None:
+            return None
+        markup = self.tool_call_markup()
+        if markup is None:
+            raise SamplingError("tool_choice 'required' or a named function needs a chat template that writes tool "
+                                "calls in DeepSeek's V3/R1 or V3.1 markup (this model's does not; see --chat-template)")
+        self._tool_markers()
+        return replace(rule, markup=markup)
 
     def _generators(self, reqs: list[_Request]) -> list[torch.Generator | None]:
         return [torch.Generator(device=self.device).manual_seed(r.params.seed) if r.params.seed is not None else None
@@ -551,7 +594,8 @@ class Engine:
             return
         shared = torch.Generator(device=self.device).manual_seed(int(torch.randint(0, 2**62, (), generator=self._rng)))
         if k and any(r.params.constrained for r in live):
-            raise SamplingError("JSON mode (json_object) does not combine with speculative decoding")
+            raise SamplingError("constrained decoding (JSON mode, forced tool calls) does not combine with "
+                                "speculative decoding")
         proc = LogitsProcessor([r.params for r in live], [r.prompt for r in live], cfg.vocab_size, self.device,
                                self._generators(live), shared, self._constraints(live))
         want_lp = max((r.params.logprobs for r in live if r.params.logprobs is not None), default=None)

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .constraints import JsonConstraint, Node, SchemaError, compile_schema
+from .constraints import Node, SchemaError, TokenConstraint, compile_schema
+from .toolcalls import ToolCallRule
 
 
 class SamplingError(ValueError):
@@ -59,9 +60,11 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     json_object: bool = False  # the output is one JSON object (needs a tokenizer; not with speculation)
     json_schema: dict | None = None  # ... one that this JSON Schema accepts (constraints.py lists the keywords)
+    tool_call: ToolCallRule | None = None  # the output is forced tool calls (toolcalls.py; tool_choice "required")
     skip_special_tokens: bool = True
     stop_strings: list[str] = field(init=False, default_factory=list, repr=False)
     schema_node: Node | None = field(init=False, default=None, repr=False, compare=False)  # json_schema, compiled
+    tool_schemas: dict | None = field(init=False, default=None, repr=False, compare=False)  # tool_call's, compiled
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +115,15 @@ class SamplingParams:
                 self.schema_node = compile_schema(self.json_schema)
             except SchemaError as e:
                 raise SamplingError(f"json_schema: {e}") from None
+        self.tool_schemas = None
+        if self.tool_call is not None:
+            need(isinstance(self.tool_call, ToolCallRule), f"tool_call must be a ToolCallRule, got {self.tool_call!r}")
+            need(not self.json_object and self.json_schema is None,
+                 "tool_call excludes json_object and json_schema (the arguments follow each function's schema)")
+            try:
+                self.tool_schemas = self.tool_call.compile()
+            except SchemaError as e:
+                raise SamplingError(f"tool_call: {e}") from None
         bias = self.logit_bias
         need(bias is None or (isinstance(bias, dict) and all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 and isinstance(v, (int, float))
@@ -129,8 +141,8 @@ class SamplingParams:
 
     @property
     def constrained(self) -> bool:
-        """Is the output held to JSON (json_object or json_schema)?"""
-        return self.json_object or self.json_schema is not None
+        """Is the output constrained (json_object, json_schema or tool_call)?"""
+        return self.json_object or self.json_schema is not None or self.tool_call is not None
 
     @property
     def uses_penalties(self) -> bool:
@@ -142,7 +154,7 @@ class SamplingParams:
 
 def make_params(params: SamplingParams | None = None, **kwargs) -> SamplingParams:
     """SamplingParams from an instance and/or keyword overrides (unknown keywords are an error)."""
-    known = set(SamplingParams.__dataclass_fields__) - {"stop_strings"}
+    known = {name for name, f in SamplingParams.__dataclass_fields__.items() if f.init}
     unknown = set(kwargs) - known
     if unknown:
         raise SamplingError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -160,7 +172,7 @@ class LogitsProcessor:
     def __init__(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]], vocab_size: int,
                  device: torch.device | str, generators: Sequence[torch.Generator | None] | None = None,
                  shared_generator: torch.Generator | None = None,
-                 constraints: Sequence[JsonConstraint | None] | None = None) -> None:
+                 constraints: Sequence[TokenConstraint | None] | None = None) -> None:
         """generators: one per row (None for rows without a seed: they draw from `shared_generator`).
         constraints: one per row (None for free rows): JSON mode's state, advanced by `sample`."""
         B = len(params)

@@ -173,7 +173,8 @@ class Scheduler:
         _, reqs = self.engine._requests([prompt], params, kwargs)
         req = reqs[0]
         if self.k and req.params.constrained:
-            raise SamplingError("JSON mode does not combine with speculative decoding (this server runs "
+            raise SamplingError("constrained decoding (JSON mode, forced tool calls) does not combine with "
+                                "speculative decoding (this server runs "
                                 f"--speculative {self.k})")
         cap = self.max_tokens_per_sequence
         if len(req.prompt) >= cap:

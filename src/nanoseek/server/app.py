@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, SamplingError, SamplingParams
 from ..engine.scheduler import Scheduler, SeqUpdate
+from ..engine.toolcalls import ToolCallRule
 from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from .reasoning import ReasoningParser, prompt_opens_reasoning, reasoning_token_count
@@ -440,18 +441,29 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 out[key] = getattr(m, key)
         return out
 
-    def _tools(body) -> tuple[list[dict] | None, bool]:
-        """(the function definitions for the chat template, whether to read tool calls out of the output)."""
+    def _tools(body) -> tuple[list[dict] | None, bool, ToolCallRule | None]:
+        """(the function definitions for the chat template, whether to read tool calls out of the
+        output, the rule that forces calls for tool_choice "required" or a named function)."""
         choice = body.tool_choice
         if choice is not None and not body.tools:
             raise APIError(400, "tool_choice is only allowed when tools are given", "tool_choice", "invalid_value")
-        if choice is not None and choice != "none" and choice != "auto":
-            raise APIError(400, "tool_choice 'required' or a named function is not supported by this server "
-                                "(it does not constrain decoding); use 'auto' or 'none'", "tool_choice",
-                           "unsupported_parameter")
         if not body.tools:
-            return None, False
-        return [t.model_dump(exclude_none=True) for t in body.tools], choice != "none"
+            return None, False, None
+        tools = [t.model_dump(exclude_none=True) for t in body.tools]
+        try:
+            rule = engine.tool_call_rule(tools, choice if isinstance(choice, (str, type(None))) else
+                                         choice.model_dump(), body.parallel_tool_calls)
+        except SamplingError as e:
+            raise APIError(400, str(e), "tool_choice", "invalid_value") from None
+        if rule is not None:
+            if any(_response_format(body.response_format)):
+                raise APIError(400, "response_format JSON cannot be combined with a forced tool call (tool_choice)",
+                               "response_format", "invalid_value")
+            if scheduler.k:
+                raise APIError(400, "tool_choice 'required' or a named function needs constrained decoding, which "
+                                    f"does not combine with speculative decoding (this server runs --speculative "
+                                    f"{scheduler.k})", "tool_choice", "unsupported_parameter")
+        return tools, choice != "none", rule
 
     def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         """OpenAI's logit_bias (JSON keys are strings: token ids) as the engine's {id: bias}."""
@@ -464,7 +476,8 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                                "invalid_value")
         return {int(k): v for k, v in bias.items()}
 
-    def _params(body, max_tokens: int, j: int, logprobs: int | None) -> SamplingParams:
+    def _params(body, max_tokens: int, j: int, logprobs: int | None,
+                tool_call: ToolCallRule | None = None) -> SamplingParams:
         unsupported = []
         json_object, schema = _response_format(getattr(body, "response_format", None))
         if getattr(body, "best_of", None) not in (None, body.n):
@@ -481,9 +494,10 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 repetition_penalty=body.repetition_penalty or 1.0, seed=seed, stop=body.stop,
                 stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=body.skip_special_tokens, logit_bias=_logit_bias(body.logit_bias),
-                json_object=json_object, json_schema=schema)
+                json_object=json_object, json_schema=schema, tool_call=tool_call)
         except SamplingError as e:
-            param = "response_format" if str(e).startswith("json_schema") else None
+            param = ("response_format" if str(e).startswith("json_schema") else
+                     "tools" if str(e).startswith("tool_call") else None)
             raise APIError(400, str(e), param, "invalid_value") from None
 
     def _response_format(rf: dict | None) -> tuple[bool, dict | None]:
@@ -520,7 +534,8 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 out.append(e)
         return out
 
-    async def _submit(prefix: str, prompts: list, body, requested: int | None, logprobs: int | None):
+    async def _submit(prefix: str, prompts: list, body, requested: int | None, logprobs: int | None,
+                      tool_call: ToolCallRule | None = None):
         """Sequences for every prompt x n; returns (request id, stream, prompt lengths)."""
         arrival = time.perf_counter()
         rid = f"{prefix}-{uuid.uuid4().hex}"
@@ -537,7 +552,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 mt = _max_tokens(requested, len(ids), param)
                 for j in range(body.n):
                     sid = f"{rid}-{p_i * body.n + j}"
-                    seqs.append(scheduler.make_sequence(sid, ids, _params(body, mt, j, logprobs)))
+                    seqs.append(scheduler.make_sequence(sid, ids, _params(body, mt, j, logprobs, tool_call)))
             except SamplingError as e:
                 raise APIError(400, str(e), param, "invalid_value") from None
             lens.append(len(ids))
@@ -694,7 +709,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             raise APIError(400, "chat needs a tokenizer, and this model has none (serve it with --tokenizer)", None,
                            "no_tokenizer")
         thinking = bool(body.chat_template_kwargs and body.chat_template_kwargs.wants_thinking)
-        tools, parse_calls = _tools(body)
+        tools, parse_calls, forced = _tools(body)
         msgs = [_message(m) for m in body.messages]
         try:
             ids = await asyncio.to_thread(engine.chat_prompt, msgs, thinking, tools)
@@ -713,7 +728,11 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         if opened and any(_response_format(body.response_format)):
             raise APIError(400, "response_format JSON cannot be combined with a prompt that opens a reasoning block "
                                 "(the reasoning would be forced into JSON)", "response_format", "invalid_value")
-        rid, stream, lens = await _submit("chatcmpl", [ids], body, requested, logprobs)
+        if opened and forced:
+            raise APIError(400, "tool_choice 'required' or a named function cannot be combined with a prompt that "
+                                "opens a reasoning block (the call is forced from the first token)", "tool_choice",
+                           "invalid_value")
+        rid, stream, lens = await _submit("chatcmpl", [ids], body, requested, logprobs, forced)
         begin = engine.tokenizer.token_to_id(TOOL_CALLS_BEGIN) if parse_calls else None
         tracker = Tracker(state.metrics, stream, lens, body.n, opened, begin)
         created = int(time.time())

@@ -1,0 +1,222 @@
+"""Forced tool calls (OpenAI's `tool_choice: "required"` or a named function): the output is held
+to DeepSeek's tool-call markup, each call naming an offered function, with arguments that the
+function's JSON Schema accepts.
+
+The markup is what the model's chat template writes for an assistant's tool calls (`markup_of`
+reads it off a rendered probe conversation):
+
+    v3 (V3, R1):  <calls_begin><call_begin>function<sep>NAME\\n```json\\nARGS\\n```<call_end>...<calls_end>
+    v3.1:         <calls_begin><call_begin>NAME<sep>ARGS<call_end>...<calls_end>
+
+then the end of the turn. The markers are single special tokens. The text between two markers is
+checked byte by byte, so any tokenization of it is allowed: NAME against the offered names, ARGS
+with the JSON automaton of constraints.py. With `parallel`, another call may follow a call; a named
+function is called once. Function names are 1-64 letters, digits, `_`, `.` or `-` (OpenAI's rule,
+and `.`), so a name ends where the next character cannot continue one; a few spaces may precede it,
+as the parser of the output (server/tools.py) strips them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
+from .constraints import OBJECT, JsonState, Node, SchemaError, TokenConstraint, compile_schema
+
+MARKUPS = ("v3", "v3.1")
+MAX_CALLS = 16  # calls in one forced turn
+MAX_SPACES = 4  # spaces before a name (the parser strips them; some tokenizers start words with one), or
+# whitespace between two calls
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PROBE = "nanoseek_probe"
+_PROBE_ARGS = '{"q": 1}'
+# the text between markers, as parts: ("lit", bytes) | ("name", None) | ("json", None)
+_HEAD = {"v3": (("lit", b"function"),), "v3.1": (("name", None),)}
+_BODY = {"v3": (("name", None), ("lit", b"\n```json\n"), ("json", None), ("lit", b"\n```")), "v3.1": (("json", None),)}
+
+
+@dataclass(frozen=True)
+class ToolCallRule:
+    """What a forced turn may call: `functions` (name, its parameters' JSON Schema or None for any
+    object), written in `markup`; `parallel`: more than one call."""
+
+    functions: tuple[tuple[str, Any], ...]
+    markup: str = "v3"
+    parallel: bool = True
+
+    def compile(self) -> dict[bytes, Node]:
+        """Each function's compiled parameters; SchemaError for a bad rule."""
+        if self.markup not in MARKUPS:
+            raise SchemaError(f"tool-call markup must be one of {MARKUPS}, got {self.markup!r}")
+        if not self.functions:
+            raise SchemaError("a forced tool call needs at least one function")
+        out: dict[bytes, Node] = {}
+        for name, params in self.functions:
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise SchemaError(f"function name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+            try:
+                out[name.encode()] = OBJECT if params is None else compile_schema(params)
+            except SchemaError as e:
+                raise SchemaError(f"function {name!r} parameters: {e}") from None
+        return out
+
+
+def rule_for(tools: Sequence[dict], choice: Any, markup: str, parallel: bool = True) -> ToolCallRule | None:
+    """The rule for OpenAI's `tool_choice` over `tools` (OpenAI function definitions): None for
+    "auto" / "none" / None; all functions for "required"; one for {"type": "function", "function":
+    {"name": ...}} (called once). ValueError for a choice that names no offered function."""
+    if choice in (None, "auto", "none"):
+        return None
+    functions = [(t["function"]["name"], t["function"].get("parameters")) for t in tools]
+    if choice == "required":
+        return ToolCallRule(tuple(functions), markup, parallel)
+    if not (isinstance(choice, dict) and choice.get("type", "function") == "function"
+            and isinstance(choice.get("function"), dict)):
+        raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or {{\"type\": \"function\", "
+                         f"\"function\": {{\"name\": ...}}}}, got {choice!r}")
+    name = choice["function"].get("name")
+    chosen = [f for f in functions if f[0] == name]
+    if not chosen:
+        raise ValueError(f"tool_choice names function {name!r}, which is not among the tools")
+    return ToolCallRule((chosen[0],), markup, parallel=False)
+
+
+def markup_of(render) -> str | None:
+    """Which markup a chat template writes: `render(messages)` is the rendered text of a
+    conversation (with special tokens) or raises when the template cannot write tool calls."""
+    call = {"id": "call_0", "type": "function", "function": {"name": _PROBE, "arguments": _PROBE_ARGS}}
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    try:
+        text = render(probe)
+    except Exception:  # noqa: BLE001 - a template that cannot write tool calls has no markup
+        return None
+    if f"{TOOL_CALL_BEGIN}function{TOOL_SEP}{_PROBE}\n```json\n{_PROBE_ARGS}\n```" in text:
+        return "v3"
+    if f"{TOOL_CALL_BEGIN}{_PROBE}{TOOL_SEP}{_PROBE_ARGS}" in text:
+        return "v3.1"
+    return None
+
+
+class ToolCallConstraint(TokenConstraint):
+    """One row held to forced tool calls. State: (phase, text state, name, calls so far); phases:
+    open (expects <calls_begin>), call (<call_begin>), head and body (text, then <sep> / <call_end>),
+    next (<call_begin> if parallel, or <calls_end>), end (a stop token), done."""
+
+    def __init__(self, token_bytes: Sequence[bytes | None], eos_ids: set[int], markers: dict[str, int],
+                 rule: ToolCallRule, schemas: dict[bytes, Node]) -> None:
+        self.token_bytes, self.eos_ids, self.rule, self.schemas = token_bytes, eos_ids, rule, schemas
+        self.ids = markers
+        self.symbol = {i: m for m, i in markers.items()}
+        self.names = tuple(schemas)
+        self.head, self.body = _HEAD[rule.markup], _BODY[rule.markup]
+        self.state: tuple = ("open", None, None, 0)
+
+    # -- the text between markers --------------------------------------------------------------
+    def _initial(self, part: tuple, name: bytes | None):
+        kind = part[0]
+        return 0 if kind == "lit" else (b"" if kind == "name" else JsonState.start(self.schemas[name]))
+
+    def _feed(self, parts: tuple, text: tuple, data: bytes) -> tuple | None:
+        i, sub, name = text
+        for b in data:
+            while True:
+                kind, lit = parts[i]
+                if kind == "lit":
+                    if sub < len(lit):
+                        if lit[sub] != b:
+                            return None
+                        sub += 1
+                        break
+                elif kind == "name":
+                    if b == 0x20 and sub.count(b" ") == len(sub) < MAX_SPACES:  # (a tokenizer's leading space)
+                        sub += b" "
+                        break
+                    grown = sub.lstrip(b" ") + bytes([b])
+                    if any(n.startswith(grown) for n in self.names):
+                        sub += bytes([b])
+                        break
+                    if sub.lstrip(b" ") not in self.schemas:
+                        return None
+                    name = sub.lstrip(b" ")
+                elif not sub.done:
+                    sub = sub.feed(bytes([b]))
+                    if sub is None:
+                        return None
+                    break
+                i += 1  # part i is complete: the byte begins the next
+                if i == len(parts):
+                    return None
+                sub = self._initial(parts[i], name)
+        return i, sub, name
+
+    def _complete(self, parts: tuple, text: tuple) -> bool:
+        i, sub, _ = text
+        if i != len(parts) - 1:
+            return False
+        kind, lit = parts[i]
+        return sub == len(lit) if kind == "lit" else (sub.lstrip(b" ") in self.schemas if kind == "name" else sub.done)
+
+    # -- tokens -----------------------------------------------------------------------------------
+    def _next(self, token: int) -> tuple | None:
+        phase, text, name, count = self.state
+        if phase == "end":
+            return ("done", None, None, count) if token in self.eos_ids else None
+        mark = self.symbol.get(token)
+        if mark is None:
+            data = self.token_bytes[token] if 0 <= token < len(self.token_bytes) else None
+            if not data:
+                return None
+            if phase == "next":  # V3's template puts a newline between calls
+                spaces = (text or 0) + len(data)
+                return (phase, spaces, name, count) if spaces <= MAX_SPACES and not data.strip() else None
+            if phase not in ("head", "body"):
+                return None
+            text = self._feed(self.head if phase == "head" else self.body, text, data)
+            return None if text is None else (phase, text, name, count)
+        if phase == "open" and mark == TOOL_CALLS_BEGIN:
+            return "call", None, None, count
+        if mark == TOOL_CALL_BEGIN and (phase == "call" or (phase == "next" and self.rule.parallel
+                                                             and count < MAX_CALLS)):
+            return "head", (0, self._initial(self.head[0], None), None), None, count
+        if phase == "head" and mark == TOOL_SEP and self._complete(self.head, text):
+            name = text[1].lstrip(b" ") if self.head[-1][0] == "name" else None
+            return "body", (0, self._initial(self.body[0], name), name), name, count
+        if phase == "body" and mark == TOOL_CALL_END and self._complete(self.body, text):
+            return "next", None, None, count + 1
+        if phase == "next" and mark == TOOL_CALLS_END:
+            return "end", None, None, count
+        return None
+
+    def allowed(self, token: int) -> bool:
+        return self._next(token) is not None
+
+    def candidates(self) -> list[int] | None:
+        phase = self.state[0]
+        if phase in ("head", "body"):
+            return None
+        if phase == "end":
+            return sorted(self.eos_ids)
+        return sorted(t for t in self.symbol if self._next(t) is not None)
+
+    def advance(self, token: int) -> None:
+        nxt = self._next(token)
+        if nxt is not None:
+            self.state = nxt
+
+    @property
+    def done(self) -> bool:
+        return self.state[0] == "done"
+
+
+def marker_ids(tokenizer) -> dict[str, int]:
+    """The ids of the five tool-call markers; ValueError if the tokenizer lacks one."""
+    out = {}
+    for m in (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP):
+        i = tokenizer.token_to_id(m)
+        if i is None:
+            raise ValueError(f"the tokenizer has no {m} token, so it cannot write tool calls")
+        out[m] = i
+    return out
