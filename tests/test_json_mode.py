@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 
 import pytest
@@ -65,8 +66,22 @@ def test_accepts_exactly_what_json_loads_parses_as_an_object(parts):
     expected = _json_object(text) and text == text.rstrip(" \t\n\r") and not re.search(
         "[ \t\n\r]{%d}" % (MAX_WHITESPACE + 1), text)
     assert accepted == expected, text
-    if state is None:  # a refused text has no accepted extension: some prefix was refused
-        assert any(JsonState().feed(text[:i].encode()) is None for i in range(1, len(text) + 1))
+    assert _live(_longest_accepted(JsonState(), text.encode())), text
+
+
+def _live(state: JsonState) -> bool:
+    """Not a dead end: a finished document, or a state that some byte continues."""
+    return state.done or any(state.feed(bytes([b])) is not None for b in range(256))
+
+
+def _longest_accepted(state: JsonState, data: bytes) -> JsonState:
+    """The state after the longest prefix of `data` that the automaton accepts."""
+    for i in range(len(data)):
+        nxt = state.feed(data[i:i + 1])
+        if nxt is None:
+            break
+        state = nxt
+    return state
 
 
 def test_choose_and_advance_on_a_hand_made_vocabulary():
@@ -209,8 +224,10 @@ def test_accepts_exactly_what_the_schema_accepts(name, data):
     """Enum and const values are written compactly here, as the automaton requires."""
     parts = data.draw(st.lists(st.sampled_from(SCHEMA_PIECES[name]), max_size=18))
     text = "".join(parts)
-    state = JsonState.start(compile_schema(SCHEMAS[name])).feed(text.encode())
+    start = JsonState.start(compile_schema(SCHEMAS[name]))
+    state = start.feed(text.encode())
     assert (state is not None and state.done) == _valid(text, SCHEMAS[name]), text
+    assert _live(_longest_accepted(start, text.encode())), text  # no dead end on the way
 
 
 KEYS = ["name", "age", "tags", "ok", "score", "kind", "root", "v", "kids", "id", "x", "pet", "lives", "good", "next",
@@ -276,6 +293,30 @@ def test_one_change_to_a_valid_instance_is_judged_as_jsonschema_judges_it(name, 
     text = json.dumps(changed)
     state = JsonState.start(compile_schema(schema)).feed(text.encode())
     assert (state is not None and state.done) == _valid(text, schema), text
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_random_walks_never_dead_end_and_finish_valid(name):
+    """Every step a random allowed byte (closing bytes weigh more, so that walks end): the walk never
+    reaches a state that no byte continues, and a finished walk is a document jsonschema accepts."""
+    table = [bytes([b]) for b in range(128)] + [None]
+    closing = set(b'"}]0123456789,:')
+    ended = 0
+    for seed in range(30):
+        rng, c, out = random.Random(seed), JsonConstraint(table, {128}, compile_schema(SCHEMAS[name])), b""
+        for _ in range(300):
+            allowed = [t for t in range(len(table)) if c.allowed(t)]
+            assert allowed, out
+            t = rng.choices(allowed, [40 if t in closing else 1 for t in allowed])[0]
+            if t == 128:
+                ended += 1
+                doc = json.loads(out)  # (the oracle: valid JSON, no repeated key below)
+                jsonschema.validate(doc, SCHEMAS[name])
+                assert _valid(out.decode(), SCHEMAS[name]), out
+                break
+            c.advance(t)
+            out += table[t]
+    assert ended >= 10
 
 
 def test_repeated_keys_and_a_comma_past_max_items_are_refused_at_once():

@@ -125,18 +125,30 @@ def test_non_streaming_disconnect_frees_the_slot(server):
         before.get('nanoseek_sequences_finished_total{reason="abort"}', 0) + 1
 
 
-def test_request_timeout(server, client):
-    idle(server)
+SHORT_TIMEOUT = 1.0  # 2,000 tokens of the tiny model take 3 s or more on 2 cores
+
+
+@pytest.fixture(scope="module")
+def timeout_server(model_dir, tmp_path_factory):
+    s = LiveServer(model_dir, "--max-batch", "1", "--request-timeout", str(SHORT_TIMEOUT), "--max-model-len", "2048",
+                   log_dir=tmp_path_factory.mktemp("logs"), name="timeout")
+    yield s
+    s.stop()
+
+
+def test_request_timeout(timeout_server):
+    server = timeout_server
     t0 = time.time()
     with pytest.raises(openai.APIStatusError) as e:
-        client.completions.create(model="x", prompt="Hello", **LONG)
+        server.client().completions.create(model="x", prompt="Hello", max_tokens=2000, temperature=0,
+                                           extra_body={"ignore_eos": True})
     assert e.value.status_code == 408 and e.value.code == "request_timeout"
-    assert TIMEOUT - 0.5 <= time.time() - t0 < TIMEOUT + 5
+    assert SHORT_TIMEOUT - 0.5 <= time.time() - t0 < SHORT_TIMEOUT + 5
     server.wait_metric("nanoseek_running_batch_size", lambda v: v == 0, timeout=2.0)
     assert server.metrics()['nanoseek_sequences_finished_total{reason="timeout"}'] >= 1
     # streaming: an error event, then [DONE]
     r = requests.post(server.base + "/completions", stream=True,
-                      json={"model": "x", "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "stream": True})
+                      json={"model": "x", "prompt": "Hello", "max_tokens": 2000, "ignore_eos": True, "stream": True})
     events = [line for line in r.iter_lines() if line]
     assert events[-1] == b"data: [DONE]"
     assert json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
