@@ -524,9 +524,17 @@ def test_pydantic_constrained_outputs_validate(engine):
     Shelter.model_validate_json(r.text)
 
 
-def test_finite_logits_stay_finite(engine):
-    r = engine.generate("x", max_tokens=8, temperature=0, json_object=True, logprobs=0)
+def test_constrained_rows_report_the_models_own_logprobs(engine):
+    """Logprobs are the raw model's, as for any row (vLLM's convention): the forced tokens' too,
+    whose logprob under the model is below the argmax's; scoring the output as a prompt agrees."""
+    prompt = engine.encode("x")
+    r = engine.generate(prompt, max_tokens=12, temperature=0, json_object=True, logprobs=1,
+                        logit_bias=_closing_bias(engine))
+    _, scored, _ = engine.prompt_logprobs(prompt + r.token_ids)
+    assert r.logprobs == pytest.approx(scored[len(prompt):], abs=1e-4)
     assert all(math.isfinite(lp) for lp in r.logprobs)
+    forced = [i for i, (t, top) in enumerate(zip(r.token_ids, r.top_logprobs)) if t not in top]
+    assert forced  # (the constraint overrode the model somewhere: not a vacuous check)
 
 
 # ---- the server ----------------------------------------------------------------------------------------
@@ -564,13 +572,18 @@ def test_response_format_json_schema(server, engine):
     bias = {i: 3.0 for i, b in enumerate(tb) if b and (b"}" in b or b'"' in b)}
     bias |= {i: -5.0 for i, b in enumerate(tb) if b and not b.strip()}
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON}}
+    finished = 0
     for seed in range(3):
         r = server.client().chat.completions.create(model="m", messages=msgs, max_tokens=80, seed=seed,
                                                     logit_bias={str(k): v for k, v in bias.items()}, response_format=fmt)
         ref = engine.chat(msgs, max_tokens=80, seed=seed, logit_bias=bias, json_schema=PERSON)
         assert r.choices[0].message.content == ref.text
+        state = JsonState.start(compile_schema(PERSON)).feed(ref.text.encode())
+        assert state is not None  # cut short by max_tokens or not, a prefix of a valid document
         if ref.finish_reason == "stop":
+            finished += 1
             jsonschema.validate(json.loads(ref.text), PERSON)
+    assert finished >= 1
 
 
 @pytest.mark.parametrize("fmt", [

@@ -29,6 +29,12 @@ admitted first-come first-served while the batch has fewer than `max_batch` rows
 queue is never skipped, so a long request is not starved by short ones. A sequence that could not
 fit even alone is refused in `add` (SamplingError).
 
+**Prefix caching** (`prefix_cache_bytes`, off by default; see prefix_cache.py). A joining prompt
+that begins like an earlier one copies that prefix's latent blocks into its row and prefills only
+the rest, at per-row start positions on the absorbed path. Every prompt's blocks are stored after
+its prefill and a finished sequence's prompt-and-output blocks when it finishes. Not with
+speculation (the MTP layer's cache at a prefix's last position depends on the token after it).
+
 **Steps.** One `step()` runs one forward: a prefill of newly admitted sequences (up to
 `max_prefill_tokens` prompt tokens; they get their first token from it) or a decode step of the
 whole batch (one token per row, or up to k + 1 with MTP speculation). After a prefill the next
@@ -47,6 +53,7 @@ import torch
 
 from ..model import LatentCache
 from .engine import Engine, GenerationStats, Prompt, _Request
+from .prefix_cache import PrefixCache
 from .sampling import LogitsProcessor, SamplingError, SamplingParams
 
 ABORTED = "abort"
@@ -90,7 +97,7 @@ class Scheduler:
 
     def __init__(self, engine: Engine, *, max_batch: int = 32, kv_cache_bytes: int | None = None,
                  speculative: bool | int = False, max_prefill_tokens: int | None = None,
-                 capacity_step: int = 64) -> None:
+                 capacity_step: int = 64, prefix_cache_bytes: int | None = None) -> None:
         if max_batch < 1:
             raise SamplingError(f"max_batch must be >= 1, got {max_batch}")
         self.engine = engine
@@ -121,6 +128,16 @@ class Scheduler:
         self.prefill_steps = 0
         self.finished_count = 0
         self.aborted_count = 0
+        self.prefix: PrefixCache | None = None
+        if prefix_cache_bytes:
+            if self.k:
+                raise SamplingError("prefix caching does not combine with speculative decoding (the MTP layer's "
+                                    "cache at a prefix's last position depends on the token after it)")
+            try:
+                self.prefix = PrefixCache(self.n_layers, self.config.kv_cache_dim, max_bytes=int(prefix_cache_bytes),
+                                          dtype=self.dtype, device=self.device)
+            except ValueError as e:
+                raise SamplingError(f"prefix_cache_bytes: {e}") from None
 
     # -- sizes ----------------------------------------------------------------------------------
     @property
@@ -302,13 +319,27 @@ class Scheduler:
         reqs = [s.req for s in joiners]
         cache = self._view(B0, B0 + b)
         lens = [len(r.prompt) for r in reqs]
-        ids = torch.zeros(b, max(lens), dtype=torch.long, device=self.device)
+        starts = [0] * b
+        if self.prefix is not None:  # rows that begin like an earlier prompt start from its blocks
+            for i, r in enumerate(reqs):
+                hit = self.prefix.lookup(r.prompt)
+                self.prefix.fill(hit, cache.layers, i)
+                starts[i] = len(hit) * self.prefix.block
+        rest = [n - s for n, s in zip(lens, starts)]
+        ids = torch.zeros(b, max(rest), dtype=torch.long, device=self.device)
         for i, r in enumerate(reqs):
-            ids[i, : lens[i]] = torch.tensor(r.prompt)
+            ids[i, : rest[i]] = torch.tensor(r.prompt[starts[i]:])
         n = torch.tensor(lens, device=self.device)
         proc = LogitsProcessor([r.params for r in reqs], [r.prompt for r in reqs], self.config.vocab_size,
                                self.device, engine._generators(reqs), self._shared, engine._constraints(reqs))
-        out = model(ids, cache=cache, return_hidden=bool(k), logits_at=n - 1)
+        if any(starts):
+            out = model(ids, cache=cache, start_pos=torch.tensor(starts, device=self.device),
+                        logits_at=torch.tensor(rest, device=self.device) - 1)
+        else:
+            out = model(ids, cache=cache, return_hidden=bool(k), logits_at=n - 1)
+        if self.prefix is not None:
+            for i, r in enumerate(reqs):
+                self.prefix.store(r.prompt, cache.layers, i)
         tok = proc.sample(out.logits)
         # the first token is counted (penalties) before the MTP module drafts the next, as in Engine._run
         engine._emit(reqs, proc, tok[:, None], torch.zeros(b, dtype=torch.long, device=self.device),
@@ -374,6 +405,9 @@ class Scheduler:
                 done.append(offset + i)
                 self._by_id.pop(s.seq_id, None)
                 self.finished_count += 1
+                if self.prefix is not None:  # the next turn of a chat begins with this prompt and answer
+                    r = s.req
+                    self.prefix.store((r.prompt + r.output)[:r.position], self._pool, offset + i)
         if done:
             self._remove(done)
 

@@ -29,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"context per sequence, prompt + output (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
     p.add_argument("--kv-cache-bytes", default=None,
                    help="latent-cache budget for admission, e.g. 2GiB (default: max-batch full-length sequences)")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the latent cache of earlier prompts and answers that a new prompt begins with "
+                        "(a shared system prompt, a chat's earlier turns); not with --speculative")
+    p.add_argument("--prefix-cache-bytes", default="256MiB",
+                   help="memory for the prefix cache, least recently used blocks dropped first (default 256MiB)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="prompt tokens prefilled in one step (default: max(max-model-len, 2048))")
@@ -64,9 +69,14 @@ def build(args: argparse.Namespace):
                          f" (the model's max_position_embeddings), got {args.max_model_len}")
     engine.max_context = ctx
     budget = parse_size(args.kv_cache_bytes) if args.kv_cache_bytes else None
+    if args.enable_prefix_caching and args.speculative:
+        raise SystemExit("nanoseek serve: error: --enable-prefix-caching does not combine with --speculative (the MTP "
+                         "layer's cache at a prefix's last position depends on the token after it)")
+    prefix = parse_size(args.prefix_cache_bytes) if args.enable_prefix_caching else None
     scheduler = model_thread.call(lambda: Scheduler(engine, max_batch=args.max_batch, kv_cache_bytes=budget,
                                                     speculative=args.speculative,
-                                                    max_prefill_tokens=args.max_prefill_tokens))
+                                                    max_prefill_tokens=args.max_prefill_tokens,
+                                                    prefix_cache_bytes=prefix))
     name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model))) or str(args.model)
     config = ServerConfig(model_name=name, api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY") or None,
                           max_queue=args.max_queue, request_timeout=args.request_timeout,
@@ -114,7 +124,8 @@ def run_serve(args: argparse.Namespace) -> int:
     auth = "API key required" if config.api_key else "no API key"
     print(f"nanoseek serve: {config.model_name} on http://{shown}:{port} ({auth}; max batch {scheduler.max_batch}, "
           f"context {scheduler.max_tokens_per_sequence}, cache budget {scheduler.kv_cache_bytes / 2**20:.1f} MiB"
-          f"{', speculative k=' + str(scheduler.k) if scheduler.k else ''})", flush=True)
+          f"{', speculative k=' + str(scheduler.k) if scheduler.k else ''}"
+          f"{f', prefix cache {scheduler.prefix.max_bytes / 2**20:.1f} MiB' if scheduler.prefix else ''})", flush=True)
     if host not in ("127.0.0.1", "::1", "localhost") and not config.api_key:
         print("nanoseek serve: warning: listening beyond this machine without an API key", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",

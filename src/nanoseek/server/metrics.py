@@ -159,6 +159,11 @@ class ServerMetrics:
             ("nanoseek_mtp_accepted_tokens_total", "MTP draft tokens accepted", lambda: s()["accepted"]),
             ("nanoseek_mtp_acceptance_rate", "accepted / proposed MTP drafts since start",
              lambda: s()["accepted"] / s()["drafted"] if s()["drafted"] else 0.0),
+            ("nanoseek_prefix_cache_queried_tokens_total", "prompt tokens looked up in the prefix cache",
+             lambda: s()["prefix_queried"]),
+            ("nanoseek_prefix_cache_hit_tokens_total", "prompt tokens served from the prefix cache (not prefilled)",
+             lambda: s()["prefix_hit"]),
+            ("nanoseek_prefix_cache_bytes", "latent blocks held by the prefix cache", lambda: s()["prefix_bytes"]),
         ]
         for name, help, fn in gauges:
             m = Gauge(name, help, fn)

@@ -1,0 +1,134 @@
+"""Prefix caching: a prompt that begins like an earlier one (the same system prompt, the earlier
+turns of a chat) starts from that earlier prompt's latent cache instead of recomputing it.
+
+The store keeps latent-cache rows in blocks of `block` tokens (every layer's `[block, kv_lora_rank +
+qk_rope_head_dim]` slice in one tensor). A block is found by its tokens and by the block before it:
+its key is (the id of the previous block, the block's token ids), so a block stands for its whole
+prefix and a lookup is exact (no hash collisions), one dict probe per block. The scheduler stores
+every prompt's full blocks right after its prefill (so requests that arrive together share them)
+and a finished sequence's prompt-and-output blocks (the next turn of a chat starts with them);
+`lookup` returns the longest run of stored blocks that starts the new prompt, leaving at least one
+token to compute (the prefill must produce the logits of the prompt's last token).
+
+Memory is bounded by `max_bytes`; past it the least recently used blocks go, each with the blocks
+after it (which could no longer be reached). The latent of a position depends only on the tokens up
+to it, so a reused block holds what the prefill would have computed (up to the order of floating-
+point sums: the suffix runs on the absorbed attention path, a cold prefill on the expanded one).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(eq=False)
+class Block:
+    id: int
+    key: tuple
+    data: torch.Tensor  # [layers, block, D]
+    children: set = field(default_factory=set)  # keys of the blocks that continue this one
+
+
+class PrefixCache:
+    """Latent-cache blocks of earlier sequences, found by their token prefixes."""
+
+    def __init__(self, n_layers: int, dim: int, *, max_bytes: int, block: int = 16,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        self.n_layers, self.dim, self.block = n_layers, dim, block
+        self.dtype, self.device = dtype, torch.device(device)
+        self.block_bytes = n_layers * block * dim * torch.empty((), dtype=dtype).element_size()
+        if max_bytes < self.block_bytes:
+            raise ValueError(f"max_bytes={max_bytes} holds no block ({self.block_bytes} bytes per {block} tokens)")
+        self.max_bytes = int(max_bytes)
+        self._blocks: OrderedDict[tuple, Block] = OrderedDict()  # least recently used first
+        self._ids = itertools.count(1)  # 0 is the empty prefix
+        self.hit_tokens = 0  # tokens served from the store (cumulative)
+        self.queried_tokens = 0  # prompt tokens looked up (cumulative)
+
+    @property
+    def bytes_used(self) -> int:
+        return len(self._blocks) * self.block_bytes
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def _keys(self, tokens: Sequence[int], blocks: int):
+        """(key, block index) for the first `blocks` full blocks, as far as they are stored; the
+        parent of the first missing one ends the walk."""
+        parent = 0
+        b = self.block
+        for i in range(blocks):
+            key = (parent, tuple(tokens[i * b:(i + 1) * b]))
+            yield key, i
+            found = self._blocks.get(key)
+            if found is None:
+                return
+            parent = found.id
+
+    def lookup(self, tokens: Sequence[int]) -> list[Block]:
+        """The longest run of stored blocks that begins `tokens`, at least one token short of it."""
+        usable = (len(tokens) - 1) // self.block
+        out = []
+        for key, _ in self._keys(tokens, usable):
+            found = self._blocks.get(key)
+            if found is None:
+                break
+            self._blocks.move_to_end(key)
+            out.append(found)
+        self.queried_tokens += len(tokens)
+        self.hit_tokens += len(out) * self.block
+        return out
+
+    def fill(self, blocks: list[Block], layers: Sequence[torch.Tensor], row: int) -> None:
+        """Copy `blocks` into positions 0.. of batch row `row` of every layer's cache [B, S, D]."""
+        if not blocks:
+            return
+        data = torch.cat([b.data for b in blocks], dim=1)  # [layers, n, D]
+        n = data.shape[1]
+        for layer, d in zip(layers, data):
+            layer[row, :n] = d
+
+    def store(self, tokens: Sequence[int], layers: Sequence[torch.Tensor], row: int) -> int:
+        """Keep the full blocks of `tokens` (whose latents are positions 0..len-1 of row `row` of
+        `layers`) that are not stored yet. Returns how many blocks were added."""
+        b = self.block
+        added = 0
+        parent: Block | None = None
+        for key, i in self._keys(tokens, len(tokens) // b):
+            found = self._blocks.get(key)
+            if found is None:
+                if not self._make_room():
+                    break
+                data = torch.stack([layer[row, i * b:(i + 1) * b] for layer in layers]).to(self.dtype, copy=True)
+                found = self._blocks[key] = Block(next(self._ids), key, data)
+                if parent is not None:
+                    parent.children.add(key)
+                added += 1
+            else:
+                self._blocks.move_to_end(key)
+            parent = found
+        return added
+
+    def _make_room(self) -> bool:
+        while self.bytes_used + self.block_bytes > self.max_bytes:
+            if not self._blocks:
+                return False
+            self._evict(next(iter(self._blocks)))
+        return True
+
+    def _evict(self, key: tuple) -> None:
+        stack = [key]
+        while stack:
+            gone = self._blocks.pop(stack.pop(), None)
+            if gone is not None:
+                stack.extend(gone.children)
+
+    def clear(self) -> None:
+        self._blocks.clear()

@@ -1,0 +1,170 @@
+"""Prefix caching (engine/prefix_cache.py, the scheduler's `prefix_cache_bytes`, `serve
+--enable-prefix-caching`).
+
+Oracles: the store's lookups against a brute-force longest stored prefix (hypothesis); outputs
+with the cache against the engine's one-by-one outputs without it (greedy tokens equal, logprobs
+within 1e-4), for prompts that share a system prompt, a chat's second turn, and batches mixing
+hits and misses; the server through the `openai` client, its /metrics counting the hits.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoseek.engine import Engine, SamplingError
+from nanoseek.engine.prefix_cache import PrefixCache
+from nanoseek.engine.scheduler import Scheduler
+
+# ---- the store ---------------------------------------------------------------------------------------
+
+
+def _rows(tokens: list[int], layers: int = 2, dim: int = 3) -> list[torch.Tensor]:
+    """A fake cache whose row 0 holds, at each position, a value made of that position's whole
+    prefix: a block copied from the wrong prefix would show."""
+    out = []
+    for layer in range(layers):
+        vals = torch.tensor([float(hash((layer, tuple(tokens[:i + 1]))) % 1000) for i in range(len(tokens))])
+        out.append(vals[None, :, None].expand(1, len(tokens), dim).clone())
+    return out
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(stored=st.lists(st.lists(st.integers(0, 2), max_size=14), max_size=6),
+       query=st.lists(st.integers(0, 2), min_size=1, max_size=14))
+def test_lookup_is_the_longest_stored_block_prefix(stored, query):
+    cache = PrefixCache(2, 3, max_bytes=1 << 20, block=2)
+    for seq in stored:
+        cache.store(seq, _rows(seq), 0)
+    hit = cache.lookup(query)
+    # brute force: the most whole blocks of the query (one token short of it) that some stored
+    # sequence began with
+    best = max((m for seq in stored for m in range(0, (len(query) - 1) // 2 + 1)
+                if len(seq) >= 2 * m and seq[:2 * m] == query[:2 * m]), default=0)
+    assert len(hit) == best
+    out = [torch.zeros(1, 16, 3) for _ in range(2)]
+    cache.fill(hit, out, 0)
+    want = _rows(query)
+    for o, w in zip(out, want):
+        assert torch.equal(o[0, :2 * best], w[0, :2 * best])
+
+
+def test_the_budget_drops_least_recently_used_blocks_and_their_followers():
+    cache = PrefixCache(1, 4, max_bytes=3 * 4 * 4 * 2, block=2)  # 3 blocks of 2 tokens, float32
+    a, b = [1, 2, 3, 4, 5], [7, 8, 9, 9, 5]
+    assert cache.store(a, _rows(a, 1, 4), 0) == 2
+    assert cache.lookup(a + [0]) and len(cache.lookup(a)) == 2
+    assert cache.store(b, _rows(b, 1, 4), 0) == 2  # one of a's blocks must go: the older first
+    assert cache.bytes_used <= cache.max_bytes and len(cache) == 2
+    assert cache.lookup(a) == [] and len(cache.lookup(b)) == 2  # a's second block went with its first
+    with pytest.raises(ValueError, match="holds no block"):
+        PrefixCache(1, 4, max_bytes=10, block=2)
+
+
+# ---- the scheduler against the engine ---------------------------------------------------------------
+
+from test_server_support import random_model_dir  # noqa: E402
+
+SYSTEM = "You are a careful assistant. Answer in one short sentence, in plain English, and cite nothing. " * 2
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return Engine(str(random_model_dir(tmp_path_factory.mktemp("prefix"))), seed=0)
+
+
+def _run(sched: Scheduler, batches: list[list[tuple[str, list[int] | str]]]) -> dict:
+    """Add each batch, run it to the end; {id: (tokens, logprobs)}."""
+    out = {}
+    for batch in batches:
+        for sid, prompt in batch:
+            sched.add(sid, prompt, max_tokens=12, temperature=0, logprobs=0, ignore_eos=True)
+        for sid, ups in sched.run_until_done().items():
+            out[sid] = ([t for u in ups for t in u.token_ids], [x for u in ups for x in (u.logprobs or [])])
+    return out
+
+
+def _check(engine: Engine, prompts: dict, got: dict) -> None:
+    for sid, prompt in prompts.items():
+        ref = engine.generate(prompt, max_tokens=12, temperature=0, logprobs=0, ignore_eos=True)
+        assert got[sid][0] == ref.token_ids, sid
+        assert got[sid][1] == pytest.approx(ref.logprobs, abs=1e-4), sid
+
+
+def test_shared_prefixes_and_a_second_turn_equal_the_engine(engine):
+    sched = Scheduler(engine, max_batch=4, prefix_cache_bytes=1 << 24)
+    first = {"a": SYSTEM + "What is a cat?", "b": SYSTEM + "Name a river."}
+    got = _run(sched, [[("a", first["a"])]])
+    turn1 = engine.encode(first["a"]) + got["a"][0]
+    later = {"b": first["b"],  # the system prompt: a hit
+             "c": turn1 + engine.encode(" And a dog?", add_bos=False),  # prompt + answer: a longer hit
+             "d": "No shared start at all, a miss."}
+    got |= _run(sched, [list(later.items())])  # hits and a miss in one prefill
+    _check(engine, first | later, got)
+    p = sched.prefix
+    assert p.hit_tokens >= len(turn1) // p.block * p.block  # the whole first turn came from the store
+    looked_up = [first["a"], *later.values()]
+    assert p.bytes_used > 0 and p.queried_tokens == sum(len(engine.encode(x)) for x in looked_up)
+
+
+def test_a_joiner_with_a_hit_enters_a_running_batch(engine):
+    sched = Scheduler(engine, max_batch=4, prefix_cache_bytes=1 << 24)
+    prompts = {"x": SYSTEM + "First question?", "y": SYSTEM + "Second question, longer than the first one?"}
+    sched.add("x", prompts["x"], max_tokens=12, temperature=0, logprobs=0, ignore_eos=True)
+    ups: dict = {}
+    steps = 0
+    while sched.has_work:
+        for u in sched.step():
+            ups.setdefault(u.seq_id, []).append(u)
+        steps += 1
+        if steps == 3:  # x is decoding: y joins with x's system prompt from the store
+            sched.add("y", prompts["y"], max_tokens=12, temperature=0, logprobs=0, ignore_eos=True)
+    assert sched.prefix.hit_tokens > 0
+    _check(engine, prompts, {k: ([t for u in v for t in u.token_ids], [x for u in v for x in (u.logprobs or [])])
+                             for k, v in ups.items()})
+
+
+def test_prefix_caching_refuses_speculation(engine):
+    with pytest.raises(SamplingError, match="does not combine with speculative"):
+        Scheduler(engine, speculative=1, prefix_cache_bytes=1 << 20)
+    with pytest.raises(SamplingError, match="holds no block"):
+        Scheduler(engine, prefix_cache_bytes=16)
+
+
+# ---- the server ---------------------------------------------------------------------------------------
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from test_server_support import LiveServer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    s = LiveServer(engine.model_dir, "--max-model-len", "512", "--enable-prefix-caching",
+                   log_dir=tmp_path_factory.mktemp("logs"), name="prefix")
+    yield s
+    s.stop()
+
+
+def test_served_chat_turns_reuse_the_cache(server, engine):
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a cat?"}]
+    for turn in range(2):
+        r = server.client().chat.completions.create(model="m", messages=msgs, max_tokens=10, temperature=0)
+        ref = engine.chat(msgs, max_tokens=10, temperature=0)
+        assert r.choices[0].message.content == ref.text
+        msgs += [{"role": "assistant", "content": ref.text}, {"role": "user", "content": "And a dog?"}]
+    m = server.metrics()
+    assert m["nanoseek_prefix_cache_hit_tokens_total"] >= 16  # the second turn began with the first
+    assert 0 < m["nanoseek_prefix_cache_bytes"] and m["nanoseek_prefix_cache_queried_tokens_total"] > 0
+
+
+def test_serve_refuses_prefix_caching_with_speculation():
+    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "serve", "tiny", "--port", "0",
+                        "--enable-prefix-caching", "--speculative"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "does not combine with --speculative" in r.stderr
