@@ -141,15 +141,12 @@ def test_prefix_caching_refuses_speculation(engine):
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from test_server_support import LiveServer  # noqa: E402
+from test_server_support import served  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory):
-    s = LiveServer(engine.model_dir, "--max-model-len", "512", "--enable-prefix-caching",
-                   log_dir=tmp_path_factory.mktemp("logs"), name="prefix")
-    yield s
-    s.stop()
+    yield from served(engine.model_dir, tmp_path_factory, "prefix", "--max-model-len", "512", "--enable-prefix-caching")
 
 
 def test_served_chat_turns_reuse_the_cache(server, engine):

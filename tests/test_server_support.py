@@ -184,6 +184,15 @@ def tool_model_dir(path: Path) -> dict:
     return {"dir": path, "content": tok.decode([word]), "name": tok.decode([name]).strip(), "arguments": "{}"}
 
 
+def served(model_dir, tmp_path_factory, name: str, *args: str):
+    """For a module-scoped fixture (`yield from served(...)`): a LiveServer, stopped afterwards."""
+    s = LiveServer(model_dir, *args, log_dir=tmp_path_factory.mktemp("logs"), name=name)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 class LiveServer:
     """`api_key` goes on the command line (--api-key), or only in $NANOSEEK_API_KEY with key_in_env
     (otherwise that variable is cleared); `banner` is the line the server printed at start."""

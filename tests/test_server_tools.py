@@ -217,14 +217,12 @@ def test_named_tool_use_template_renders_with_tools(tooled):
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from test_server_support import LiveServer, assert_error_schema  # noqa: E402
+from test_server_support import assert_error_schema, served  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tooled, tmp_path_factory):
-    s = LiveServer(tooled["dir"], "--max-model-len", "256", log_dir=tmp_path_factory.mktemp("logs"), name="tools")
-    yield s
-    s.stop()
+    yield from served(tooled["dir"], tmp_path_factory, "tools", "--max-model-len", "256")
 
 
 def _ask(server, tooled, **kw):

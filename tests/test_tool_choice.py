@@ -261,14 +261,12 @@ def test_engine_refuses_what_it_cannot_force(engine, tmp_path):
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from test_server_support import LiveServer, assert_error_schema  # noqa: E402
+from test_server_support import assert_error_schema, served  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tooled, tmp_path_factory):
-    s = LiveServer(tooled["dir"], "--max-model-len", "1024", log_dir=tmp_path_factory.mktemp("logs"), name="forced")
-    yield s
-    s.stop()
+    yield from served(tooled["dir"], tmp_path_factory, "forced", "--max-model-len", "1024")
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get"}}])

@@ -106,7 +106,7 @@ class PrefixCache:
             if found is None:
                 if not self._make_room():
                     break
-                data = torch.stack([layer[row, i * b:(i + 1) * b] for layer in layers]).to(self.dtype, copy=True)
+                data = torch.stack([layer[row, i * b:(i + 1) * b] for layer in layers]).to(self.dtype)  # (a copy)
                 found = self._blocks[key] = Block(next(self._ids), key, data)
                 if parent is not None:
                     parent.children.add(key)
