@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoseek.engine import Engine, SamplingError
-from nanoseek.engine.constraints import MAX_WHITESPACE, JsonConstraint, JsonState, SchemaError, compile_schema
+from nanoseek.engine.constraints import MAX_READINGS, MAX_WHITESPACE, JsonConstraint, JsonState, SchemaError, compile_schema
 
 scalars = st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.text(max_size=8) | st.floats(
     allow_nan=False, allow_infinity=False)
@@ -346,7 +346,8 @@ def test_repeated_keys_and_a_comma_past_max_items_are_refused_at_once():
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/b"}},
       "$defs": {"b": {"$ref": "#/$defs/c"}, "c": {"anyOf": [{"type": "null"}, {"allOf": [{"$ref": "#/$defs/b"}]}]}}},
      "refers to itself"),
-    ({"type": "object", "properties": {"a": {"$ref": 3}}}, "only local references"),
+    ({"type": "object", "properties": {"a": {"$ref": 3}}}, "must be a string"),
+    ({"type": "object", "$defs": [1], "properties": {"a": {"$ref": "#/$defs/0"}}}, "not an object of definitions"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "names no definition"),
     ({"type": "object", "properties": {"a": {"$ref": "https://x/y"}}}, "only local references"),
     ({"type": "object", "required": ["b"], "additionalProperties": False}, "required 'b' is not among"),
@@ -630,6 +631,28 @@ def test_exclusive_one_of_is_enforced_like_any_of():
     assert JsonState.start(tagged).feed(b'{"a":{"k":true,"n":"x"') is None
 
 
+def test_review_regressions_aliases_and_nested_unions():
+    """A definition that is only a $ref to a schema still being compiled (the root here) refers to
+    it instead of copying its empty start: it used to accept anything and crash at '[[' ."""
+    alias = {"type": "object", "$defs": {"Tree": {"$ref": "#"}},
+             "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/Tree"}}}}
+    tree = compile_schema(alias)
+    for text in ['{"children":["leaf"]}', '{"children":[[1]]}', '{"children":[{"children":[]}]}']:
+        state = JsonState.start(tree).feed(text.encode())
+        assert (state is not None and state.done) == _valid(text, alias), text
+    # overlapping branches nested in each other: the readings stay bounded, and what is written is valid
+    nested = {"type": "object", "$defs": {"N": {"anyOf": [
+        {"type": "object", "additionalProperties": {"$ref": "#/$defs/N"}},
+        {"type": "object", "properties": {"id": {"type": "integer"}}, "additionalProperties": {"$ref": "#/$defs/N"}}]}},
+        "additionalProperties": {"$ref": "#/$defs/N"}}
+    text = '{"a":' * 16 + '{"id":1}' + "}" * 16
+    state = JsonState.start(compile_schema(nested))
+    for i in range(len(text)):
+        state = state.feed(text[i].encode())
+        assert state is not None and len(state.paths) <= MAX_READINGS
+    assert state.done and _valid(text, nested)
+
+
 def test_a_dead_end_fails_only_its_row(engine):
     """Safety net: should a row's constraint ever find no token, that row goes on unconstrained and
     its batch neighbours are untouched."""
@@ -642,4 +665,11 @@ def test_a_dead_end_fails_only_its_row(engine):
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0)]
     proc = LogitsProcessor(params, [[1], [1]], 8, "cpu", constraints=[Stuck([b"x"] * 8, {0}), None])
     logits = torch.arange(16.0).reshape(2, 8)
+    assert proc.sample(logits).tolist() == [7, 7] and proc.constraints[0] is None
+
+    class Breaks(JsonConstraint):  # chooses, then fails to advance: the row goes free, the batch on
+        def advance(self, token):
+            raise AttributeError("broken")
+
+    proc = LogitsProcessor(params, [[1], [1]], 8, "cpu", constraints=[Breaks([b"{"] * 8, {0}), None])
     assert proc.sample(logits).tolist() == [7, 7] and proc.constraints[0] is None

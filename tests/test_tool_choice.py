@@ -57,7 +57,7 @@ def _check_calls(text: str, names: set[str]) -> list:
 
 MARKERS = [B, E, CB, CE, SEP]
 PIECES = [b"function", b"get_weather", b"get", b"\n```json\n", b"\n```", b'{"city":"', b'"}', b"}\n```", b' "',
-          b"\n\n", b" now"]
+          b"\n\n", b" now", CE.encode()[:7], CE.encode()[7:]]  # (the last two: a marker's text, in two tokens)
 TABLE: list[bytes | None] = [bytes([i]) for i in range(128)] + PIECES + [None] * (len(MARKERS) + 1)
 MARKER_IDS = {m: 128 + len(PIECES) + i for i, m in enumerate(MARKERS)}
 EOS_ID = len(TABLE) - 1
@@ -150,6 +150,30 @@ def test_what_is_refused():
     assert _feed(c, [B]) and c.candidates() == [MARKER_IDS[CB]]  # the one way on, without a search
 
 
+def test_review_regressions():
+    # a marker's text written as plain tokens inside the arguments would end the call for a reader
+    text_ce = [128 + len(PIECES) - 2, 128 + len(PIECES) - 1]
+    c = _constraint("v3.1")
+    assert _feed(c, [B, CB, b"get", SEP, b'{"q":"']) and c.allowed(text_ce[0])
+    c.advance(text_ce[0])
+    assert not c.allowed(text_ce[1])  # the marker would be complete
+    # only a marker can follow: it is listed, so no search of the vocabulary
+    c = _constraint("v3")
+    assert _feed(c, [B, CB, b"function"]) and c.candidates() == [MARKER_IDS[SEP]]
+    assert _feed(c, [SEP, b'now\n```json\n{}\n```']) and c.candidates() == [MARKER_IDS[CE]]
+    c = _constraint("v3.1")
+    assert _feed(c, [B, CB, b"get"]) and c.candidates() is None  # "get" may go on to "get_weather"
+    # after the turn, stop tokens stay allowed (ignore_eos rows keep going)
+    c = _constraint("v3.1")
+    assert _feed(c, [B, CB, b"now", SEP, b"{}", CE, E]) and c.allowed(EOS_ID)
+    c.advance(EOS_ID)
+    assert c.done and c.allowed(EOS_ID) and not c.allowed(ord("x"))
+    from nanoseek.engine.constraints import SchemaError
+
+    with pytest.raises(SchemaError, match="appears twice"):
+        ToolCallRule((("f", None), ("f", {"type": "object"}))).compile()
+
+
 def test_rules_from_tool_choice():
     assert rule_for(TOOLS, "auto", "v3") is None and rule_for(TOOLS, "none", "v3") is None
     assert [n for n, _ in rule_for(TOOLS, "required", "v3").functions] == ["get_weather", "get", "now"]
@@ -224,6 +248,21 @@ def _nudge(engine) -> dict[int, float]:
     return bias | {i: -5.0 for i, b in enumerate(tb) if b and not b.strip()}
 
 
+def test_a_named_tool_use_template_decides_the_markup(engine):
+    """Templates named "default" (no tool calls) and "tool_use" (V3.1's): a request with tools
+    renders with tool_use, so its markup is forced."""
+    from nanoseek.engine import Engine
+    from nanoseek.tokenizer import Tokenizer
+
+    own = Tokenizer.from_file(engine.model_dir)
+    named = [{"name": "default", "template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"},
+             {"name": "tool_use", "template": own.chat_template}]
+    e = Engine(engine.model, tokenizer=Tokenizer(own.backend, chat_template=named))
+    assert e.tool_call_markup(TOOLS) == "v3.1" and e.tool_call_rule(TOOLS, "required").markup == "v3.1"
+    alone = Engine(engine.model, tokenizer=Tokenizer(own.backend, chat_template=named[:1]))
+    assert alone.tool_call_markup(TOOLS) is None
+
+
 def test_engine_forces_calls(engine, tooled):
     msgs = [{"role": "user", "content": "Weather?"}]
     free = engine.chat(msgs, tools=TOOLS, max_tokens=40, temperature=0)
@@ -251,6 +290,8 @@ def test_engine_refuses_what_it_cannot_force(engine, tmp_path):
         engine.chat(msgs, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
     with pytest.raises(SamplingError, match="does not combine with speculative"):
         engine.chat(msgs, tools=TOOLS, tool_choice="required", speculative=1)
+    with pytest.raises(SamplingError, match="cannot be combined with thinking"):
+        engine.chat(msgs, tools=TOOLS, tool_choice="required", thinking=True)
     plain = Engine(str(random_model_dir(tmp_path)))  # the built-in template writes no tool calls
     with pytest.raises(SamplingError, match="needs a chat template that writes tool calls"):
         plain.chat(msgs, tools=TOOLS, tool_choice="required")

@@ -21,7 +21,11 @@ form (`json.dumps(v, separators=(",", ":"))`); a key may appear once; keys are c
 (escapes decoded), and a listed name is written in its compact form.
 
 An `anyOf` makes the automaton nondeterministic: `JsonState` holds every reading (`_Path`) of the
-text that a branch still allows, and a byte is allowed while one reading survives.
+text that a branch still allows, and a byte is allowed while one reading survives. Overlapping
+branches nested in each other multiply the readings (two branches that both stay open at each of
+ten levels: 1,024), so at most `MAX_READINGS` (64) are kept, the first in branch order, like a
+parser's ordered choice: every kept reading is a valid one, so the output still satisfies the
+schema, but a document that only a dropped reading allowed can no longer be written.
 
 `JsonConstraint` picks the next token for one row without scoring the whole vocabulary: greedy
 rows take the most likely allowed token (candidates in order of likelihood), sampled rows draw from
@@ -34,6 +38,7 @@ cannot fill max_tokens with blank lines inside the document.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +56,7 @@ _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "format
                           "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "discriminator"})
 MAX_WHITESPACE = 32  # bytes of whitespace in a row
 MAX_CANDIDATES = 64  # refused candidates before every token is checked
+MAX_READINGS = 64  # readings of the text kept alive at once (anyOf); see JsonState
 
 
 class SchemaError(ValueError):
@@ -90,10 +96,17 @@ def compile_schema(schema: Any) -> Node:
     """A JSON Schema (a dict) as a `Node` tree; SchemaError for what is not supported. The trees of
     the last 64 schemas are kept (a request's n choices and its retries share one)."""
     try:
-        text = json.dumps(schema, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError):  # not JSON: let the compiler say what is wrong
-        return _compile(schema)
-    return _compile_text(text)
+        try:
+            text = json.dumps(schema, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError):  # not JSON: let the compiler say what is wrong
+            return _compile(schema)
+        return _compile_text(text)
+    except RecursionError:
+        raise SchemaError("the schema nests too deeply") from None
+    except SchemaError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:  # a shape no check above foresaw
+        raise SchemaError(f"the schema cannot be read ({type(e).__name__}: {e})") from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,21 +118,33 @@ def _compile(schema: Any) -> Node:
     if not isinstance(schema, dict):
         raise SchemaError(f"a JSON schema must be an object, got {type(schema).__name__}")
     exclusive: list[tuple[Node, str]] = []  # oneOf nodes, whose branches must exclude each other
+    building: set[int] = set()  # (ids of) the reference nodes not filled in yet
     refs: dict[str, Node] = {"#": Node()}  # the root, filled at the end; "$ref": "#" recurses to it
 
     def resolve(ref: str, bare: frozenset) -> Node:
+        if not isinstance(ref, str):
+            raise SchemaError(f"$ref must be a string, got {ref!r}")
         if ref in bare:  # back to itself through $ref, anyOf and allOf alone: a value that never starts
             raise SchemaError(f"$ref {ref!r} refers to itself without an object or array in between")
         if ref in refs:
             return refs[ref]
-        parts = ref.split("/") if isinstance(ref, str) else []
+        parts = ref.split("/")
         if len(parts) != 3 or parts[0] != "#" or parts[1] not in ("$defs", "definitions"):
             raise SchemaError(f"$ref {ref!r}: only local references to #/$defs/NAME or #/definitions/NAME")
-        target = (schema.get(parts[1]) or {}).get(parts[2].replace("~1", "/").replace("~0", "~"))
+        defs = schema.get(parts[1], {})
+        if not isinstance(defs, dict):
+            raise SchemaError(f"$ref {ref!r}: the schema's {parts[1]} is not an object of definitions")
+        target = defs.get(parts[2].replace("~1", "/").replace("~0", "~"))
         if target is None:
             raise SchemaError(f"$ref {ref!r} names no definition")
         node = refs[ref] = Node()  # filled below; a recursive reference finds it here
-        node.__dict__.update(build(target, ref, bare | {ref}).__dict__)
+        building.add(id(node))
+        built = build(target, ref, bare | {ref})
+        building.discard(id(node))
+        if id(built) in building:  # an alias of a definition still being built: refer to it, not a copy
+            node.any_of = (built,)
+        else:
+            node.__dict__.update(built.__dict__)
         return node
 
     def build(s: Any, where: str, bare: frozenset = frozenset()) -> Node:
@@ -196,7 +221,10 @@ def _compile(schema: Any) -> Node:
 
     try:
         root = refs["#"]
-        root.__dict__.update(build(schema, "#", frozenset({"#"})).__dict__)
+        building.add(id(root))
+        built = build(schema, "#", frozenset({"#"}))
+        building.discard(id(root))
+        root.__dict__.update(built.__dict__)
     except UnicodeEncodeError as e:
         raise SchemaError(f"a name in the schema is not valid Unicode text: {e.reason}") from None
     except RecursionError:
@@ -463,8 +491,8 @@ class JsonState:
         for b in data:
             if len(paths) == 1:
                 paths = paths[0].step(b)
-            else:
-                paths = tuple(dict.fromkeys(q for p in paths for q in p.step(b)))  # (same reading twice: once)
+            else:  # (the same reading twice: once; past MAX_READINGS, the first ones, in branch order)
+                paths = tuple(itertools.islice(dict.fromkeys(q for p in paths for q in p.step(b)), MAX_READINGS))
             if not paths:
                 return None
         return JsonState(paths)

@@ -385,6 +385,9 @@ class Engine:
         "required" or {"type": "function", "function": {"name": ...}} forces calls, see toolcalls.py)."""
         rule = self.tool_call_rule(tools or [], tool_choice, parallel_tool_calls)
         if rule is not None:
+            if thinking:
+                raise SamplingError("tool_choice 'required' or a named function cannot be combined with thinking "
+                                    "(the call is forced from the first token)")
             kwargs["tool_call"] = rule
         ids = self.chat_prompt(messages, thinking=thinking, tools=tools)
         if stream:
@@ -554,12 +557,14 @@ class Engine:
         except ValueError as e:
             raise SamplingError(str(e)) from None
 
-    def tool_call_markup(self) -> str | None:
+    def tool_call_markup(self, tools: list[dict] | None = None) -> str | None:
         """The tool-call markup the chat template writes ("v3" for V3/R1, "v3.1"), or None where it
-        writes none this engine can force (toolcalls.py)."""
+        writes none this engine can force (toolcalls.py). `tools`: the request's (they pick a named
+        `tool_use` template, as for the prompt)."""
         if self.tokenizer is None or not hasattr(self.tokenizer, "apply_chat_template"):
             return None
-        return markup_of(lambda msgs: self.tokenizer.apply_chat_template(msgs, add_generation_prompt=False))
+        return markup_of(lambda msgs: self.tokenizer.apply_chat_template(msgs, add_generation_prompt=False,
+                                                                         tools=tools or []))
 
     def tool_call_rule(self, tools: list[dict], tool_choice, parallel: bool = True) -> ToolCallRule | None:
         """The rule that forces OpenAI's `tool_choice` ("required" or {"type": "function", "function":
@@ -570,7 +575,7 @@ class Engine:
             raise SamplingError(f"tool_choice: {e}") from None
         if rule is None:
             return None
-        markup = self.tool_call_markup()
+        markup = self.tool_call_markup(tools)
         if markup is None:
             raise SamplingError("tool_choice 'required' or a named function needs a chat template that writes tool "
                                 "calls in DeepSeek's V3/R1 or V3.1 markup (this model's does not; see --chat-template)")

@@ -338,11 +338,11 @@ class LogitsProcessor:
                 row_probs = None if probs is None or bool(self.greedy[b]) else probs[b]
                 try:
                     t = c.choose(int(tok[b]), pen[b], row_probs, self.generators[b] or self.shared_generator)
+                    c.advance(t)
                 except Exception:  # noqa: BLE001 - a dead end of one row's schema must not fail the batch
                     t = int(tok[b])  # the row goes on unconstrained; its output will not validate
                     self.constraints[b] = None
                 tok[b] = t
-                c.advance(t)
         return tok
 
 

@@ -27,6 +27,8 @@ from ..tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_C
 from .constraints import OBJECT, JsonState, Node, SchemaError, TokenConstraint, compile_schema
 
 MARKUPS = ("v3", "v3.1")
+_MARKER_TEXTS = tuple(m.encode() for m in (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP))
+_TAIL = max(map(len, _MARKER_TEXTS)) - 1
 MAX_CALLS = 16  # calls in one forced turn
 MAX_SPACES = 4  # spaces before a name (the parser strips them; some tokenizers start words with one), or
 # whitespace between two calls
@@ -57,6 +59,8 @@ class ToolCallRule:
         for name, params in self.functions:
             if not isinstance(name, str) or not _NAME.fullmatch(name):
                 raise SchemaError(f"function name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+            if name.encode() in out:
+                raise SchemaError(f"function name {name!r} appears twice among the tools")
             try:
                 out[name.encode()] = OBJECT if params is None else compile_schema(params)
             except SchemaError as e:
@@ -86,7 +90,9 @@ def rule_for(tools: Sequence[dict], choice: Any, markup: str, parallel: bool = T
 
 def markup_of(render) -> str | None:
     """Which markup a chat template writes: `render(messages)` is the rendered text of a
-    conversation (with special tokens) or raises when the template cannot write tool calls."""
+    conversation (with special tokens; rendered with the request's tools, which select a named
+    `tool_use` template as they would for the prompt) or raises when the template cannot write
+    tool calls."""
     call = {"id": "call_0", "type": "function", "function": {"name": _PROBE, "arguments": _PROBE_ARGS}}
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
     try:
@@ -112,7 +118,7 @@ class ToolCallConstraint(TokenConstraint):
         self.symbol = {i: m for m, i in markers.items()}
         self.names = tuple(schemas)
         self.head, self.body = _HEAD[rule.markup], _BODY[rule.markup]
-        self.state: tuple = ("open", None, None, 0)
+        self.state: tuple = ("open", None, None, 0)  # text: (part, its state, name, the last bytes written)
 
     # -- the text between markers --------------------------------------------------------------
     def _initial(self, part: tuple, name: bytes | None):
@@ -153,7 +159,7 @@ class ToolCallConstraint(TokenConstraint):
         return i, sub, name
 
     def _complete(self, parts: tuple, text: tuple) -> bool:
-        i, sub, _ = text
+        i, sub = text[0], text[1]
         if i != len(parts) - 1:
             return False
         kind, lit = parts[i]
@@ -162,7 +168,7 @@ class ToolCallConstraint(TokenConstraint):
     # -- tokens -----------------------------------------------------------------------------------
     def _next(self, token: int) -> tuple | None:
         phase, text, name, count = self.state
-        if phase == "end":
+        if phase in ("end", "done"):  # (after the turn only stop tokens: ignore_eos rows too)
             return ("done", None, None, count) if token in self.eos_ids else None
         mark = self.symbol.get(token)
         if mark is None:
@@ -174,16 +180,21 @@ class ToolCallConstraint(TokenConstraint):
                 return (phase, spaces, name, count) if spaces <= MAX_SPACES and not data.strip() else None
             if phase not in ("head", "body"):
                 return None
-            text = self._feed(self.head if phase == "head" else self.body, text, data)
-            return None if text is None else (phase, text, name, count)
+            # a marker's characters inside a name or a JSON string would end the call early for a
+            # reader of the text (the server's parser): refused
+            seen = text[3] + data
+            if any(m in seen for m in _MARKER_TEXTS):
+                return None
+            text = self._feed(self.head if phase == "head" else self.body, text[:3], data)
+            return None if text is None else (phase, (*text, seen[-_TAIL:]), name, count)
         if phase == "open" and mark == TOOL_CALLS_BEGIN:
             return "call", None, None, count
         if mark == TOOL_CALL_BEGIN and (phase == "call" or (phase == "next" and self.rule.parallel
                                                              and count < MAX_CALLS)):
-            return "head", (0, self._initial(self.head[0], None), None), None, count
+            return "head", (0, self._initial(self.head[0], None), None, b""), None, count
         if phase == "head" and mark == TOOL_SEP and self._complete(self.head, text):
             name = text[1].lstrip(b" ") if self.head[-1][0] == "name" else None
-            return "body", (0, self._initial(self.body[0], name), name), name, count
+            return "body", (0, self._initial(self.body[0], name), name, b""), name, count
         if phase == "body" and mark == TOOL_CALL_END and self._complete(self.body, text):
             return "next", None, None, count + 1
         if phase == "next" and mark == TOOL_CALLS_END:
@@ -194,10 +205,13 @@ class ToolCallConstraint(TokenConstraint):
         return self._next(token) is not None
 
     def candidates(self) -> list[int] | None:
-        phase = self.state[0]
+        phase, text = self.state[:2]
         if phase in ("head", "body"):
+            parts = self.head if phase == "head" else self.body
+            if self._complete(parts, text) and not any(self._feed(parts, text[:3], bytes([b])) for b in range(256)):
+                return [self.ids[TOOL_SEP if phase == "head" else TOOL_CALL_END]]  # only the marker can follow
             return None
-        if phase == "end":
+        if phase in ("end", "done"):
             return sorted(self.eos_ids)
         return sorted(t for t in self.symbol if self._next(t) is not None)
 
