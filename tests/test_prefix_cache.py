@@ -64,6 +64,17 @@ def test_the_budget_drops_least_recently_used_blocks_and_their_followers():
     assert cache.lookup(a) == [] and len(cache.lookup(b)) == 2  # a's second block went with its first
     with pytest.raises(ValueError, match="holds no block"):
         PrefixCache(1, 4, max_bytes=10, block=2)
+    # a sequence longer than the budget keeps its first blocks rather than evicting them for its
+    # later ones (which would then hang from a parent no longer stored)
+    long = list(range(20))
+    assert cache.store(long, _rows(long, 1, 4), 0) == 3 and len(cache.lookup(long)) == 3
+    # an evicted block leaves its parent's list of followers (a shared first block must not
+    # collect the keys of every continuation ever evicted)
+    for k in range(50):
+        seq = [1, 2, 100 + k, 100 + k]
+        cache.store(seq, _rows(seq, 1, 4), 0)
+    first = cache.lookup([1, 2, 0])[0]
+    assert len(first.children) <= len(cache) <= 3
 
 
 # ---- the scheduler against the engine ---------------------------------------------------------------
@@ -127,6 +138,18 @@ def test_a_joiner_with_a_hit_enters_a_running_batch(engine):
     assert sched.prefix.hit_tokens > 0
     _check(engine, prompts, {k: ([t for u in v for t in u.token_ids], [x for u in v for x in (u.logprobs or [])])
                              for k, v in ups.items()})
+
+
+def test_a_hit_beside_a_longer_miss_stays_within_the_pool(engine):
+    """Review regression: one prefill pads every row to the longest rest, so a row that starts
+    late (a 96-token hit) beside a long miss wrote past the pool (a crash that failed the batch);
+    the late row now starts early enough to fit."""
+    sched = Scheduler(engine, max_batch=4, prefix_cache_bytes=1 << 24)
+    warm = list(range(2, 102))
+    _run(sched, [[("warm", warm)]])
+    prompts = {"hit": warm + [5, 6], "miss": [7] * 200}
+    _check(engine, prompts, _run(sched, [list(prompts.items())]))
+    assert sched.prefix.hit_tokens > 0
 
 
 def test_prefix_caching_refuses_speculation(engine):

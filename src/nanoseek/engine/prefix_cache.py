@@ -31,6 +31,7 @@ class Block:
     id: int
     key: tuple
     data: torch.Tensor  # [layers, block, D]
+    parent: Block | None = None
     children: set = field(default_factory=set)  # keys of the blocks that continue this one
 
 
@@ -73,7 +74,8 @@ class PrefixCache:
             parent = found.id
 
     def lookup(self, tokens: Sequence[int]) -> list[Block]:
-        """The longest run of stored blocks that begins `tokens`, at least one token short of it."""
+        """The longest run of stored blocks that begins `tokens`, at least one token short of it
+        (`record` counts what the caller used of it)."""
         usable = (len(tokens) - 1) // self.block
         out = []
         for key, _ in self._keys(tokens, usable):
@@ -82,9 +84,12 @@ class PrefixCache:
                 break
             self._blocks.move_to_end(key)
             out.append(found)
-        self.queried_tokens += len(tokens)
-        self.hit_tokens += len(out) * self.block
         return out
+
+    def record(self, queried: int, hit: int) -> None:
+        """Count a prompt of `queried` tokens of which `hit` came from the store."""
+        self.queried_tokens += queried
+        self.hit_tokens += hit
 
     def fill(self, blocks: list[Block], layers: Sequence[torch.Tensor], row: int) -> None:
         """Copy `blocks` into positions 0.. of batch row `row` of every layer's cache [B, S, D]."""
@@ -101,29 +106,38 @@ class PrefixCache:
         b = self.block
         added = 0
         parent: Block | None = None
+        chain: set[tuple] = set()  # this sequence's blocks so far: never evicted to make room for the next
+        # (`_keys` looks each key up again after this loop's body, so it walks on through a block
+        # this body has just added)
         for key, i in self._keys(tokens, len(tokens) // b):
             found = self._blocks.get(key)
             if found is None:
-                if not self._make_room():
-                    break
+                if not self._make_room(chain):
+                    break  # only this sequence's own earlier blocks are left: keep those
                 data = torch.stack([layer[row, i * b:(i + 1) * b] for layer in layers]).to(self.dtype)  # (a copy)
-                found = self._blocks[key] = Block(next(self._ids), key, data)
+                found = self._blocks[key] = Block(next(self._ids), key, data, parent)
                 if parent is not None:
                     parent.children.add(key)
                 added += 1
             else:
                 self._blocks.move_to_end(key)
+            chain.add(key)
             parent = found
         return added
 
-    def _make_room(self) -> bool:
+    def _make_room(self, keep: set[tuple]) -> bool:
         while self.bytes_used + self.block_bytes > self.max_bytes:
-            if not self._blocks:
+            victim = next((k for k in self._blocks if k not in keep), None)  # the least recently used
+            if victim is None:
                 return False
-            self._evict(next(iter(self._blocks)))
+            self._evict(victim)
         return True
 
     def _evict(self, key: tuple) -> None:
+        """Drop a block and every block after it (they could no longer be reached)."""
+        first = self._blocks.get(key)
+        if first is not None and first.parent is not None:
+            first.parent.children.discard(key)
         stack = [key]
         while stack:
             gone = self._blocks.pop(stack.pop(), None)

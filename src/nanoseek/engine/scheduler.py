@@ -321,10 +321,11 @@ class Scheduler:
         lens = [len(r.prompt) for r in reqs]
         starts = [0] * b
         if self.prefix is not None:  # rows that begin like an earlier prompt start from its blocks
-            for i, r in enumerate(reqs):
-                hit = self.prefix.lookup(r.prompt)
-                self.prefix.fill(hit, cache.layers, i)
-                starts[i] = len(hit) * self.prefix.block
+            hits = [self.prefix.lookup(r.prompt) for r in reqs]
+            starts = self._prefix_starts(lens, [len(h) * self.prefix.block for h in hits])
+            for i, (h, s) in enumerate(zip(hits, starts)):
+                self.prefix.fill(h[:s // self.prefix.block], cache.layers, i)
+                self.prefix.record(lens[i], s)
         rest = [n - s for n, s in zip(lens, starts)]
         ids = torch.zeros(b, max(rest), dtype=torch.long, device=self.device)
         for i, r in enumerate(reqs):
@@ -362,6 +363,19 @@ class Scheduler:
             self._proc, self._n, self._last, self._drafts, self._q = proc, n, tok, drafts, q
         self.running.extend(joiners)
         self._collect(joiners, updates, offset=B0)
+
+    def _prefix_starts(self, lens: list[int], starts: list[int]) -> list[int]:
+        """Where each joiner's prefill starts, given its cache hit: a row of the prefill writes
+        start + the longest rest positions (its padding included), which must stay within the pool;
+        rows that would pass it start earlier (whole blocks), until every row fits."""
+        cap, block = self.capacity, self.prefix.block
+        while True:
+            width = max(n - s for n, s in zip(lens, starts))
+            over = [i for i, s in enumerate(starts) if s + width > cap]
+            if not over:
+                return starts
+            for i in over:  # (width <= the longest prompt <= cap, so start 0 always fits)
+                starts[i] = max(0, (cap - width) // block * block)
 
     def _decode(self, updates: list[SeqUpdate]) -> None:
         engine, k, proc = self.engine, self.k, self._proc
