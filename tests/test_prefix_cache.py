@@ -152,6 +152,22 @@ def test_a_hit_beside_a_longer_miss_stays_within_the_pool(engine):
     assert sched.prefix.hit_tokens > 0
 
 
+def test_cached_prefixes_do_not_count_against_the_prefill_budget(engine):
+    """Joiners whose prompts the cache mostly holds are prefilled together: only the tokens left
+    to compute count against max_prefill_tokens."""
+    shared = list(range(3, 403))
+    counts = {}
+    for cache in (None, 1 << 24):
+        sched = Scheduler(engine, max_batch=8, prefix_cache_bytes=cache, max_prefill_tokens=512)
+        _run(sched, [[("warm", shared + [5])]])
+        before = sched.prefill_steps
+        prompts = {i: shared + [10 + i, 11] for i in range(4)}
+        got = _run(sched, [list(prompts.items())])
+        counts[cache] = sched.prefill_steps - before
+    _check(engine, prompts, got)
+    assert counts == {None: 4, 1 << 24: 1}
+
+
 def test_prefix_caching_refuses_speculation(engine):
     with pytest.raises(SamplingError, match="does not combine with speculative"):
         Scheduler(engine, speculative=1, prefix_cache_bytes=1 << 20)

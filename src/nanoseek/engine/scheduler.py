@@ -276,10 +276,12 @@ class Scheduler:
             need = max(longest, s.reservation)
             if not self._fits(len(self.running) + len(joiners) + 1, need):
                 break
-            if joiners and tokens + len(s.prompt) > self.max_prefill_tokens:
+            # (prompt tokens to compute: a prefix the cache holds costs nothing)
+            cost = len(s.prompt) - (len(self.prefix.lookup(s.prompt)) * self.prefix.block if self.prefix else 0)
+            if joiners and tokens + cost > self.max_prefill_tokens:
                 break
             joiners.append(self.waiting.popleft())
-            longest, tokens = need, tokens + len(s.prompt)
+            longest, tokens = need, tokens + cost
         if joiners:
             self._ensure_pool(len(self.running) + len(joiners), longest)
         return joiners
