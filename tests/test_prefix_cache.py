@@ -168,6 +168,20 @@ def test_cached_prefixes_do_not_count_against_the_prefill_budget(engine):
     assert counts == {None: 4, 1 << 24: 1}
 
 
+def test_changed_weights_empty_the_cache(tmp_path):
+    """Blocks computed with other weights (an optimizer step, a reload) are never reused."""
+    e = Engine(str(random_model_dir(tmp_path, seed=7)), seed=0)
+    sched = Scheduler(e, max_batch=2, prefix_cache_bytes=1 << 24)
+    prompt = SYSTEM + "Hi?"
+    _run(sched, [[("a", prompt)]])
+    assert len(sched.prefix) > 0
+    with torch.no_grad():
+        e.model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.mul_(1.5)
+    got = _run(sched, [[("b", prompt)]])
+    assert sched.prefix.hit_tokens == 0
+    _check(e, {"b": prompt}, got)
+
+
 def test_prefix_caching_refuses_speculation(engine):
     with pytest.raises(SamplingError, match="does not combine with speculative"):
         Scheduler(engine, speculative=1, prefix_cache_bytes=1 << 20)

@@ -129,6 +129,7 @@ class Scheduler:
         self.finished_count = 0
         self.aborted_count = 0
         self.prefix: PrefixCache | None = None
+        self._weights_stamp: tuple | None = None  # the weights the prefix cache's blocks were computed with
         if prefix_cache_bytes:
             if self.k:
                 raise SamplingError("prefix caching does not combine with speculative decoding (the MTP layer's "
@@ -318,6 +319,11 @@ class Scheduler:
         engine._refresh()
         t0 = time.perf_counter()
         B0, b = len(self.running), len(joiners)
+        if self.prefix is not None:
+            stamp = tuple((p.data_ptr(), p._version) for p in model.parameters())
+            if stamp != self._weights_stamp:  # trained or reloaded since: the stored latents are stale
+                self.prefix.clear()
+                self._weights_stamp = stamp
         reqs = [s.req for s in joiners]
         cache = self._view(B0, B0 + b)
         lens = [len(r.prompt) for r in reqs]
