@@ -72,6 +72,35 @@ def test_joining_and_leaving_gives_the_engines_outputs(engine, k):
         assert sched.stats.drafted > 0
 
 
+@pytest.mark.parametrize("k", [0, 1])
+def test_choices_of_one_prompt_share_its_prefill(engine, k):
+    """n choices of one prompt (the server's n > 1) are prefilled once and copied, in any order
+    among other joiners; each choice's output is still the engine's for its own parameters."""
+    shared, other = [9, 8, 7, 6, 5, 4, 3, 20, 30, 40], [11, 12, 13]
+    prompts = [shared, other, shared, shared]
+    params = [SamplingParams(max_tokens=12, temperature=0, logprobs=1),
+              SamplingParams(max_tokens=12, temperature=0),
+              SamplingParams(max_tokens=12, temperature=1.0, seed=3, logprobs=0),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=4, top_k=30)]
+    refs = [engine.generate(p, pr, speculative=k) for p, pr in zip(prompts, params)]
+    rows = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda m, args, kw: rows.append(kw["input_ids"].shape if "input_ids" in kw else args[0].shape),
+        with_kwargs=True)
+    try:
+        sched = Scheduler(engine, max_batch=4, speculative=k)
+        for i, (p, pr) in enumerate(zip(prompts, params)):
+            sched.add(i, p, pr)
+        out = sched.run_until_done()
+    finally:
+        hook.remove()
+    assert rows[0] == (2, len(shared))  # the prefill: one row per distinct prompt
+    for i, ref in enumerate(refs):
+        assert [t for u in out[i] for t in u.token_ids] == ref.token_ids, i
+        if ref.logprobs is not None:
+            assert [x for u in out[i] for x in u.logprobs] == pytest.approx(ref.logprobs, abs=1e-4)
+
+
 def test_stop_strings_through_the_scheduler(engine):
     prompt = engine.tokenizer.encode("Hello world", add_bos=True)
     full = engine.generate(prompt, max_tokens=30, temperature=0, ignore_eos=True).text

@@ -91,6 +91,12 @@ class ScheduledSequence:
         return self.req.prompt
 
 
+def _first_of_each(reqs: list[_Request]) -> list[int]:
+    """For each request, the index of the first request with the same prompt."""
+    first: dict[tuple, int] = {}
+    return [first.setdefault(tuple(r.prompt), i) for i, r in enumerate(reqs)]
+
+
 class Scheduler:
     """Continuous batching over one `Engine` (see the module docstring). Not thread-safe: one
     thread owns it and calls add / abort / step."""
@@ -324,36 +330,57 @@ class Scheduler:
             if stamp != self._weights_stamp:  # trained or reloaded since: the stored latents are stale
                 self.prefix.clear()
                 self._weights_stamp = stamp
+        # a request's n choices share one prompt: it is computed once, for the first of them, and
+        # its cache rows copied to the others (rows computed first, copies after)
         reqs = [s.req for s in joiners]
+        src = _first_of_each(reqs)
+        if len(set(src)) < b:
+            order = [i for i in range(b) if src[i] == i] + [i for i in range(b) if src[i] != i]
+            joiners = [joiners[i] for i in order]
+            reqs = [s.req for s in joiners]
+            src = _first_of_each(reqs)
+        u = len(set(src))
         cache = self._view(B0, B0 + b)
         lens = [len(r.prompt) for r in reqs]
-        starts = [0] * b
+        starts = [0] * u
         if self.prefix is not None:  # rows that begin like an earlier prompt start from its blocks
-            hits = [self.prefix.lookup(r.prompt) for r in reqs]
-            starts = self._prefix_starts(lens, [len(h) * self.prefix.block for h in hits])
+            hits = [self.prefix.lookup(r.prompt) for r in reqs[:u]]
+            starts = self._prefix_starts(lens[:u], [len(h) * self.prefix.block for h in hits])
             for i, (h, s) in enumerate(zip(hits, starts)):
                 self.prefix.fill(h[:s // self.prefix.block], cache.layers, i)
                 self.prefix.record(lens[i], s)
         rest = [n - s for n, s in zip(lens, starts)]
-        ids = torch.zeros(b, max(rest), dtype=torch.long, device=self.device)
-        for i, r in enumerate(reqs):
+        ids = torch.zeros(u, max(rest), dtype=torch.long, device=self.device)
+        for i, r in enumerate(reqs[:u]):
             ids[i, : rest[i]] = torch.tensor(r.prompt[starts[i]:])
         n = torch.tensor(lens, device=self.device)
         proc = LogitsProcessor([r.params for r in reqs], [r.prompt for r in reqs], self.config.vocab_size,
                                self.device, engine._generators(reqs), self._shared, engine._constraints(reqs))
         if any(starts):
-            out = model(ids, cache=cache, start_pos=torch.tensor(starts, device=self.device),
+            out = model(ids, cache=self._view(B0, B0 + u), start_pos=torch.tensor(starts, device=self.device),
                         logits_at=torch.tensor(rest, device=self.device) - 1)
         else:
-            out = model(ids, cache=cache, return_hidden=bool(k), logits_at=n - 1)
+            out = model(ids, cache=self._view(B0, B0 + u), return_hidden=bool(k), logits_at=n[:u] - 1)
+        logits, hidden = out.logits, out.hidden_states
+        if u < b:
+            copies = torch.tensor(src[u:], device=self.device) + B0
+            for layer in self._pool:  # (the MTP layer's rows are written by the drafts below)
+                layer[B0 + u:B0 + b, :max(lens)] = layer[copies, :max(lens)]
+            idx = torch.tensor(src, device=self.device)
+            logits = logits[idx]
+            hidden = hidden[idx] if hidden is not None else None
         if self.prefix is not None:
-            for i, r in enumerate(reqs):
+            for i, r in enumerate(reqs[:u]):
                 self.prefix.store(r.prompt, cache.layers, i)
-        tok = proc.sample(out.logits)
+        tok = proc.sample(logits)
         # the first token is counted (penalties) before the MTP module drafts the next, as in Engine._run
         engine._emit(reqs, proc, tok[:, None], torch.zeros(b, dtype=torch.long, device=self.device),
-                     out.logits[:, None], self._want_logprobs(joiners), self.stats, first=True)
-        drafts, q = engine._prefill_drafts(proc, ids, n, tok, out.hidden_states, cache, k, lens) if k else (None, None)
+                     logits[:, None], self._want_logprobs(joiners), self.stats, first=True)
+        if k:  # (no prefix cache with speculation: every row's prompt is whole)
+            ids = torch.zeros(b, max(lens), dtype=torch.long, device=self.device)
+            for i, r in enumerate(reqs):
+                ids[i, : lens[i]] = torch.tensor(r.prompt)
+        drafts, q = engine._prefill_drafts(proc, ids, n, tok, hidden, cache, k, lens) if k else (None, None)
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefill_s += time.perf_counter() - t0
         self.prefill_steps += 1
