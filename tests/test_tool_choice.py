@@ -119,6 +119,44 @@ def test_a_named_function_is_called_once():
             assert [c.name for c in _check_calls(_decode(ids).removesuffix(EOS), {"get"})] == ["get"]
 
 
+def test_calls_or_json_walks_end_in_one_or_the_other():
+    """tool_choice "auto" beside JSON output: either constraint, whichever the tokens keep alive;
+    every finished walk is valid calls or a JSON document the schema accepts."""
+    from nanoseek.engine.constraints import EitherConstraint, JsonConstraint, compile_schema
+
+    answer = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    rule = ToolCallRule(tuple((t["function"]["name"], t["function"]["parameters"]) for t in TOOLS), "v3.1",
+                        optional=True)
+    kinds = set()
+    for seed in range(40):
+        c = EitherConstraint([JsonConstraint(TABLE, {EOS_ID}, compile_schema(answer)),
+                              ToolCallConstraint(TABLE, {EOS_ID}, MARKER_IDS, rule, rule.compile())])
+        rng, ids = random.Random(seed), []
+        closing = {ord(x) for x in '"}]0123456789,'} | set(MARKER_IDS.values()) | {EOS_ID}
+        for _ in range(400):
+            allowed = [t for t in range(len(TABLE)) if c.allowed(t)]
+            assert allowed, _decode(ids)
+            t = rng.choices(allowed, [30 if t in closing else 1 for t in allowed])[0]
+            if t == EOS_ID:
+                text = _decode(ids)
+                if text.startswith(B):
+                    _check_calls(text, set(SCHEMAS))
+                    kinds.add("calls")
+                else:
+                    jsonschema.validate(json.loads(text), answer)
+                    kinds.add("json")
+                break
+            ids.append(t)
+            c.advance(t)
+    assert kinds == {"calls", "json"}
+    with pytest.raises(SamplingError, match="goes with json_object"):
+        from nanoseek.engine import SamplingParams
+        SamplingParams(tool_call=rule)
+    lenient = ToolCallRule((("f", {"type": "object", "properties": {"a": {"pattern": "x"}}}),), optional=True)
+    assert lenient.compile()[b"f"] is not None  # optional: unsupported parameters take any object
+
+
 def _feed(c: ToolCallConstraint, pieces: list) -> bool:
     """Feed markers (str) and text (bytes, one token per byte); False at the first refused token."""
     for p in pieces:
@@ -282,6 +320,22 @@ def test_engine_forces_calls(engine, tooled):
     assert finished >= 3
 
 
+def test_engine_answers_calls_or_json_beside_tools(engine):
+    """json_object with tools (tool_choice auto): the model may call a tool or answer in JSON."""
+    from nanoseek.tokenizer import TOOL_CALLS_BEGIN
+
+    msgs = [{"role": "user", "content": "Weather?"}]
+    tb = engine.tokenizer.token_bytes()
+    quote = {i: 4.0 for i, b in enumerate(tb) if b and b'"' in b} | {i: -5.0 for i, b in enumerate(tb)
+                                                                      if b and not b.strip()}
+    to_call = quote | {engine.tokenizer.token_to_id(TOOL_CALLS_BEGIN): 8.0}
+    r = engine.chat(msgs, tools=TOOLS, json_object=True, max_tokens=80, temperature=0, logit_bias=to_call)
+    assert r.finish_reason == "stop" and r.text.startswith(B)
+    _check_calls(r.text, set(SCHEMAS))
+    r = engine.chat(msgs, tools=TOOLS, json_object=True, max_tokens=80, temperature=0, logit_bias=quote)
+    assert not r.text.startswith(B) and isinstance(json.loads(r.text), dict)
+
+
 def test_engine_refuses_what_it_cannot_force(engine, tmp_path):
     from nanoseek.engine import Engine
 
@@ -328,6 +382,22 @@ def test_server_forces_calls(server, engine, choice):
     deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
     assert [(d.function.name, d.function.arguments) for d in deltas] == [(x.name, x.arguments) for x in calls]
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+
+
+def test_server_answers_calls_or_json_beside_tools(server, engine):
+    from nanoseek.tokenizer import TOOL_CALLS_BEGIN
+
+    tb = engine.tokenizer.token_bytes()
+    quote = {str(i): 4.0 for i, b in enumerate(tb) if b and b'"' in b}
+    kw = dict(model="m", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, max_tokens=80,
+              temperature=0, response_format={"type": "json_object"})
+    c = server.client().chat.completions.create(
+        logit_bias=quote | {str(engine.tokenizer.token_to_id(TOOL_CALLS_BEGIN)): 8.0}, **kw).choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.tool_calls
+    for call in c.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    c = server.client().chat.completions.create(logit_bias=quote, **kw).choices[0]
+    assert not c.message.tool_calls and isinstance(json.loads(c.message.content), dict)
 
 
 @pytest.mark.parametrize("extra,param", [

@@ -593,6 +593,27 @@ class TokenConstraint:
         return int(logits.float().masked_fill(~mask, float("-inf")).argmax())
 
 
+class EitherConstraint(TokenConstraint):
+    """The output follows one of several constraints (JSON, or tool calls), whichever the tokens so
+    far still allow: a token is allowed if one of them allows it, and the ones that do not drop out."""
+
+    def __init__(self, options: Sequence[TokenConstraint]) -> None:
+        self.options = list(options)
+
+    def allowed(self, token: int) -> bool:
+        return any(o.allowed(token) for o in self.options)
+
+    def candidates(self) -> list[int] | None:
+        listed = [o.candidates() for o in self.options]
+        return None if any(x is None for x in listed) else sorted(set().union(*listed))
+
+    def advance(self, token: int) -> None:
+        live = [o for o in self.options if o.allowed(token)]
+        for o in live:
+            o.advance(token)
+        self.options = live or self.options
+
+
 class JsonConstraint(TokenConstraint):
     """A row held to one JSON object (that a schema accepts); `choose` picks its next token and
     `advance` records it."""

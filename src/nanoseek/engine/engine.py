@@ -38,7 +38,7 @@ from ..model import DeepseekV3ForCausalLM, LatentCache
 from ..model.attention import take
 from ..model.transformer import gather_positions
 from .sampling import LogitsProcessor, SamplingError, SamplingParams, make_params, raw_logprobs
-from .constraints import JsonConstraint, TokenConstraint
+from .constraints import EitherConstraint, JsonConstraint, TokenConstraint
 from .toolcalls import ToolCallConstraint, ToolCallRule, marker_ids, markup_of, rule_for
 from .speculative import mtp_next_tokens, speculative_accept
 
@@ -389,6 +389,8 @@ class Engine:
                 raise SamplingError("tool_choice 'required' or a named function cannot be combined with thinking "
                                     "(the call is forced from the first token)")
             kwargs["tool_call"] = rule
+        elif tools and tool_choice != "none" and (kwargs.get("json_object") or kwargs.get("json_schema") is not None):
+            kwargs["tool_call"] = self.optional_tool_rule(tools, parallel_tool_calls)  # calls, or the JSON answer
         ids = self.chat_prompt(messages, thinking=thinking, tools=tools)
         if stream:
             return self.stream([ids], params, speculative=speculative, **kwargs)
@@ -543,11 +545,11 @@ class Engine:
         table = self.tokenizer.token_bytes()
 
         def one(p: SamplingParams, stop: set[int]) -> TokenConstraint | None:
+            json = JsonConstraint(table, stop, *([p.schema_node] if p.schema_node else []))
             if p.tool_call is not None:
-                return ToolCallConstraint(table, stop, self._tool_markers(), p.tool_call, p.tool_schemas)
-            if p.constrained:
-                return JsonConstraint(table, stop, *([p.schema_node] if p.schema_node else []))
-            return None
+                calls = ToolCallConstraint(table, stop, self._tool_markers(), p.tool_call, p.tool_schemas)
+                return EitherConstraint([json, calls]) if p.tool_call.optional else calls
+            return json if p.constrained else None
 
         return [one(r.params, r.stop_ids or self.eos_ids) for r in reqs]
 
@@ -565,6 +567,15 @@ class Engine:
             return None
         return markup_of(lambda msgs: self.tokenizer.apply_chat_template(msgs, add_generation_prompt=False,
                                                                          tools=tools or []))
+
+    def optional_tool_rule(self, tools: list[dict], parallel: bool = True) -> ToolCallRule | None:
+        """For `tool_choice: "auto"` beside JSON output: the answer may be tool calls (checked as
+        forced ones are) or the JSON; None (JSON only) where the template writes no tool calls."""
+        try:
+            rule = self.tool_call_rule(tools, "required", parallel)
+        except SamplingError:
+            return None
+        return replace(rule, optional=True)
 
     def tool_call_rule(self, tools: list[dict], tool_choice, parallel: bool = True) -> ToolCallRule | None:
         """The rule that forces OpenAI's `tool_choice` ("required" or {"type": "function", "function":

@@ -118,8 +118,11 @@ class SamplingParams:
         self.tool_schemas = None
         if self.tool_call is not None:
             need(isinstance(self.tool_call, ToolCallRule), f"tool_call must be a ToolCallRule, got {self.tool_call!r}")
-            need(not self.json_object and self.json_schema is None,
-                 "tool_call excludes json_object and json_schema (the arguments follow each function's schema)")
+            json_too = self.json_object or self.json_schema is not None
+            need(json_too == self.tool_call.optional,
+                 "tool_call excludes json_object and json_schema (the arguments follow each function's schema), "
+                 "unless it is optional: calls or the JSON output" if json_too else
+                 "an optional tool_call goes with json_object or json_schema (calls or the JSON output)")
             try:
                 self.tool_schemas = self.tool_call.compile()
             except SchemaError as e:

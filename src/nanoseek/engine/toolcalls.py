@@ -43,11 +43,15 @@ _BODY = {"v3": (("name", None), ("lit", b"\n```json\n"), ("json", None), ("lit",
 @dataclass(frozen=True)
 class ToolCallRule:
     """What a forced turn may call: `functions` (name, its parameters' JSON Schema or None for any
-    object), written in `markup`; `parallel`: more than one call."""
+    object), written in `markup`; `parallel`: more than one call. `optional`: the calls are one of
+    two ways the answer may go, the other being the JSON output asked for beside them
+    (`tool_choice: "auto"` with `response_format` JSON); a function whose parameters this decoder
+    cannot enforce then takes any object instead of refusing the request."""
 
     functions: tuple[tuple[str, Any], ...]
     markup: str = "v3"
     parallel: bool = True
+    optional: bool = False
 
     def compile(self) -> dict[bytes, Node]:
         """Each function's compiled parameters; SchemaError for a bad rule."""
@@ -64,7 +68,9 @@ class ToolCallRule:
             try:
                 out[name.encode()] = OBJECT if params is None else compile_schema(params)
             except SchemaError as e:
-                raise SchemaError(f"function {name!r} parameters: {e}") from None
+                if not self.optional:
+                    raise SchemaError(f"function {name!r} parameters: {e}") from None
+                out[name.encode()] = OBJECT
         return out
 
 

@@ -455,14 +455,17 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                                          choice.model_dump(), body.parallel_tool_calls)
         except SamplingError as e:
             raise APIError(400, str(e), "tool_choice", "invalid_value") from None
+        wants_json = any(_response_format(body.response_format))
         if rule is not None:
-            if any(_response_format(body.response_format)):
+            if wants_json:
                 raise APIError(400, "response_format JSON cannot be combined with a forced tool call (tool_choice)",
                                "response_format", "invalid_value")
             if scheduler.k:
                 raise APIError(400, "tool_choice 'required' or a named function needs constrained decoding, which "
                                     f"does not combine with speculative decoding (this server runs --speculative "
                                     f"{scheduler.k})", "tool_choice", "unsupported_parameter")
+        elif wants_json and choice != "none":
+            rule = engine.optional_tool_rule(tools, body.parallel_tool_calls)  # calls, or the JSON answer
         return tools, choice != "none", rule
 
     def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
