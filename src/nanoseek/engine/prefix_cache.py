@@ -60,29 +60,19 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def _keys(self, tokens: Sequence[int], blocks: int):
-        """(key, block index) for the first `blocks` full blocks, as far as they are stored; the
-        parent of the first missing one ends the walk."""
-        parent = 0
-        b = self.block
-        for i in range(blocks):
-            key = (parent, tuple(tokens[i * b:(i + 1) * b]))
-            yield key, i
-            found = self._blocks.get(key)
-            if found is None:
-                return
-            parent = found.id
+    def _key(self, parent: Block | None, tokens: Sequence[int], i: int) -> tuple:
+        """The key of block i of `tokens`, after the stored block `parent` (None: the first)."""
+        return (parent.id if parent is not None else 0, tuple(tokens[i * self.block:(i + 1) * self.block]))
 
     def lookup(self, tokens: Sequence[int]) -> list[Block]:
         """The longest run of stored blocks that begins `tokens`, at least one token short of it
         (`record` counts what the caller used of it)."""
-        usable = (len(tokens) - 1) // self.block
-        out = []
-        for key, _ in self._keys(tokens, usable):
-            found = self._blocks.get(key)
+        out: list[Block] = []
+        for i in range((len(tokens) - 1) // self.block):
+            found = self._blocks.get(self._key(out[-1] if out else None, tokens, i))
             if found is None:
                 break
-            self._blocks.move_to_end(key)
+            self._blocks.move_to_end(found.key)
             out.append(found)
         return out
 
@@ -107,9 +97,8 @@ class PrefixCache:
         added = 0
         parent: Block | None = None
         chain: set[tuple] = set()  # this sequence's blocks so far: never evicted to make room for the next
-        # (`_keys` looks each key up again after this loop's body, so it walks on through a block
-        # this body has just added)
-        for key, i in self._keys(tokens, len(tokens) // b):
+        for i in range(len(tokens) // b):
+            key = self._key(parent, tokens, i)
             found = self._blocks.get(key)
             if found is None:
                 if not self._make_room(chain):
