@@ -545,11 +545,13 @@ class Engine:
         table = self.tokenizer.token_bytes()
 
         def one(p: SamplingParams, stop: set[int]) -> TokenConstraint | None:
-            json = JsonConstraint(table, stop, *([p.schema_node] if p.schema_node else []))
-            if p.tool_call is not None:
-                calls = ToolCallConstraint(table, stop, self._tool_markers(), p.tool_call, p.tool_schemas)
-                return EitherConstraint([json, calls]) if p.tool_call.optional else calls
-            return json if p.constrained else None
+            if not p.constrained:
+                return None
+            json = lambda: JsonConstraint(table, stop, *([p.schema_node] if p.schema_node else []))  # noqa: E731
+            if p.tool_call is None:
+                return json()
+            calls = ToolCallConstraint(table, stop, self._tool_markers(), p.tool_call, p.tool_schemas)
+            return EitherConstraint([json(), calls]) if p.tool_call.optional else calls
 
         return [one(r.params, r.stop_ids or self.eos_ids) for r in reqs]
 
@@ -616,13 +618,11 @@ class Engine:
                                self._generators(live), shared, self._constraints(live))
         want_lp = max((r.params.logprobs for r in live if r.params.logprobs is not None), default=None)
         lens = [len(r.prompt) for r in live]
-        B, T = len(live), max(lens)
+        B = len(live)
         max_len = max(n + r.max_tokens for n, r in zip(lens, live)) + 2 * k + 2
         n_layers = cfg.num_hidden_layers + (1 if k else 0)
         cache = LatentCache(cfg, B, max_len, n_layers=n_layers, dtype=self.cache_dtype, device=self.device)
-        ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
-        for b, r in enumerate(live):
-            ids[b, : lens[b]] = torch.tensor(r.prompt)
+        ids = right_padded([r.prompt for r in live], self.device)
         n = torch.tensor(lens, device=self.device)
         stats.prompt_tokens = sum(lens)
 
@@ -836,6 +836,14 @@ def _check_unicode(text: str) -> None:
 def _is_array(x) -> bool:
     """A torch tensor or a numpy array (token ids)."""
     return isinstance(x, torch.Tensor) or (hasattr(x, "ndim") and hasattr(x, "tolist") and not isinstance(x, (str, bytes)))
+
+
+def right_padded(rows: Sequence[Sequence[int]], device: torch.device | str) -> torch.Tensor:
+    """Token-id rows as one LongTensor [len(rows), longest], zeros after each row's end."""
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids
 
 
 def _is_int(x) -> bool:

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import LatentCache
-from .engine import Engine, GenerationStats, Prompt, _Request
+from .engine import Engine, GenerationStats, Prompt, _Request, right_padded
 from .prefix_cache import PrefixCache
 from .sampling import LogitsProcessor, SamplingError, SamplingParams
 
@@ -350,9 +350,7 @@ class Scheduler:
                 self.prefix.fill(h[:s // self.prefix.block], cache.layers, i)
                 self.prefix.record(lens[i], s)
         rest = [n - s for n, s in zip(lens, starts)]
-        ids = torch.zeros(u, max(rest), dtype=torch.long, device=self.device)
-        for i, r in enumerate(reqs[:u]):
-            ids[i, : rest[i]] = torch.tensor(r.prompt[starts[i]:])
+        ids = right_padded([r.prompt[s:] for r, s in zip(reqs[:u], starts)], self.device)
         n = torch.tensor(lens, device=self.device)
         proc = LogitsProcessor([r.params for r in reqs], [r.prompt for r in reqs], self.config.vocab_size,
                                self.device, engine._generators(reqs), self._shared, engine._constraints(reqs))
@@ -376,10 +374,8 @@ class Scheduler:
         # the first token is counted (penalties) before the MTP module drafts the next, as in Engine._run
         engine._emit(reqs, proc, tok[:, None], torch.zeros(b, dtype=torch.long, device=self.device),
                      logits[:, None], self._want_logprobs(joiners), self.stats, first=True)
-        if k:  # (no prefix cache with speculation: every row's prompt is whole)
-            ids = torch.zeros(b, max(lens), dtype=torch.long, device=self.device)
-            for i, r in enumerate(reqs):
-                ids[i, : lens[i]] = torch.tensor(r.prompt)
+        if k:  # every row's whole prompt (no prefix cache with speculation)
+            ids = right_padded([r.prompt for r in reqs], self.device)
         drafts, q = engine._prefill_drafts(proc, ids, n, tok, hidden, cache, k, lens) if k else (None, None)
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefill_s += time.perf_counter() - t0
