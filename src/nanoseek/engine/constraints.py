@@ -138,8 +138,12 @@ def _compile(schema: Any) -> Node:
         if target is None:
             raise SchemaError(f"$ref {ref!r} names no definition")
         node = refs[ref] = Node()  # filled below; a recursive reference finds it here
+        return fill(node, target, ref, bare | {ref})
+
+    def fill(node: Node, s: Any, where: str, bare: frozenset) -> Node:
+        """Make the reference node `node` the schema `s`."""
         building.add(id(node))
-        built = build(target, ref, bare | {ref})
+        built = build(s, where, bare)
         building.discard(id(node))
         if id(built) in building:  # an alias of a definition still being built: refer to it, not a copy
             node.any_of = (built,)
@@ -220,11 +224,7 @@ def _compile(schema: Any) -> Node:
         return node
 
     try:
-        root = refs["#"]
-        building.add(id(root))
-        built = build(schema, "#", frozenset({"#"}))
-        building.discard(id(root))
-        root.__dict__.update(built.__dict__)
+        root = fill(refs["#"], schema, "#", frozenset({"#"}))
     except UnicodeEncodeError as e:
         raise SchemaError(f"a name in the schema is not valid Unicode text: {e.reason}") from None
     except RecursionError:
