@@ -3,8 +3,8 @@
 The event loop never runs the model. It validates a request, turns it into ScheduledSequences
 (`Scheduler.make_sequence`, read-only on the engine) and hands them to `Worker.submit`, which
 returns a `GenStream`. The worker thread takes new sequences and aborts from its inbox between
-steps, runs `Scheduler.step()`, and posts each step's updates back to the loop with
-`call_soon_threadsafe`; a GenStream is an asyncio queue of its sequences' updates.
+steps, runs `Scheduler.step()`, and posts each step's updates back to the loop in one
+`call_soon_threadsafe` callback; a GenStream is an asyncio queue of its sequences' updates.
 
 * The queue is bounded: `submit` raises QueueFull when `max_queue` requests are already waiting
   for a batch slot (the server answers 429 with Retry-After).
@@ -156,6 +156,11 @@ class GenStream:
             self.pending.clear()
 
 
+def _deliver(batch: dict[GenStream, list]) -> None:
+    for stream, items in batch.items():
+        stream._push(items)
+
+
 class Worker:
     def __init__(self, scheduler: Scheduler, max_queue: int = 64, model_thread: ModelThread | None = None) -> None:
         self.scheduler = scheduler
@@ -245,9 +250,12 @@ class Worker:
                     self.scheduler.abort(seq_id)
                     self._owners.pop(seq_id, None)
 
-    def _post(self, stream: GenStream, items: list) -> None:
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(stream._push, items)
+    def _post(self, batch: dict[GenStream, list]) -> None:
+        """Hand a step's updates to the event loop in one callback: each `call_soon_threadsafe`
+        wakes the loop through its self-pipe (a syscall, and a GIL hand-over), so one per step
+        rather than one per stream."""
+        if batch and self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(_deliver, batch)
 
     def _run(self) -> None:
         while not self._stop:
@@ -270,8 +278,7 @@ class Worker:
                 by_stream.setdefault(stream, []).append(u)
                 if u.finished:
                     self._owners.pop(u.seq_id, None)
-            for stream, items in by_stream.items():
-                self._post(stream, items)
+            self._post(by_stream)
             self.snapshot = self._snapshot()
 
     def _fail(self, e: Exception) -> None:
@@ -279,7 +286,6 @@ class Worker:
         log.error("generation step failed; failing %d sequences:\n%s", len(self._owners), traceback.format_exc())
         self.scheduler.reset()
         err = GenerationFailed(f"generation failed: {type(e).__name__}")
-        for stream in set(self._owners.values()):
-            self._post(stream, [err])
+        self._post({stream: [err] for stream in set(self._owners.values())})
         self._owners.clear()
         self.snapshot = self._snapshot()
