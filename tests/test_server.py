@@ -283,6 +283,47 @@ def test_chat_content_is_text_not_control_tokens(client, engine):
     assert r.usage.prompt_tokens == len(ids)
 
 
+def test_chat_prefix_completion_continues_the_assistant_message(client, engine, model_dir):
+    """DeepSeek's chat prefix completion (`prefix: true` on a last assistant message) and vLLM's
+    `continue_final_message`: the prompt is transformers' rendering with continue_final_message=True,
+    the reply is the engine's continuation of it, streamed or not, with exact usage."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    chat = MSGS + [{"role": "assistant", "content": "def add(a, b):\n    "}]
+    prompt = hf.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+    ids = hf(prompt, add_special_tokens=False)["input_ids"]
+    assert prompt.endswith("def add(a, b):\n    ") and engine.tokenizer.eos_id not in ids
+    ref = one_thread(lambda: engine.generate([ids], max_tokens=12, temperature=0)[0])
+    deepseek = MSGS + [{**chat[-1], "prefix": True}]
+    r = client.chat.completions.create(model="tiny-test", messages=deepseek, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == ref.text and r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref.token_ids)
+    assert engine.chat(chat, continue_final_message=True, max_tokens=12, temperature=0).token_ids == ref.token_ids
+    vllm = client.chat.completions.create(model="tiny-test", messages=chat, max_tokens=12, temperature=0, extra_body={
+        "continue_final_message": True, "add_generation_prompt": False})
+    assert vllm.choices[0].message.content == ref.text
+    chunks = client.chat.completions.create(model="tiny-test", messages=deepseek, max_tokens=12, temperature=0,
+                                            stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ref.text
+    # without the flag the same messages end the assistant's turn and open a new one
+    plain = engine.chat_prompt(chat)
+    assert plain[:len(ids)] == ids and plain[len(ids)] == engine.tokenizer.eos_id
+
+
+@pytest.mark.parametrize("messages,extra,match", [
+    ([{"role": "assistant", "content": "a", "prefix": True}, {"role": "user", "content": "b"}], {}, "only the last"),
+    ([{"role": "user", "content": "a", "prefix": True}], {}, "assistant"),
+    ([{"role": "user", "content": "a"}], {"continue_final_message": True}, "assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+     {"continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
+])
+def test_chat_prefix_completion_misuse_is_a_400(server, messages, extra, match):
+    r = requests.post(server.url + "/v1/chat/completions", headers=server.headers(),
+                      json={"model": "x", "messages": messages, "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    assert match in assert_error_schema(r.content, 400)["message"]
+
+
 def test_tools_with_a_template_that_ignores_them_warn_once(server, client):
     """The built-in template (like DeepSeek-V3's own) does not list tools: the request runs, and
     the log says the model was not told about them, once."""

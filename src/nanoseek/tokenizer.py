@@ -191,6 +191,30 @@ def _check_tool_calls(i: int, calls: Any) -> None:
                                  f"{{'name': str, 'arguments': str}}}}, got {c!r}")
 
 
+def _check_continuation(messages: Sequence[dict], add_generation_prompt: bool) -> None:
+    """A chat whose last message the model may continue: an assistant turn with text content and
+    no tool calls, and no generation prompt after it (that would start a new turn)."""
+    if add_generation_prompt:
+        raise TokenizerError("continue_final_message continues the last assistant turn; it cannot be combined "
+                             "with add_generation_prompt, which opens a new one")
+    last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        raise TokenizerError("continue_final_message needs the last message to be the assistant's, got "
+                             f"{last.get('role') if isinstance(last, dict) else last!r}")
+    if last.get("tool_calls") or not isinstance(last.get("content"), str):
+        raise TokenizerError("continue_final_message continues the last message's text: it needs string "
+                             "'content' and no tool_calls")
+
+
+def _unused_char(texts: Iterable[str]) -> str:
+    """A private-use character that none of `texts` holds (a marker the rendering cannot confuse)."""
+    used = set().union(*map(set, texts))
+    for c in (*range(0xE000, 0xF900), *range(0xF0000, 0xFFFFE)):
+        if chr(c) not in used:
+            return chr(c)
+    raise TokenizerError("the chat messages use every private-use character; cannot mark them")
+
+
 def _map_strings(obj: Any, fn) -> Any:
     """`obj` (dicts, lists, strings) with `fn` applied to every string, dict keys included (a
     template may render a tool's parameter names)."""
@@ -434,10 +458,13 @@ class Tokenizer:
         return [*bos, marks[0], *self._ids(prefix), marks[1], *self._ids(suffix), marks[2]]
 
     # ---- chat ------------------------------------------------------------------------------------
-    def _chat_parts(self, messages: Sequence[dict], add_generation_prompt: bool, thinking: bool
-                    ) -> list[tuple[str, bool, bool]]:
+    def _chat_parts(self, messages: Sequence[dict], add_generation_prompt: bool, thinking: bool,
+                    continue_final_message: bool = False) -> list[tuple[str, bool, bool]]:
         """The rendered template as (text, is_assistant_output, is_message_content) pieces; every
-        content piece lies between special tokens."""
+        content piece lies between special tokens. Continuing, the last assistant turn is left open
+        (its <｜end▁of▁sentence｜> is not written)."""
+        if continue_final_message:
+            _check_continuation(messages, add_generation_prompt)
         _check_messages(messages, tools_allowed=False)
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         parts: list[tuple[str, bool, bool]] = [(self.bos_token or "", False, False), (system, False, True)]
@@ -448,21 +475,28 @@ class Tokenizer:
                 parts += [(ASSISTANT, False, False), (m["content"], True, True), (self.eos_token, True, False)]
         if add_generation_prompt:
             parts.append((ASSISTANT + (THINK + "\n" if thinking else ""), False, False))
-        return parts
+        return parts[:-1] if continue_final_message else parts
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-                            thinking: bool = False, tools: list[dict] | None = None) -> str:
+                            thinking: bool = False, tools: list[dict] | None = None,
+                            continue_final_message: bool = False) -> str:
         """The chat prompt as a string: the model's own template (`chat_ids`), else DeepSeek-V3's
         chat format (the jinja `CHAT_TEMPLATE` renders the same). `tools` (OpenAI's function
         definitions) is handed to a model's own template, as transformers does; the built-in one
-        has no tool format and ignores them."""
+        has no tool format and ignores them.
+
+        continue_final_message=True (with add_generation_prompt=False) renders the last message, an
+        assistant turn, up to the end of its content and leaves it open, so that the model goes on
+        writing it: transformers' option of the same name, DeepSeek's "chat prefix completion"."""
         if self._own_template(tools):
             _check_messages(messages)
-            return self._render(messages, add_generation_prompt, thinking, tools)
-        return "".join(text for text, _, _ in self._chat_parts(messages, add_generation_prompt, thinking))
+            return self._render(messages, add_generation_prompt, thinking, tools, continue_final_message)
+        return "".join(text for text, _, _ in self._chat_parts(messages, add_generation_prompt, thinking,
+                                                                continue_final_message))
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                    thinking: bool = False, literal: bool = False) -> tuple[list[int], list[int]]:
+                    thinking: bool = False, literal: bool = False,
+                    continue_final_message: bool = False) -> tuple[list[int], list[int]]:
         """Token ids of `apply_chat_template(...)` and a 0/1 mask that is 1 on what the assistant
         writes: the content of each assistant turn and the <｜end▁of▁sentence｜> closing it (SFT labels).
 
@@ -472,14 +506,16 @@ class Tokenizer:
         """
         ids: list[int] = []
         mask: list[int] = []
-        for text, learn, content in self._chat_parts(messages, add_generation_prompt, thinking):
+        for text, learn, content in self._chat_parts(messages, add_generation_prompt, thinking,
+                                                     continue_final_message):
             piece = self.encode(text, literal=literal and content) if text else []
             ids += piece
             mask += [int(learn)] * len(piece)
         return ids, mask
 
     def chat_ids(self, messages: Sequence[dict], add_generation_prompt: bool = True, thinking: bool = False,
-                 literal: bool = True, tools: list[dict] | None = None) -> list[int]:
+                 literal: bool = True, tools: list[dict] | None = None,
+                 continue_final_message: bool = False) -> list[int]:
         """Token ids of a chat prompt with the model's own template: the directory's jinja template
         when it has one of its own (rendered as transformers' `apply_chat_template`, which it
         equals id for id), else the built-in one (`encode_chat`).
@@ -492,24 +528,22 @@ class Tokenizer:
         """
         if not self._own_template(tools):
             return self.encode_chat(messages, add_generation_prompt=add_generation_prompt, thinking=thinking,
-                                    literal=literal)[0]
+                                    literal=literal, continue_final_message=continue_final_message)[0]
         _check_messages(messages)
+        if continue_final_message:
+            _check_continuation(messages, add_generation_prompt)
         mark = None
         found = self._control_pattern().search
         if literal and any(found(x) for x in iter_strings([messages, tools])):
-            used = set(self._render(messages, add_generation_prompt, thinking, tools))
-            mark = next((chr(c) for c in (*range(0xE000, 0xF900), *range(0xF0000, 0xFFFFE)) if chr(c) not in used),
-                        None)  # a private-use character the rendered text does not hold
-            if mark is None:
-                raise TokenizerError("the chat messages use every private-use character; cannot mark their "
-                                     "control-token text")
+            # a character the rendered text does not hold
+            mark = _unused_char([self._render(messages, add_generation_prompt, thinking, tools)])
 
             def cut(m: re.Match) -> str:
                 half = _cut_point(m.group())
                 return m.group()[:half] + mark + m.group()[half:]
 
             messages, tools = _map_strings([messages, tools], lambda x: self._control_pattern().sub(cut, x))
-        text = self._render(messages, add_generation_prompt, thinking, tools)
+        text = self._render(messages, add_generation_prompt, thinking, tools, continue_final_message)
         if mark is None:
             return self._ids(text)
         return [i for piece in text.split(mark) if piece for i in self._ids(piece)]
@@ -537,11 +571,29 @@ class Tokenizer:
         return self.chat_template is not None
 
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool, thinking: bool,
-                tools: list[dict] | None = None) -> str:
+                tools: list[dict] | None = None, continue_final_message: bool = False) -> str:
+        source = self._tool_template if tools is not None and self._tool_template is not None else self.chat_template
+        if not continue_final_message:
+            return self._render_source(source, messages, add_generation_prompt, thinking, tools)
+        _check_continuation(messages, add_generation_prompt)
+        # Render the whole chat with a marker after the last message's content and cut there: the
+        # template decides how a turn opens, only its closing is left out. A space after the marker
+        # tells whether the template strips content: if it is gone, so is the content's own trailing
+        # whitespace (transformers' rule).
+        cut = _unused_char([*iter_strings([messages, tools]), source])
+        messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + cut + " "}]
+        text = self._render_source(source, messages, add_generation_prompt, thinking, tools)
+        at = text.rfind(cut)
+        if at < 0:
+            raise TokenizerError(f"the chat template of {self.source} does not write the last message's content, "
+                                 "so it cannot be continued (continue_final_message / prefix)")
+        return text[:at] if text.startswith(cut + " ", at) else text[:at].rstrip()
+
+    def _render_source(self, source: str, messages: Sequence[dict], add_generation_prompt: bool, thinking: bool,
+                       tools: list[dict] | None) -> str:
         import jinja2
 
         try:
-            source = self._tool_template if tools is not None and self._tool_template is not None else self.chat_template
             if source not in self._jinja:
                 self._jinja[source] = _jinja_environment().from_string(source)
             # the variables transformers' apply_chat_template passes (no documents)

@@ -379,10 +379,13 @@ class Engine:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, *, stream: bool = False,
              speculative: bool | int = False, thinking: bool = False, tools: list[dict] | None = None,
-             tool_choice: str | dict | None = None, parallel_tool_calls: bool = True, **kwargs):
+             tool_choice: str | dict | None = None, parallel_tool_calls: bool = True,
+             continue_final_message: bool = False, **kwargs):
         """One assistant turn for a list of {"role", "content"} messages, with the model's chat template
         (`tools`: OpenAI function definitions, for a template that renders them; `tool_choice`
-        "required" or {"type": "function", "function": {"name": ...}} forces calls, see toolcalls.py)."""
+        "required" or {"type": "function", "function": {"name": ...}} forces calls, see toolcalls.py).
+        continue_final_message=True: the last message is the start of the assistant's answer, which the
+        model goes on writing (DeepSeek's chat prefix completion); the result holds the rest only."""
         rule = self.tool_call_rule(tools or [], tool_choice, parallel_tool_calls)
         if rule is not None:
             if thinking:
@@ -391,17 +394,24 @@ class Engine:
             kwargs["tool_call"] = rule
         elif tools and tool_choice != "none" and (kwargs.get("json_object") or kwargs.get("json_schema") is not None):
             kwargs["tool_call"] = self.optional_tool_rule(tools, parallel_tool_calls)  # calls, or the JSON answer
-        ids = self.chat_prompt(messages, thinking=thinking, tools=tools)
+        ids = self.chat_prompt(messages, thinking=thinking, tools=tools, continue_final_message=continue_final_message)
         if stream:
             return self.stream([ids], params, speculative=speculative, **kwargs)
         return self.generate([ids], params, speculative=speculative, **kwargs)[0]
 
-    def chat_prompt(self, messages: list[dict], thinking: bool = False, tools: list[dict] | None = None) -> list[int]:
+    def chat_prompt(self, messages: list[dict], thinking: bool = False, tools: list[dict] | None = None,
+                    continue_final_message: bool = False, add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of a chat: its messages, then the opening of the assistant's turn (unless
+        add_generation_prompt=False), or, with continue_final_message, the last (assistant) message
+        left open."""
+        gen = add_generation_prompt and not continue_final_message
         if self.tokenizer is None or not hasattr(self.tokenizer, "apply_chat_template"):
             raise SamplingError("chat needs a tokenizer with a chat template")
+        more = {"tools": tools} if tools else {}
+        if continue_final_message:
+            more["continue_final_message"] = True
         if not hasattr(self.tokenizer, "chat_ids"):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking,
-                                                      **({"tools": tools} if tools else {}))
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=gen, thinking=thinking, **more)
             return self.encode(text, add_bos=False)
         from ..tokenizer import iter_strings
 
@@ -409,8 +419,8 @@ class Engine:
             _check_unicode(text)
         # the model's own template; message content is text: special tokens written in it do not
         # become turns (as OpenAI's API)
-        ids = self.tokenizer.chat_ids(messages, add_generation_prompt=True, thinking=thinking, literal=True,
-                                      tools=tools)
+        ids = self.tokenizer.chat_ids(messages, add_generation_prompt=gen, thinking=thinking, literal=True, tools=tools,
+                                      continue_final_message=continue_final_message)
         return self._in_vocabulary(ids, _FROM_TOKENIZER)
 
     def fim_prompt(self, prefix: str, suffix: str) -> list[int]:

@@ -441,6 +441,24 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 out[key] = getattr(m, key)
         return out
 
+    def _continues(body: ChatCompletionRequest) -> bool:
+        """Does the request continue its last message (DeepSeek's `prefix: true` on it, or vLLM's
+        `continue_final_message`)? The last message must then be the assistant's."""
+        flagged = [i for i, m in enumerate(body.messages) if m.prefix]
+        if flagged and flagged != [len(body.messages) - 1]:
+            raise APIError(400, f"messages[{flagged[0]}]: only the last message may carry prefix: true", "messages",
+                           "invalid_value")
+        if not (flagged or body.continue_final_message):
+            return False
+        if body.messages[-1].role != "assistant":
+            raise APIError(400, "chat prefix completion (prefix: true, continue_final_message) continues the last "
+                                f"message, which must be the assistant's, not {body.messages[-1].role!r}", "messages",
+                           "invalid_value")
+        if "add_generation_prompt" in body.model_fields_set and body.add_generation_prompt:
+            raise APIError(400, "continue_final_message continues the last assistant turn; add_generation_prompt "
+                                "would open a new one: send one of them", "add_generation_prompt", "invalid_value")
+        return True
+
     def _tools(body) -> tuple[list[dict] | None, bool, ToolCallRule | None]:
         """(the function definitions for the chat template, whether to read tool calls out of the
         output, the rule that forces calls for tool_choice "required" or a named function)."""
@@ -714,13 +732,14 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         thinking = bool(body.chat_template_kwargs and body.chat_template_kwargs.wants_thinking)
         tools, parse_calls, forced = _tools(body)
         msgs = [_message(m) for m in body.messages]
+        render = dict(continue_final_message=_continues(body), add_generation_prompt=body.add_generation_prompt)
         try:
-            ids = await asyncio.to_thread(engine.chat_prompt, msgs, thinking, tools)
+            ids = await asyncio.to_thread(functools.partial(engine.chat_prompt, msgs, thinking, tools, **render))
         except (SamplingError, ValueError) as e:
             raise APIError(400, str(e), "messages", "invalid_value") from None
         if tools and not state.tools_checked:
             state.tools_checked = True
-            if ids == await asyncio.to_thread(engine.chat_prompt, msgs, thinking, None):
+            if ids == await asyncio.to_thread(functools.partial(engine.chat_prompt, msgs, thinking, None, **render)):
                 log.warning("the chat template ignores `tools`: the model is not told which tools it has (the "
                             "templates DeepSeek-V3, R1 and V3.1 ship do not list them); serve with --chat-template "
                             "FILE, a template that does")

@@ -52,6 +52,8 @@ class ChatMessage(_Base):
     name: str | None = None
     tool_calls: Annotated[list[ToolCallItem], Field(min_length=1)] | None = None
     tool_call_id: str | None = None
+    prefix: bool = Field(False, description="DeepSeek's chat prefix completion: on the last message, an assistant "
+                                            "turn, the model goes on writing it (the reply holds the rest only)")
 
     def text(self) -> str:
         if self.content is None:
@@ -121,6 +123,9 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
+    # vLLM's names for the same: render the last (assistant) message open, or no assistant opening at all
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
 
 
 class CompletionRequest(_Sampling):
