@@ -214,6 +214,37 @@ def test_served_chat_turns_reuse_the_cache(server, engine):
     assert 0 < m["nanoseek_prefix_cache_bytes"] and m["nanoseek_prefix_cache_queried_tokens_total"] > 0
 
 
+def test_usage_reports_the_cached_prompt_tokens(server, engine):
+    """OpenAI's `prompt_tokens_details.cached_tokens` and DeepSeek's `prompt_cache_hit_tokens` /
+    `prompt_cache_miss_tokens`: whole 16-token blocks of the longest start shared with what the
+    server stored, what the cache counted, streamed or not."""
+    msgs = [{"role": "system", "content": "Colours only. " + SYSTEM}, {"role": "user", "content": "Name a colour."}]
+    client = server.client()
+    stored: list[int] = []
+    for turn in range(3):
+        before = server.metrics()["nanoseek_prefix_cache_hit_tokens_total"]
+        kw = dict(model="m", messages=msgs, max_tokens=10, temperature=0)
+        if turn == 2:
+            chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+            usage, text = chunks[-1].usage, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            r = client.chat.completions.create(**kw)
+            usage, text = r.usage, r.choices[0].message.content
+        hit = server.metrics()["nanoseek_prefix_cache_hit_tokens_total"] - before
+        ids = engine.chat_prompt(msgs)
+        shared = next((i for i, (a, b) in enumerate(zip(ids, stored)) if a != b), min(len(ids), len(stored)))
+        cached = usage.prompt_tokens_details.cached_tokens
+        assert usage.prompt_tokens == len(ids) and cached == hit and cached % 16 == 0
+        assert (cached == 0) if turn == 0 else (shared - 16 < cached <= min(shared, len(ids) - 1) and cached >= 16)
+        extra = usage.model_extra
+        assert extra["prompt_cache_hit_tokens"] == cached
+        assert extra["prompt_cache_miss_tokens"] == usage.prompt_tokens - cached
+        out = engine.chat(msgs, max_tokens=10, temperature=0)
+        assert text == out.text
+        stored = ids + out.token_ids[:-1]  # the answer's last token has no cache entry yet
+        msgs = msgs + [{"role": "assistant", "content": text}, {"role": "user", "content": "Another?"}]
+
+
 def test_serve_refuses_prefix_caching_with_speculation():
     r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "serve", "tiny", "--port", "0",
                         "--enable-prefix-caching", "--speculative"], capture_output=True, text=True, timeout=120)

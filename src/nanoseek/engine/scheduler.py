@@ -72,6 +72,7 @@ class SeqUpdate:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # so far, this update included
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache rather than computed
 
     @property
     def finished(self) -> bool:
@@ -85,6 +86,7 @@ class ScheduledSequence:
     reservation: int  # cache positions this sequence may use
     arrival: float = field(default_factory=time.perf_counter)
     admitted: float | None = None
+    cached_tokens: int = 0  # of its prompt, found in the prefix cache at prefill
 
     @property
     def prompt(self) -> list[int]:
@@ -349,6 +351,8 @@ class Scheduler:
             for i, (h, s) in enumerate(zip(hits, starts)):
                 self.prefix.fill(h[:s // self.prefix.block], cache.layers, i)
                 self.prefix.record(lens[i], s)
+        for s, j in zip(joiners, src):
+            s.cached_tokens = starts[j]
         rest = [n - s for n, s in zip(lens, starts)]
         ids = right_padded([r.prompt[s:] for r, s in zip(reqs[:u], starts)], self.device)
         n = torch.tensor(lens, device=self.device)
@@ -438,7 +442,7 @@ class Scheduler:
             return None
         top = r.top_logprobs[start:r.sent_tokens] if r.top_logprobs is not None else None
         return SeqUpdate(s.seq_id, c.token_ids, c.text, c.logprobs, top, c.finish_reason, c.stop_reason,
-                         len(r.prompt), len(r.output))
+                         len(r.prompt), len(r.output), s.cached_tokens)
 
     def _collect(self, seqs: list[ScheduledSequence], updates: list[SeqUpdate], offset: int) -> None:
         done = []

@@ -87,7 +87,7 @@ class TokenText:
 
 class _SeqState:
     __slots__ = ("index", "prompt_len", "ids", "text", "lps", "tops", "finish", "parser", "reasoning", "content",
-                 "first_t", "last_t", "updates", "tool_parser", "calls")
+                 "first_t", "last_t", "updates", "tool_parser", "calls", "cached")
 
     def __init__(self, index: int, prompt_len: int, parser: ReasoningParser | None,
                  tool_parser: ToolCallParser | None = None) -> None:
@@ -98,6 +98,7 @@ class _SeqState:
         self.lps: list[float] = []
         self.tops: list[dict[int, float]] = []
         self.finish: str | None = None
+        self.cached = 0  # prompt tokens the prefix cache supplied
         self.reasoning = self.content = ""
         self.first_t = self.last_t = None
         # (first token, content length before it) of each update that carried tokens: where each
@@ -113,7 +114,7 @@ class Tracker:
         """reasoning_opened: chat only (None: completions, no reasoning split); whether the prompt
         left a <think> block open, so that the output starts inside it. calls_begin_id: read
         tool-call markup out of the content (chat with tools), each block opened by this token."""
-        self.metrics, self.stream = metrics, stream
+        self.metrics, self.stream, self.n = metrics, stream, n
         self.calls_begin_id = calls_begin_id
         self.seqs = {sid: _SeqState(i, prompt_lens[i // n],
                                     None if reasoning_opened is None else ReasoningParser(reasoning_opened),
@@ -137,6 +138,7 @@ class Tracker:
             m.completion_tokens.inc(k)
         if k:
             s.updates.append((len(s.ids), len(s.content)))
+        s.cached = u.num_cached_tokens
         s.ids += u.token_ids
         s.text += u.text
         if u.logprobs is not None:
@@ -614,7 +616,11 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
     def _usage(tracker: Tracker, lens: list[int], reasoning: int | None = None) -> dict:
         completion = sum(len(s.ids) for s in tracker.seqs.values())
         prompt = sum(lens)
-        u = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        # a prompt's n choices share its prefill: its cached tokens count once, as its tokens do
+        cached = sum({s.index // tracker.n: s.cached for s in tracker.seqs.values()}.values())
+        u = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+             "prompt_tokens_details": {"cached_tokens": cached},  # OpenAI's name
+             "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": prompt - cached}  # DeepSeek's
         if reasoning is not None:
             u["completion_tokens_details"] = {"reasoning_tokens": reasoning}
         return u
