@@ -414,6 +414,23 @@ def test_api_key_required_on_v1(server):
     assert requests.get(server.base + "/models", headers=server.headers()).status_code == 200
 
 
+def test_deepseek_api_paths_are_the_v1_routes(server, client):
+    """DeepSeek's SDK base URLs, `https://api.deepseek.com` (no /v1) and its /beta (chat prefix and
+    FIM completions), name the same routes, behind the same API key."""
+    kw = dict(model="tiny-test", messages=MSGS, max_tokens=6, temperature=0)
+    want = client.chat.completions.create(**kw).choices[0].message.content
+    for base in (server.url, server.url + "/beta"):
+        other = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=60)
+        assert other.chat.completions.create(**kw).choices[0].message.content == want
+        assert other.completions.create(model="x", prompt="def ", max_tokens=2, temperature=0).usage.completion_tokens
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="sk-wrong", max_retries=0).chat.completions.create(**kw)
+    assert [m.id for m in openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0).models.list()] == ["tiny-test"]
+    assert requests.get(server.url + "/models").status_code == 401
+    for path in ("/beta/models", "/beta/other", "/beta", "/chat"):
+        assert requests.get(server.url + path, headers=server.headers()).status_code == 404, path
+
+
 def test_api_key_is_compared_in_constant_time(engine, monkeypatch):
     """The key check goes through hmac.compare_digest (timing-safe) on fixed-size digests: spied on an
     app built in this process (its worker never starts; /v1/models needs none)."""

@@ -41,6 +41,17 @@ log = logging.getLogger("nanoseek.server")
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
 
 
+def canonical_path(path: str) -> str:
+    """The /v1 route that one of DeepSeek's API paths names: its SDK base URL has no /v1
+    (`https://api.deepseek.com` -> /chat/completions), and its chat prefix and FIM completions
+    live under /beta. Any other path is itself."""
+    bare = path[len("/beta"):] if path.startswith("/beta/") else path
+    if bare in ("/chat/completions", "/completions") or (bare == path and (bare == "/models"
+                                                                        or bare.startswith("/models/"))):
+        return "/v1" + bare
+    return path
+
+
 @dataclass
 class ServerConfig:
     model_name: str = "nanoseek"
@@ -270,7 +281,8 @@ class ServerState:
 
 
 class Guard:
-    """Pure ASGI middleware: API key on /v1, body size limit, request counts by status."""
+    """Pure ASGI middleware: DeepSeek's path aliases, API key on /v1, body size limit, request
+    counts by status."""
 
     def __init__(self, app, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -278,7 +290,9 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
+        path = canonical_path(scope.get("path", ""))
+        if path != scope.get("path"):  # an alias: route it (and check its key) as the /v1 path
+            scope = {**scope, "path": path, "raw_path": path.encode()}
         route = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/") else "other")
         status = [500]
         m = self.state.metrics
