@@ -111,13 +111,22 @@ def test_reasoning_content_non_streaming(server, scripted):
     assert r.usage.completion_tokens == scripted["tokens"]  # <think> \n R(3) </think> A(3) <eos>
     assert r.usage.completion_tokens_details.reasoning_tokens == 6
     # thinking mode: the prompt ends with "<think>\n", the output is R </think> A <eos>
-    for kwargs in ({"thinking": True}, {"enable_thinking": True}):  # the second: other servers' name for it
+    # (enable_thinking: other servers' name for it; `thinking: {"type": "enabled"}`: DeepSeek's API's)
+    for extra in ({"chat_template_kwargs": {"thinking": True}}, {"chat_template_kwargs": {"enable_thinking": True}},
+                  {"thinking": {"type": "enabled"}}):
         r = client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=30, temperature=0,
-                                           extra_body={"chat_template_kwargs": kwargs})
+                                           extra_body=extra)
         m = r.choices[0].message
         assert (m.reasoning_content, m.content) == (scripted["reasoning"], scripted["answer"])
         assert r.usage.completion_tokens == scripted["tokens"] - 2
         assert r.usage.completion_tokens_details.reasoning_tokens == 4
+    off = client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=30, temperature=0,
+                                         extra_body={"thinking": {"type": "disabled"}})
+    assert off.usage.completion_tokens == scripted["tokens"]  # the prompt opened no block: as by default
+    for bad in ({"thinking": {"type": "on"}}, {"thinking": {"type": "disabled"}, "chat_template_kwargs": {
+            "thinking": True}}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=3, extra_body=bad)
     # unfinished reasoning (max_tokens inside the block) is all reasoning
     r = client.chat.completions.create(model="r1-tiny", messages=MSGS, max_tokens=3, temperature=0)
     assert r.choices[0].message.content == "" and r.choices[0].finish_reason == "length"

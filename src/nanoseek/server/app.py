@@ -457,6 +457,19 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 out[key] = getattr(m, key)
         return out
 
+    def _thinking(body: ChatCompletionRequest) -> bool:
+        """Thinking mode asked for: DeepSeek's `thinking: {"type": ...}`, or the template variable
+        (`chat_template_kwargs`); both given must agree. Off unless asked for."""
+        kwargs = body.chat_template_kwargs
+        wanted = bool(kwargs and kwargs.wants_thinking)
+        if body.thinking is None:
+            return wanted
+        enabled = body.thinking.type == "enabled"
+        if kwargs is not None and kwargs.model_fields_set & {"thinking", "enable_thinking"} and wanted != enabled:
+            raise APIError(400, f"thinking.type is {body.thinking.type!r} but chat_template_kwargs asks for the "
+                                "opposite", "thinking", "invalid_value")
+        return enabled
+
     def _continues(body: ChatCompletionRequest) -> bool:
         """Does the request continue its last message (DeepSeek's `prefix: true` on it, or vLLM's
         `continue_final_message`)? The last message must then be the assistant's."""
@@ -749,7 +762,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         if engine.tokenizer is None:
             raise APIError(400, "chat needs a tokenizer, and this model has none (serve it with --tokenizer)", None,
                            "no_tokenizer")
-        thinking = bool(body.chat_template_kwargs and body.chat_template_kwargs.wants_thinking)
+        thinking = _thinking(body)
         tools, parse_calls, forced = _tools(body)
         msgs = [_message(m) for m in body.messages]
         render = dict(continue_final_message=_continues(body), add_generation_prompt=body.add_generation_prompt)

@@ -89,6 +89,11 @@ class ChatTemplateKwargs(_Base):
         return self.thinking or self.enable_thinking
 
 
+class ThinkingToggle(_Base):
+    """DeepSeek's API switch for thinking mode: {"type": "enabled"} or {"type": "disabled"}."""
+    type: Literal["enabled", "disabled"]
+
+
 class _Sampling(_Base):
     model: str = Field(description="any name: this server serves one model (see GET /v1/models)")
     stream: bool = False
@@ -119,6 +124,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    thinking: ThinkingToggle | None = Field(None, description="DeepSeek's name for chat_template_kwargs.thinking")
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
