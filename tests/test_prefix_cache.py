@@ -245,6 +245,25 @@ def test_usage_reports_the_cached_prompt_tokens(server, engine):
         msgs = msgs + [{"role": "assistant", "content": text}, {"role": "user", "content": "Another?"}]
 
 
+@pytest.mark.parametrize("max_batch", [4, 1])
+def test_n_choices_report_the_first_prefill_s_cached_tokens(engine, max_batch):
+    """With n = 2 the prompt counts once; admitted one at a time (max_batch 1), the second choice
+    finds the blocks the first stored, but the prompt was computed in full once: 0 cached."""
+    from starlette.testclient import TestClient
+
+    from nanoseek.server.app import ServerConfig, create_app
+
+    sched = Scheduler(engine, max_batch=max_batch, prefix_cache_bytes=1 << 24)
+    msgs = [{"role": "system", "content": "Two choices. " + SYSTEM}, {"role": "user", "content": "Name a colour."}]
+    with TestClient(create_app(engine, sched, ServerConfig())) as c:
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": msgs, "n": 2, "max_tokens": 4,
+                                                 "temperature": 0})
+    u = r.json()["usage"]
+    assert u["prompt_tokens"] == len(engine.chat_prompt(msgs)) and u["prompt_tokens_details"]["cached_tokens"] == 0
+    assert u["prompt_cache_miss_tokens"] == u["prompt_tokens"]
+    assert sched.prefix.hit_tokens == (0 if max_batch > 1 else (u["prompt_tokens"] - 1) // 16 * 16)
+
+
 def test_serve_refuses_prefix_caching_with_speculation():
     r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "serve", "tiny", "--port", "0",
                         "--enable-prefix-caching", "--speculative"], capture_output=True, text=True, timeout=120)

@@ -83,6 +83,7 @@ def test_reasoning_token_count():
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+from nanoseek.engine import Engine  # noqa: E402
 from test_server_support import LiveServer, scripted_model_dir  # noqa: E402
 
 KEY = "sk-page-key"
@@ -134,6 +135,57 @@ def test_reasoning_content_non_streaming(server, scripted):
     # completions are raw text: the tags stay
     c = client.completions.create(model="r1-tiny", prompt=[0, 3, 10, 4], max_tokens=30, temperature=0)
     assert c.choices[0].text == "<think>\n" + scripted["reasoning"] + "</think>" + scripted["answer"]
+
+
+# A V3.1-style template (written for these tests): an assistant turn opens with </think> (answer),
+# or with <think> when it is a prefix being continued in thinking mode, as DeepSeek-V3.1's does.
+V31_STYLE = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}<｜User｜>{{ m.content }}"
+    "{% elif m.role == 'assistant' %}<｜Assistant｜>"
+    "{% if m.prefix is defined and m.prefix and thinking %}<think>{% else %}</think>{% endif %}"
+    "{{ m.content }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% if thinking %}<think>{% else %}</think>{% endif %}{% endif %}"
+)
+
+
+def test_a_prefix_continues_inside_reasoning_when_its_turn_opened_it(server, scripted, tmp_path_factory):
+    """Chat prefix completion in thinking mode: the template sees DeepSeek's `prefix` flag (V3.1's
+    opens <think> for it), and the output starts inside reasoning whenever the open turn's last
+    <think> is unclosed, however long the prefix after it."""
+    r_ids = scripted["reasoning_ids"]
+    engine = Engine(scripted["dir"])
+    tok = engine.tokenizer
+    rest = tok.decode(r_ids[1:])
+    # the built-in template: the prefix itself opens the block and starts the reasoning
+    prefix = [*MSGS, {"role": "assistant", "content": "<think>\n" + tok.decode(r_ids[:1]), "prefix": True}]
+    ids = engine.chat_prompt([*MSGS, {"role": "assistant", "content": prefix[-1]["content"]}],
+                             continue_final_message=True)
+    assert ids[-3:] == [tok.token_to_id("<think>"), tok.encode("\n")[0], r_ids[0]]
+    for stream in (False, True):
+        got = server.client().chat.completions.create(model="r1-tiny", messages=prefix, max_tokens=30, temperature=0,
+                                                      stream=stream)
+        if stream:
+            parts = [c.choices[0].delta for c in got if c.choices]
+            reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in parts)
+            content = "".join(d.content or "" for d in parts)
+        else:
+            reasoning, content = got.choices[0].message.reasoning_content, got.choices[0].message.content
+        assert (reasoning, content) == (rest, scripted["answer"]), stream
+    # a V3.1-style template opens <think> for a prefix in thinking mode, </think> otherwise
+    tmpl = tmp_path_factory.mktemp("v31") / "template.jinja"
+    tmpl.write_text(V31_STYLE, encoding="utf-8")
+    s = LiveServer(scripted["dir"], "--max-model-len", "64", "--chat-template", str(tmpl), api_key=KEY,
+                   log_dir=tmp_path_factory.mktemp("logs"), name="v31")
+    try:
+        msgs = [*MSGS, {"role": "assistant", "content": "\n", "prefix": True}]
+        r = s.client().chat.completions.create(model="m", messages=msgs, max_tokens=30, temperature=0,
+                                               extra_body={"thinking": {"type": "enabled"}})
+        m = r.choices[0].message
+        assert (m.reasoning_content, m.content) == (scripted["reasoning"], scripted["answer"])
+        r = s.client().chat.completions.create(model="m", messages=msgs, max_tokens=30, temperature=0)
+        assert r.choices[0].message.reasoning_content is None  # </think>\n: an answer, not reasoning
+    finally:
+        s.stop()
 
 
 def test_reasoning_content_streaming_deltas(server, scripted):
@@ -253,6 +305,10 @@ def test_the_rendered_prompt_decides_whether_the_output_starts_in_reasoning(tmp_
 
     def opens(t, thinking):
         return prompt_opens_reasoning(t.decode(t.chat_ids(msgs, thinking=thinking)[-4:]))
+
+    # the open turn's last <think> decides, however far back it is
+    assert prompt_opens_reasoning("<think>\nLet me see, a long prefix") and not prompt_opens_reasoning("</think>\n")
+    assert not prompt_opens_reasoning("<think>a</think>b") and not prompt_opens_reasoning("")
 
     assert (opens(tok, False), opens(tok, True)) == (False, True)  # the built-in template follows the flag
     templates = {"r1": "{{ bos_token }}{% for m in messages %}{{ '<｜User｜>' + m['content'] }}{% endfor %}"

@@ -410,6 +410,8 @@ class Engine:
         more = {"tools": tools} if tools else {}
         if continue_final_message:
             more["continue_final_message"] = True
+            if messages and isinstance(messages[-1], dict):  # DeepSeek's flag, which V3.1's template reads
+                messages = [*messages[:-1], {**messages[-1], "prefix": True}]
         if not hasattr(self.tokenizer, "chat_ids"):
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=gen, thinking=thinking, **more)
             return self.encode(text, add_bos=False)

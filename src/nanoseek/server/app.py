@@ -32,7 +32,7 @@ from ..engine.toolcalls import ToolCallRule
 from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from .reasoning import ReasoningParser, prompt_opens_reasoning, reasoning_token_count
-from ..tokenizer import TOOL_CALLS_BEGIN
+from ..tokenizer import ASSISTANT, TOOL_CALLS_BEGIN
 from .tools import ToolCall, ToolCallParser
 from .worker import GenerationFailed, GenStream, ModelThread, QueueFull, Worker
 
@@ -268,9 +268,16 @@ class ServerState:
         self.created = int(time.time())
         tok = engine.tokenizer
         self.end_think_id = tok.token_to_id("</think>") if tok is not None and hasattr(tok, "token_to_id") else None
+        self.assistant_id = tok.token_to_id(ASSISTANT) if tok is not None and hasattr(tok, "token_to_id") else None
         self.tools_checked = False  # whether the chat template was seen to render `tools` (warned once if not)
         key = config.api_key
         self._key_digest = hashlib.sha256(key.encode("utf-8")).digest() if key else None
+
+    def open_turn(self, ids: list[int]) -> str:
+        """The text of the assistant turn a chat prompt leaves open: what follows its last
+        <｜Assistant｜> (a generation prompt, or a prefix being continued), else its last tokens."""
+        at = len(ids) - 1 - ids[::-1].index(self.assistant_id) if self.assistant_id in ids else len(ids) - 4
+        return self.engine.tokenizer.decode(ids[max(0, at + 1):], skip_special=False)
 
     def authorized(self, header: str | None) -> bool:
         if self._key_digest is None:
@@ -643,8 +650,12 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
     def _usage(tracker: Tracker, lens: list[int], reasoning: int | None = None) -> dict:
         completion = sum(len(s.ids) for s in tracker.seqs.values())
         prompt = sum(lens)
-        # a prompt's n choices share its prefill: its cached tokens count once, as its tokens do
-        cached = sum({s.index // tracker.n: s.cached for s in tracker.seqs.values()}.values())
+        # a prompt counts once, with what the cache gave its first prefill: choices admitted later
+        # find the blocks the first one stored, and report more
+        first: dict[int, int] = {}
+        for s in tracker.seqs.values():
+            first[s.index // tracker.n] = min(first.get(s.index // tracker.n, s.cached), s.cached)
+        cached = sum(first.values())
         u = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
              "prompt_tokens_details": {"cached_tokens": cached},  # OpenAI's name
              "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": prompt - cached}  # DeepSeek's
@@ -779,7 +790,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         # the output starts inside a reasoning block if the rendered prompt opened one
-        opened = prompt_opens_reasoning(engine.tokenizer.decode(ids[-4:]))
+        opened = prompt_opens_reasoning(state.open_turn(ids))
         if opened and any(_response_format(body.response_format)):
             raise APIError(400, "response_format JSON cannot be combined with a prompt that opens a reasoning block "
                                 "(the reasoning would be forced into JSON)", "response_format", "invalid_value")

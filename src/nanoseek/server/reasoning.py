@@ -30,13 +30,14 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-def prompt_opens_reasoning(prompt_text_tail: str) -> bool:
+def prompt_opens_reasoning(open_turn: str) -> bool:
     """Did the rendered chat prompt leave a `<think>` block open (the output starts inside it)?
+    `open_turn`: the text of the assistant turn the prompt ends in (its generation prompt, or the
+    start of an answer being continued): the block is open if its last `<think>` is not closed.
 
     Decided from what the template rendered, not from the request's thinking flag: R1's template
     opens the block whatever the flag says, V3's own ignores the flag."""
-    tail = prompt_text_tail.rstrip()
-    return tail.endswith(THINK)
+    return open_turn.rfind(THINK) > open_turn.rfind(END_THINK)
 
 
 class ReasoningParser:
