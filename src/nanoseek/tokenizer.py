@@ -199,8 +199,8 @@ def _check_continuation(messages: Sequence[dict], add_generation_prompt: bool) -
                              "with add_generation_prompt, which opens a new one")
     last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
     if not isinstance(last, dict) or last.get("role") != "assistant":
-        raise TokenizerError("continue_final_message needs the last message to be the assistant's, got "
-                             f"{last.get('role') if isinstance(last, dict) else last!r}")
+        raise TokenizerError("continue_final_message (chat prefix completion) continues the last message, which "
+                             f"must be the assistant's, not {last.get('role') if isinstance(last, dict) else last!r}")
     if last.get("tool_calls") or not isinstance(last.get("content"), str):
         raise TokenizerError("continue_final_message continues the last message's text: it needs string "
                              "'content' and no tool_calls")
@@ -530,8 +530,6 @@ class Tokenizer:
             return self.encode_chat(messages, add_generation_prompt=add_generation_prompt, thinking=thinking,
                                     literal=literal, continue_final_message=continue_final_message)[0]
         _check_messages(messages)
-        if continue_final_message:
-            _check_continuation(messages, add_generation_prompt)
         mark = None
         found = self._control_pattern().search
         if literal and any(found(x) for x in iter_strings([messages, tools])):

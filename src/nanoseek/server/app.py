@@ -267,8 +267,8 @@ class ServerState:
         self.tokens = TokenText(engine.tokenizer)
         self.created = int(time.time())
         tok = engine.tokenizer
-        self.end_think_id = tok.token_to_id("</think>") if tok is not None and hasattr(tok, "token_to_id") else None
-        self.assistant_id = tok.token_to_id(ASSISTANT) if tok is not None and hasattr(tok, "token_to_id") else None
+        id_of = tok.token_to_id if tok is not None and hasattr(tok, "token_to_id") else (lambda _: None)
+        self.end_think_id, self.assistant_id = id_of("</think>"), id_of(ASSISTANT)
         self.tools_checked = False  # whether the chat template was seen to render `tools` (warned once if not)
         key = config.api_key
         self._key_digest = hashlib.sha256(key.encode("utf-8")).digest() if key else None
@@ -479,17 +479,13 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
 
     def _continues(body: ChatCompletionRequest) -> bool:
         """Does the request continue its last message (DeepSeek's `prefix: true` on it, or vLLM's
-        `continue_final_message`)? The last message must then be the assistant's."""
+        `continue_final_message`)? The tokenizer checks that it can (an assistant turn with text)."""
         flagged = [i for i, m in enumerate(body.messages) if m.prefix]
         if flagged and flagged != [len(body.messages) - 1]:
             raise APIError(400, f"messages[{flagged[0]}]: only the last message may carry prefix: true", "messages",
                            "invalid_value")
         if not (flagged or body.continue_final_message):
             return False
-        if body.messages[-1].role != "assistant":
-            raise APIError(400, "chat prefix completion (prefix: true, continue_final_message) continues the last "
-                                f"message, which must be the assistant's, not {body.messages[-1].role!r}", "messages",
-                           "invalid_value")
         if "add_generation_prompt" in body.model_fields_set and body.add_generation_prompt:
             raise APIError(400, "continue_final_message continues the last assistant turn; add_generation_prompt "
                                 "would open a new one: send one of them", "add_generation_prompt", "invalid_value")
