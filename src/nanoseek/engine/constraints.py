@@ -195,7 +195,7 @@ def _compile(schema: Any) -> Node:
             try:
                 node.enum = tuple(json.dumps(v, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
                                   for v in values if "type" not in s or _kind_of(v) & node.kinds)
-            except (ValueError, UnicodeEncodeError) as e:
+            except ValueError as e:  # (a UnicodeEncodeError too)
                 raise SchemaError(f"{where}: enum/const value that JSON cannot write: {e}") from None
             if not node.enum:
                 raise SchemaError(f"{where}: no enum/const value has the schema's type")
@@ -227,8 +227,6 @@ def _compile(schema: Any) -> Node:
         root = fill(refs["#"], schema, "#", frozenset({"#"}))
     except UnicodeEncodeError as e:
         raise SchemaError(f"a name in the schema is not valid Unicode text: {e.reason}") from None
-    except RecursionError:
-        raise SchemaError("the schema nests too deeply") from None
     if root.kinds != frozenset({"object"}) or root.enum is not None or root.any_of is not None:
         raise SchemaError("the schema's top level must be {\"type\": \"object\", ...}")
     for node, where in exclusive:
@@ -540,7 +538,8 @@ class TokenConstraint:
     def allowed(self, token: int) -> bool:
         raise NotImplementedError
 
-    def advance(self, token: int) -> None:
+    def advance(self, token: int) -> bool:
+        """Record `token` if it is allowed; return whether it was (a refused one changes nothing)."""
         raise NotImplementedError
 
     def candidates(self) -> list[int] | None:
@@ -548,10 +547,9 @@ class TokenConstraint:
         known (a marker, the stop tokens; not necessarily every allowed token); None: search."""
         return None
 
-    def mask(self, vocab_size: int, device: torch.device) -> torch.Tensor:
-        """The tokens `choose` picks from once the likeliest ones are refused: the candidates, or
-        every allowed token, checked one by one (the slow path)."""
-        listed = self.candidates()
+    def mask(self, listed: list[int] | None, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """The tokens `choose` picks from once the likeliest ones are refused: the candidates
+        (`listed`, from `candidates()`), or every allowed token, checked one by one (the slow path)."""
         if listed is not None:
             mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             mask[[t for t in listed if 0 <= t < vocab_size]] = True
@@ -565,7 +563,8 @@ class TokenConstraint:
         refused tokens. Raises ValueError when no token is allowed."""
         if self.allowed(first):
             return first
-        if self.candidates() is None:
+        listed = self.candidates()
+        if listed is None:
             if probs is None:
                 for t in logits.topk(min(MAX_CANDIDATES, logits.numel())).indices.tolist():
                     if self.allowed(t):
@@ -581,7 +580,7 @@ class TokenConstraint:
                     if self.allowed(t):
                         return t
                     p[t] = 0
-        mask = self.mask(logits.numel(), logits.device)
+        mask = self.mask(listed, logits.numel(), logits.device)
         if not bool(mask.any()):
             raise ValueError("constrained decoding: no token of the vocabulary can continue the output")
         if probs is not None:
@@ -607,11 +606,10 @@ class EitherConstraint(TokenConstraint):
         listed = [o.candidates() for o in self.options]
         return None if any(x is None for x in listed) else sorted(set().union(*listed))
 
-    def advance(self, token: int) -> None:
-        live = [o for o in self.options if o.allowed(token)]
-        for o in live:
-            o.advance(token)
+    def advance(self, token: int) -> bool:
+        live = [o for o in self.options if o.advance(token)]
         self.options = live or self.options
+        return bool(live)
 
 
 class JsonConstraint(TokenConstraint):
@@ -631,9 +629,11 @@ class JsonConstraint(TokenConstraint):
     def candidates(self) -> list[int] | None:
         return sorted(self.eos_ids) if self.state.done else None
 
-    def advance(self, token: int) -> None:
-        if not self.state.done:
-            data = self.token_bytes[token] if 0 <= token < len(self.token_bytes) else None
-            nxt = self.state.feed(data) if data else None
-            if nxt is not None:
-                self.state = nxt
+    def advance(self, token: int) -> bool:
+        if self.state.done:
+            return token in self.eos_ids
+        data = self.token_bytes[token] if 0 <= token < len(self.token_bytes) else None
+        nxt = self.state.feed(data) if data else None
+        if nxt is not None:
+            self.state = nxt
+        return nxt is not None

@@ -27,7 +27,8 @@ from ..tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_C
 from .constraints import OBJECT, JsonState, Node, SchemaError, TokenConstraint, compile_schema
 
 MARKUPS = ("v3", "v3.1")
-_MARKER_TEXTS = tuple(m.encode() for m in (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP))
+_MARKERS = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP)
+_MARKER_TEXTS = tuple(m.encode() for m in _MARKERS)
 _TAIL = max(map(len, _MARKER_TEXTS)) - 1
 MAX_CALLS = 16  # calls in one forced turn
 MAX_SPACES = 4  # spaces before a name (the parser strips them; some tokenizers start words with one), or
@@ -221,10 +222,11 @@ class ToolCallConstraint(TokenConstraint):
             return sorted(self.eos_ids)
         return sorted(t for t in self.symbol if self._next(t) is not None)
 
-    def advance(self, token: int) -> None:
+    def advance(self, token: int) -> bool:
         nxt = self._next(token)
         if nxt is not None:
             self.state = nxt
+        return nxt is not None
 
     @property
     def done(self) -> bool:
@@ -234,7 +236,7 @@ class ToolCallConstraint(TokenConstraint):
 def marker_ids(tokenizer) -> dict[str, int]:
     """The ids of the five tool-call markers; ValueError if the tokenizer lacks one."""
     out = {}
-    for m in (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP):
+    for m in _MARKERS:
         i = tokenizer.token_to_id(m)
         if i is None:
             raise ValueError(f"the tokenizer has no {m} token, so it cannot write tool calls")
