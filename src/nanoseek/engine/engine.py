@@ -386,14 +386,13 @@ class Engine:
         "required" or {"type": "function", "function": {"name": ...}} forces calls, see toolcalls.py).
         continue_final_message=True: the last message is the start of the assistant's answer, which the
         model goes on writing (DeepSeek's chat prefix completion); the result holds the rest only."""
-        rule = self.tool_call_rule(tools or [], tool_choice, parallel_tool_calls)
+        json_answer = bool(kwargs.get("json_object") or kwargs.get("json_schema") is not None)
+        rule = self.tool_call_rule(tools or [], tool_choice, parallel_tool_calls, json_answer=json_answer)
+        if rule is not None and not rule.optional and thinking:
+            raise SamplingError("tool_choice 'required' or a named function cannot be combined with thinking "
+                                "(the call is forced from the first token)")
         if rule is not None:
-            if thinking:
-                raise SamplingError("tool_choice 'required' or a named function cannot be combined with thinking "
-                                    "(the call is forced from the first token)")
             kwargs["tool_call"] = rule
-        elif tools and tool_choice != "none" and (kwargs.get("json_object") or kwargs.get("json_schema") is not None):
-            kwargs["tool_call"] = self.optional_tool_rule(tools, parallel_tool_calls)  # calls, or the JSON answer
         ids = self.chat_prompt(messages, thinking=thinking, tools=tools, continue_final_message=continue_final_message)
         if stream:
             return self.stream([ids], params, speculative=speculative, **kwargs)
@@ -582,24 +581,24 @@ class Engine:
         return markup_of(lambda msgs: self.tokenizer.apply_chat_template(msgs, add_generation_prompt=False,
                                                                          tools=tools or []))
 
-    def optional_tool_rule(self, tools: list[dict], parallel: bool = True) -> ToolCallRule | None:
-        """For `tool_choice: "auto"` beside JSON output: the answer may be tool calls (checked as
-        forced ones are) or the JSON; None (JSON only) where the template writes no tool calls."""
-        try:
-            rule = self.tool_call_rule(tools, "required", parallel)
-        except SamplingError:
-            return None
-        return replace(rule, optional=True)
-
-    def tool_call_rule(self, tools: list[dict], tool_choice, parallel: bool = True) -> ToolCallRule | None:
+    def tool_call_rule(self, tools: list[dict], tool_choice, parallel: bool = True,
+                       json_answer: bool = False) -> ToolCallRule | None:
         """The rule that forces OpenAI's `tool_choice` ("required" or {"type": "function", "function":
-        {"name": ...}}; None for "auto" and "none") over `tools`, in the template's markup."""
+        {"name": ...}}) over `tools`, in the template's markup. None for "none", and for "auto" unless
+        the answer is JSON (`json_answer`): then an optional rule (`optional=True`) lets the answer be
+        tool calls (checked as forced ones are) or the JSON; None (JSON only) where the template
+        writes no tool calls."""
         try:
             rule = rule_for(tools or [], tool_choice, "v3", parallel)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SamplingError(f"tool_choice: {e}") from None
         if rule is None:
-            return None
+            if not (json_answer and tools and tool_choice != "none"):
+                return None
+            try:
+                return replace(self.tool_call_rule(tools, "required", parallel), optional=True)
+            except SamplingError:
+                return None
         markup = self.tool_call_markup(tools)
         if markup is None:
             raise SamplingError("tool_choice 'required' or a named function needs a chat template that writes tool "

@@ -500,13 +500,13 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         if not body.tools:
             return None, False, None
         tools = [t.model_dump(exclude_none=True) for t in body.tools]
+        wants_json = any(_response_format(body.response_format))
         try:
             rule = engine.tool_call_rule(tools, choice if isinstance(choice, (str, type(None))) else
-                                         choice.model_dump(), body.parallel_tool_calls)
+                                         choice.model_dump(), body.parallel_tool_calls, json_answer=wants_json)
         except SamplingError as e:
             raise APIError(400, str(e), "tool_choice", "invalid_value") from None
-        wants_json = any(_response_format(body.response_format))
-        if rule is not None:
+        if rule is not None and not rule.optional:
             if wants_json:
                 raise APIError(400, "response_format JSON cannot be combined with a forced tool call (tool_choice)",
                                "response_format", "invalid_value")
@@ -514,8 +514,6 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 raise APIError(400, "tool_choice 'required' or a named function needs constrained decoding, which "
                                     f"does not combine with speculative decoding (this server runs --speculative "
                                     f"{scheduler.k})", "tool_choice", "unsupported_parameter")
-        elif wants_json and choice != "none":
-            rule = engine.optional_tool_rule(tools, body.parallel_tool_calls)  # calls, or the JSON answer
         return tools, choice != "none", rule
 
     def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
