@@ -358,11 +358,10 @@ class Scheduler:
         n = torch.tensor(lens, device=self.device)
         proc = LogitsProcessor([r.params for r in reqs], [r.prompt for r in reqs], self.config.vocab_size,
                                self.device, engine._generators(reqs), self._shared, engine._constraints(reqs))
-        if any(starts):
-            out = model(ids, cache=self._view(B0, B0 + u), start_pos=torch.tensor(starts, device=self.device),
-                        logits_at=torch.tensor(rest, device=self.device) - 1)
-        else:
-            out = model(ids, cache=self._view(B0, B0 + u), return_hidden=bool(k), logits_at=n[:u] - 1)
+        # (per-row start positions only where the prefix cache supplied a start; never with k > 0)
+        out = model(ids, cache=self._view(B0, B0 + u), return_hidden=bool(k),
+                    start_pos=torch.tensor(starts, device=self.device) if any(starts) else 0,
+                    logits_at=torch.tensor(rest, device=self.device) - 1)
         logits, hidden = out.logits, out.hidden_states
         if u < b:
             copies = torch.tensor(src[u:], device=self.device) + B0
