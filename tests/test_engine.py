@@ -412,6 +412,24 @@ def test_stop_string_completed_by_a_later_byte_of_its_character():
         assert (r.text, r.finish_reason, r.stop_reason, len(r.output)) == (text, "stop", stop, used), stop
 
 
+def test_streamed_text_holds_back_a_stop_string_ending_in_a_split_character():
+    from nanoseek.engine.engine import _Request
+
+    ids = list(b"ab") + list("中".encode()) + list(b"cd")
+    for stop, text in [("b中", "a"), ("ab中", ""), ("中", "ab"), ("b中d", "ab中cd")]:
+        r = _Request(0, [1], SamplingParams(stop=stop, max_tokens=len(ids)), set(), ByteTokenizer(), 10**6)
+        sent = []
+        for t in ids:
+            done = r.add(t)
+            c = r.chunk()
+            sent.append(c.text if c else "")
+            # never ahead of what the finished text keeps
+            assert text.startswith("".join(sent)), (stop, sent)
+            if done:
+                break
+        assert "".join(sent) == r.text == text, stop
+
+
 def test_incremental_detokenization_equals_decoding_everything():
     g = torch.Generator().manual_seed(0)
     # text-like bytes, multi-byte characters, stray continuation bytes, spaces and special tokens

@@ -218,6 +218,18 @@ def test_logprobs(client, engine):
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
     assert all(len(t) <= 2 for t in lp.top_logprobs)
+    # logprobs without alternatives (the common call): every token has its entry, streamed or not
+    kw = dict(model="tiny-test", messages=MSGS, max_tokens=5, temperature=0, logprobs=True,
+              extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kw).choices[0].logprobs.content
+    streamed = [e for ch in client.chat.completions.create(**kw, stream=True) for c in ch.choices
+                if c.logprobs is not None for e in c.logprobs.content]
+    assert len(whole) == 5 and [(e.token, e.top_logprobs) for e in whole] == [(e.token, []) for e in whole]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole]
+    kw = dict(model="tiny-test", prompt="Hello", max_tokens=4, temperature=0, logprobs=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].logprobs
+    tops = [t for ch in client.completions.create(**kw, stream=True) for c in ch.choices for t in c.logprobs.top_logprobs]
+    assert tops == whole.top_logprobs == [{}] * 4
 
 
 def test_echo_with_logprobs_scores_the_prompt(client, engine):

@@ -194,10 +194,12 @@ class _Request:
         if self.text is not None:
             visible = self.text
             if not self.finished:
+                # an incomplete UTF-8 sequence waits for the rest; then the last characters wait
+                # while a stop string could be forming (in this order: the replacement characters
+                # are not characters a stop string could start with)
+                visible = visible.rstrip("\ufffd")
                 if self.holdback:
                     visible = visible[: max(0, len(visible) - self.holdback)]
-                while visible.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
-                    visible = visible[:-1]
             if len(visible) > self.sent_text:
                 text = visible[self.sent_text:]
                 self.sent_text = len(visible)

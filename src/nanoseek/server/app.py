@@ -117,6 +117,12 @@ class _SeqState:
         self.updates: list[tuple[int, int]] = []
 
 
+def _tops(u: SeqUpdate) -> list[dict[int, float]]:
+    """An update's top alternatives per token: empty ones where none were asked for (logprobs 0),
+    so that each token still gets its entry."""
+    return u.top_logprobs or [{} for _ in u.token_ids]
+
+
 class Tracker:
     """Per-sequence state of one request; records latency and token metrics as updates arrive."""
 
@@ -154,7 +160,7 @@ class Tracker:
         s.text += u.text
         if u.logprobs is not None:
             s.lps += u.logprobs
-            s.tops += u.top_logprobs or [{} for _ in u.token_ids]
+            s.tops += _tops(u)
         r = c = ""
         if s.parser is not None:
             r, c = s.parser.feed(u.text)
@@ -840,7 +846,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 delta["tool_calls"] = [{"index": k, **call.as_openai()} for k, call in new_calls]
             choice = {"index": s.index, "delta": delta, "logprobs": None, "finish_reason": s.finish}
             if logprobs is not None and u.token_ids:
-                choice["logprobs"] = _chat_logprobs(u.token_ids, u.logprobs or [], u.top_logprobs or [])
+                choice["logprobs"] = _chat_logprobs(u.token_ids, u.logprobs or [], _tops(u))
             if body.return_token_ids:
                 choice["token_ids"] = u.token_ids
             return choice if delta or s.finish or choice["logprobs"] or choice.get("token_ids") else None
@@ -917,7 +923,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             s, _, c = tracker.apply(u)
             choice = {"index": s.index, "text": c, "logprobs": None, "finish_reason": s.finish}
             if logprobs is not None and u.token_ids:
-                choice["logprobs"] = _completion_logprobs(u.token_ids, u.logprobs or [], u.top_logprobs or [],
+                choice["logprobs"] = _completion_logprobs(u.token_ids, u.logprobs or [], _tops(u),
                                                           [(0, 0)], len(c), offsets[s.index])
             offsets[s.index] += len(c)
             if body.return_token_ids:
