@@ -232,6 +232,28 @@ def test_logprobs(client, engine):
     assert tops == whole.top_logprobs == [{}] * 4
 
 
+def test_completion_logprobs_name_every_token_apart_and_offsets_follow_the_text(client):
+    kw = dict(model="tiny-test", prompt="Hello", max_tokens=12, temperature=0, logprobs=20,
+              extra_body={"ignore_eos": True})
+    r = client.completions.create(**kw).choices[0]
+    lp = r.logprobs
+    # a token that is part of a character is named by its bytes (OpenAI's spelling): no two
+    # alternatives share a name, and the greedy token is the best of its alternatives
+    assert any(k.startswith("bytes:") for top in lp.top_logprobs for k in top)
+    for token, x, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 20 and top[token] == pytest.approx(x) and max(top.values()) == pytest.approx(x)
+    for token, off in zip(lp.tokens, lp.text_offset):
+        if not token.startswith(("bytes:", "<｜")):  # (special tokens are skipped in the text)
+            assert r.text[off:].startswith(token), (token, off)
+    # a stop string that never matches holds text back while it streams: the offsets stay the same
+    for extra in ({"stop": ["never-there"]}, {}):
+        again = client.completions.create(**kw, **extra).choices[0].logprobs
+        assert again.text_offset == lp.text_offset and again.tokens == lp.tokens
+        streamed = [o for ch in client.completions.create(**kw, **extra, stream=True) for c in ch.choices
+                    for o in c.logprobs.text_offset]
+        assert streamed == lp.text_offset
+
+
 def test_echo_with_logprobs_scores_the_prompt(client, engine):
     # what loglikelihood evaluation (lm-evaluation-harness' completions models) sends
     prompt = "Hello world! How are you today?"

@@ -225,6 +225,18 @@ def server(tooled, tmp_path_factory):
     yield from served(tooled["dir"], tmp_path_factory, "tools", "--max-model-len", "256")
 
 
+def test_echoed_token_ids_keep_tool_markers_and_their_offsets(server, tooled):
+    # a token-id prompt is echoed as decoded, which keeps the markers: the tokens after one sit after it
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(tooled["dir"])
+    ids = tok.encode("Hello world") + [tok.token_to_id(B)] + tok.encode(" the fox")
+    c = server.client().completions.create(model="m", prompt=ids, max_tokens=0, echo=True, logprobs=1).choices[0]
+    assert c.text == "Hello world" + B + " the fox" and len(c.logprobs.tokens) == len(ids)
+    for token, off in zip(c.logprobs.tokens, c.logprobs.text_offset):
+        assert c.text[off:].startswith(token), (token, off)
+
+
 def _ask(server, tooled, **kw):
     return server.client().chat.completions.create(
         model="m", messages=_conversation(tooled["name"])[:2], tools=_tools(tooled["name"]), temperature=0, **kw)

@@ -95,10 +95,50 @@ class TokenText:
             return f"<{i}>"
         return self.bytes_of(i).decode("utf-8", errors="replace")
 
+    @functools.lru_cache(maxsize=65536)
+    def label_of(self, i: int) -> str:
+        """The legacy completions API's name for a token: its text, or OpenAI's `bytes:\\xNN` spelling
+        for a token that is not whole UTF-8 characters, so that no two tokens share a name (the
+        name is a key of `top_logprobs`)."""
+        if self.tok is None:
+            return self.text_of(i)
+        b = self.bytes_of(i)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
+
+    @functools.lru_cache(maxsize=65536)
+    def shown(self, i: int, skip_special: bool) -> bytes:
+        """What a token adds to decoded text: its bytes; a special token, when skipped, what the
+        tokenizer's decode still shows of it (nothing, or a tool-call marker)."""
+        if self.tok is None:
+            return b""
+        if skip_special and getattr(self.tok, "is_special", lambda i: False)(i):
+            return self.tok.decode([int(i)], skip_special=True).encode("utf-8")
+        return self.bytes_of(i)
+
+
+class TextOffsets:
+    """Where each token starts in decoded text: the characters the tokens before it decode to (an
+    incremental UTF-8 decoder: a character split over several tokens is counted at its last byte)."""
+
+    def __init__(self, tokens: TokenText, skip_special: bool, start: int = 0) -> None:
+        self.tokens, self.skip, self.pos = tokens, skip_special, start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids: list[int], end: int | None = None) -> list[int]:
+        """The offsets of the next tokens, none past `end` (where a stop string cut the text)."""
+        out = []
+        for i in ids:
+            out.append(self.pos if end is None else min(self.pos, end))
+            self.pos += len(self._decoder.decode(self.tokens.shown(i, self.skip)))
+        return out
+
 
 class _SeqState:
     __slots__ = ("index", "prompt_len", "ids", "text", "lps", "tops", "finish", "parser", "reasoning", "content",
-                 "first_t", "last_t", "updates", "tool_parser", "calls", "cached")
+                 "first_t", "last_t", "tool_parser", "calls", "cached")
 
     def __init__(self, index: int, prompt_len: int, parser: ReasoningParser | None,
                  tool_parser: ToolCallParser | None = None) -> None:
@@ -112,9 +152,6 @@ class _SeqState:
         self.cached = 0  # prompt tokens the prefix cache supplied
         self.reasoning = self.content = ""
         self.first_t = self.last_t = None
-        # (first token, content length before it) of each update that carried tokens: where each
-        # token's text lands in `content` (completions' logprobs text_offset)
-        self.updates: list[tuple[int, int]] = []
 
 
 def _tops(u: SeqUpdate) -> list[dict[int, float]]:
@@ -153,8 +190,6 @@ class Tracker:
                 m.itl.observe((now - s.last_t) / k, k)
             s.last_t = now
             m.completion_tokens.inc(k)
-        if k:
-            s.updates.append((len(s.ids), len(s.content)))
         s.cached = u.num_cached_tokens
         s.ids += u.token_ids
         s.text += u.text
@@ -672,28 +707,12 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         return {"content": [dict(entry(i, lp), top_logprobs=[entry(t, v) for t, v in top.items()])
                             for i, lp, top in zip(ids, lps, tops)]}
 
-    def _token_offsets(texts: list[str], start: int, end: int) -> list[int]:
-        """Where each token of one update starts in the returned text: the update's text spans
-        [start, end), and a token whose text was held back (part of a UTF-8 character) or dropped (a
-        skipped special token) cannot start past its end."""
-        out, pos = [], start
-        for t in texts:
-            out.append(min(pos, end))
-            pos += len(t)
-        return out
-
     def _completion_logprobs(ids: list[int], lps: list[float], tops: list[dict[int, float]],
-                             updates: list[tuple[int, int]], text_len: int, offset: int) -> dict:
-        """OpenAI's legacy logprobs object; `updates` as `_SeqState.updates`, `text_len` the length of
-        the completion text these tokens produced, `offset` where it starts in the returned text."""
+                             offsets: list[int]) -> dict:
+        """OpenAI's legacy logprobs object; `offsets` where each token starts in the returned text."""
         tt = state.tokens
-        texts = [tt.text_of(i) for i in ids]
-        offsets = []
-        bounds = updates + [(len(ids), text_len)]
-        for (i0, c0), (i1, c1) in zip(bounds, bounds[1:]):
-            offsets += _token_offsets(texts[i0:i1], offset + c0, offset + c1)
-        top = [{tt.text_of(t): _finite(v) for t, v in d.items()} for d in tops]
-        return {"tokens": texts, "token_logprobs": [_finite(x) for x in lps], "top_logprobs": top,
+        return {"tokens": [tt.label_of(i) for i in ids], "token_logprobs": [_finite(x) for x in lps],
+                "top_logprobs": [{tt.label_of(t): _finite(v) for t, v in d.items()} for d in tops],
                 "text_offset": offsets}
 
     async def _events(tracker: Tracker, head: dict, opening: list[dict], choice_of: Callable[[SeqUpdate], dict | None],
@@ -747,19 +766,13 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             raise APIError(408, "Scoring the prompt did not finish within the server's timeout of "
                                 f"{config.request_timeout:g} s.", None, "request_timeout") from None
         tt = state.tokens
-        tok = engine.tokenizer
         text = isinstance(prompt, str)
-        special = getattr(tok, "is_special", lambda i: False)
-        bos = text and getattr(tok, "bos_id", None) is not None  # Engine.encode added it
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        offsets, pos = [], 0
-        for j, i in enumerate(ids):
-            offsets.append(pos)
-            shown = b"" if (j == 0 and bos) or (not text and special(i)) else tt.bytes_of(i)
-            pos += len(decoder.decode(shown))
-        return {"tokens": [tt.text_of(i) for i in ids], "token_logprobs": [None if x is None else _finite(x) for x in lps],
-                "top_logprobs": [None if d is None else {tt.text_of(t): _finite(v) for t, v in d.items()} for d in tops],
-                "text_offset": offsets}
+        bos = text and getattr(engine.tokenizer, "bos_id", None) is not None  # Engine.encode added it
+        # (a text prompt is echoed as sent, special tokens' text included; token ids as decoded)
+        offsets = TextOffsets(tt, skip_special=not text)
+        return {"tokens": [tt.label_of(i) for i in ids], "token_logprobs": [None if x is None else _finite(x) for x in lps],
+                "top_logprobs": [None if d is None else {tt.label_of(t): _finite(v) for t, v in d.items()} for d in tops],
+                "text_offset": [0] + offsets.feed(ids[1:]) if bos else offsets.feed(ids)}
 
     def _joined(first: dict | None, then: dict) -> dict:
         return then if first is None else {k: first[k] + then[k] for k in then}
@@ -905,8 +918,9 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 pre = echo_text[s.index // n]
                 choice = {"index": s.index, "text": pre + s.content, "logprobs": None, "finish_reason": s.finish}
                 if logprobs is not None:
+                    offsets = TextOffsets(state.tokens, body.skip_special_tokens, len(pre))
                     choice["logprobs"] = _joined(scored[s.index // n], _completion_logprobs(
-                        s.ids, s.lps, s.tops, s.updates, len(s.content), len(pre)))
+                        s.ids, s.lps, s.tops, offsets.feed(s.ids, len(pre) + len(s.content))))
                 if body.return_token_ids:
                     choice["token_ids"] = s.ids
                 choices.append(choice)
@@ -915,7 +929,8 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         head = {**base, "object": "text_completion"}
-        offsets = {i: len(echo_text[i // n]) for i in range(len(stream.seq_ids))}
+        offsets = {i: TextOffsets(state.tokens, body.skip_special_tokens, len(echo_text[i // n]))
+                   for i in range(len(stream.seq_ids))}
         opening = [{"index": i, "text": echo_text[i // n], "logprobs": scored[i // n], "finish_reason": None}
                    for i in range(len(stream.seq_ids)) if echo_text[i // n] or scored[i // n]]
 
@@ -923,9 +938,10 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             s, _, c = tracker.apply(u)
             choice = {"index": s.index, "text": c, "logprobs": None, "finish_reason": s.finish}
             if logprobs is not None and u.token_ids:
+                # (the text's end is known once the choice finishes: a stop string may have cut it)
+                end = len(echo_text[s.index // n]) + len(s.content) if s.finish else None
                 choice["logprobs"] = _completion_logprobs(u.token_ids, u.logprobs or [], _tops(u),
-                                                          [(0, 0)], len(c), offsets[s.index])
-            offsets[s.index] += len(c)
+                                                          offsets[s.index].feed(u.token_ids, end))
             if body.return_token_ids:
                 choice["token_ids"] = u.token_ids
             return choice if c or s.finish or choice["logprobs"] or choice.get("token_ids") else None
