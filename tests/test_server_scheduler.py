@@ -101,6 +101,29 @@ def test_choices_of_one_prompt_share_its_prefill(engine, k):
             assert [x for u in out[i] for x in u.logprobs] == pytest.approx(ref.logprobs, abs=1e-4)
 
 
+def test_a_prefill_is_bounded_by_its_padded_size_and_choices_count_once(engine):
+    # every row of a prefill is padded to the longest prompt: a long prompt does not take ten
+    # short ones along (11 x 400 positions), and the n choices of one prompt are one row
+    shapes = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda m, args, kw: shapes.append(tuple(kw["input_ids"].shape if "input_ids" in kw else args[0].shape)),
+        with_kwargs=True)
+    try:
+        sched = Scheduler(engine, max_batch=16, max_prefill_tokens=512)
+        p = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        sched.add("long", list(range(3, 403)), p)
+        for i in range(10):
+            sched.add(i, [20 + i, 40, 50, 60], p)
+        for j in range(4):  # n = 4
+            sched.add(("n", j), list(range(500, 800)), p)
+        out = sched.run_until_done()
+    finally:
+        hook.remove()
+    prefills = [s for s in shapes if s[1] > 1]
+    assert prefills == [(1, 400), (10, 4), (1, 300)]
+    assert all(out[("n", j)][-1].finished for j in range(4)) and len(out) == 15
+
+
 def test_stop_strings_through_the_scheduler(engine):
     prompt = engine.tokenizer.encode("Hello world", add_bos=True)
     full = engine.generate(prompt, max_tokens=30, temperature=0, ignore_eos=True).text
@@ -197,6 +220,37 @@ def test_the_pool_shrinks_back_within_the_budget_after_a_long_request(engine):
     assert most == 4  # the short rows ran together
     for sid, prompt in [("short", [8, 9])] + [(f"c{i}", [10 + i, 11]) for i in range(3)]:
         assert out[sid] == engine.generate(prompt, SamplingParams(max_tokens=60, **g)).token_ids
+
+
+def test_growing_the_pool_stays_within_the_budget(engine):
+    # the pool doubles as rows join (1 -> 2 -> 4 -> 8 slots): the old and the new pool must not
+    # both be alive, or the memory in use passes the budget on the way
+    import weakref
+
+    bpt = probe_bpt(engine)
+    budget = 8 * 256 * bpt
+    sched = Scheduler(engine, max_batch=8, kv_cache_bytes=budget)
+    live = {"now": 0, "peak": 0}
+    make = sched._new_layer
+
+    def tracked(slots, capacity):
+        t = make(slots, capacity)
+        n = t.numel() * t.element_size()
+        live["now"] += n
+        live["peak"] = max(live["peak"], live["now"])
+        weakref.finalize(t, lambda: live.__setitem__("now", live["now"] - n))
+        return t
+
+    sched._new_layer = tracked
+    for i in range(8):
+        sched.add(i, [7 + i] * 20, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        sched.step()
+        sched.step()
+    assert sched.slots == 8
+    while sched.has_work:
+        sched.step()
+    layer = budget // sched.n_layers
+    assert live["peak"] <= budget + layer, (live["peak"], budget)
 
 
 def probe_bpt(engine) -> int:

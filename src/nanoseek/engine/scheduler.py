@@ -35,8 +35,9 @@ the rest, at per-row start positions on the absorbed path. Every prompt's blocks
 its prefill and a finished sequence's prompt-and-output blocks when it finishes. Not with
 speculation (the MTP layer's cache at a prefix's last position depends on the token after it).
 
-**Steps.** One `step()` runs one forward: a prefill of newly admitted sequences (up to
-`max_prefill_tokens` prompt tokens; they get their first token from it) or a decode step of the
+**Steps.** One `step()` runs one forward: a prefill of newly admitted sequences (each
+distinct prompt once, padded to the longest: up to `max_prefill_tokens` positions in all; they get
+their first token from it) or a decode step of the
 whole batch (one token per row, or up to k + 1 with MTP speculation). After a prefill the next
 step is always a decode when older rows are waiting for one, so a stream of arrivals cannot stall
 the running batch for more than one prefill at a time.
@@ -273,7 +274,10 @@ class Scheduler:
     def _admit(self, updates: list[SeqUpdate]) -> list[ScheduledSequence]:
         joiners: list[ScheduledSequence] = []
         longest = max((s.reservation for s in self.running), default=0)
-        tokens = 0
+        # The prefill computes each distinct prompt once (n choices share it), every row padded to
+        # the widest: its work is rows x width, which max_prefill_tokens bounds.
+        prompts: set[tuple[int, ...]] = set()
+        width = 0
         while self.waiting and len(self.running) + len(joiners) < self.max_batch:
             s = self.waiting[0]
             if s.req.finished:  # max_tokens 0: nothing to run
@@ -285,12 +289,16 @@ class Scheduler:
             need = max(longest, s.reservation)
             if not self._fits(len(self.running) + len(joiners) + 1, need):
                 break
-            # (prompt tokens to compute: a prefix the cache holds costs nothing)
-            cost = len(s.prompt) - (len(self.prefix.lookup(s.prompt)) * self.prefix.block if self.prefix else 0)
-            if joiners and tokens + cost > self.max_prefill_tokens:
-                break
+            key = tuple(s.prompt)
+            if key not in prompts:
+                # (prompt tokens to compute: a prefix the cache holds costs nothing)
+                cost = len(s.prompt) - (len(self.prefix.lookup(s.prompt)) * self.prefix.block if self.prefix else 0)
+                if joiners and (len(prompts) + 1) * max(width, cost) > self.max_prefill_tokens:
+                    break
+                prompts.add(key)
+                width = max(width, cost)
             joiners.append(self.waiting.popleft())
-            longest, tokens = need, tokens + cost
+            longest = need
         if joiners:
             self._ensure_pool(len(self.running) + len(joiners), longest)
         return joiners
@@ -307,14 +315,23 @@ class Scheduler:
             new_cap = longest  # admission checked that this fits
         new_slots = max(rows, min(self.max_batch, 2 * slots))
         new_slots = max(rows, min(new_slots, self.kv_cache_bytes // (new_cap * self.bytes_per_token)))
-        D = self.config.kv_cache_dim
-        pool = [torch.zeros(new_slots, new_cap, D, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        B = len(self.running)
-        if self._pool is not None and B:
-            keep = min(cap, new_cap)
-            for new, old in zip(pool, self._pool):
-                new[:B, :keep] = old[:B, :keep]
+        # One layer at a time, each old layer freed once copied: the memory in use never exceeds the
+        # larger pool by more than one layer (both pools at once could pass the budget).
+        old, self._pool = self._pool, None
+        B = len(self.running) if old is not None else 0
+        keep = min(cap, new_cap)
+        pool = []
+        for i in range(self.n_layers):
+            layer = self._new_layer(new_slots, new_cap)
+            if B:
+                layer[:B, :keep] = old[i][:B, :keep]
+            if old is not None:
+                old[i] = None
+            pool.append(layer)
         self._pool = pool
+
+    def _new_layer(self, slots: int, capacity: int) -> torch.Tensor:
+        return torch.zeros(slots, capacity, self.config.kv_cache_dim, dtype=self.dtype, device=self.device)
 
     def _view(self, lo: int, hi: int) -> LatentCache:
         cache = LatentCache(self.config, 0, self.capacity, n_layers=0, dtype=self.dtype, device=self.device)

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="memory for the prefix cache, least recently used blocks dropped first (default 256MiB)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
-                   help="prompt tokens prefilled in one step (default: max(max-model-len, 2048))")
+                   help="positions prefilled in one step: distinct prompts x the longest, rows being padded to it "
+                        "(default: max(max-model-len, 2048))")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--max-body-bytes", default="2MiB", help="request body size limit (default 2MiB)")
     add_model_flags(p)
