@@ -378,6 +378,10 @@ def test_context_length_and_max_tokens(client, engine):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny-test", prompt="word " * 200, max_tokens=1)
     assert e.value.param == "prompt" and "in the prompt" in e.value.message
+    # scoring the prompt (echo + logprobs) comes after the same check, which it used to precede
+    with pytest.raises(openai.BadRequestError) as again:
+        client.completions.create(model="tiny-test", prompt="word " * 200, max_tokens=0, echo=True, logprobs=1)
+    assert again.value.code == "context_length_exceeded" and "403 in the prompt" in again.value.message
     # without max_tokens a chat may use the rest of the context
     r = client.chat.completions.create(model="tiny-test", messages=MSGS, temperature=0, extra_body={"ignore_eos": True})
     assert r.usage.total_tokens == 128 and r.choices[0].finish_reason == "length"

@@ -890,12 +890,18 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             except SamplingError as e:
                 raise APIError(400, str(e), "suffix", "invalid_value") from None
         logprobs = body.logprobs
-        scored = [None] * len(prompts)  # echo + logprobs: the prompt tokens' logprobs come first
-        if body.echo and logprobs is not None:
-            for i, x in enumerate(prompts):
-                scored[i] = await _score_prompt(x, logprobs)
         rid, stream, lens = await _submit("cmpl", prompts, body, body.max_tokens, logprobs)
         tracker = Tracker(state.metrics, stream, lens, body.n, None)
+        # echo + logprobs: the prompt tokens' logprobs come first (scored once the request has passed
+        # the length checks and the queue bound; it generates meanwhile)
+        scored = [None] * len(prompts)
+        if body.echo and logprobs is not None:
+            try:
+                for i, x in enumerate(prompts):
+                    scored[i] = await _score_prompt(x, logprobs)
+            except BaseException:
+                tracker.close("abort")
+                raise
         n = body.n
         echo_text = []
         for x in prompts:
