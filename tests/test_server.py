@@ -551,6 +551,7 @@ BAD_BODIES = [
     ("/v1/chat/completions",
      b'{"model": "x", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}], "stream": true}',
      "messages"),
+    ("/v1/completions", b'{"model": "x", "prompt": "hi", "stop": ["ok", "\\ud800"]}', "stop"),
     ("/v1/completions", b"[" * 50000 + b"]" * 50000, None),
 ]
 
@@ -564,6 +565,14 @@ def test_bad_requests_answer_4xx_with_error_json(server, path, body, param):
         assert e["code"] == "json_invalid"
     elif param is not None:
         assert e["param"] is not None and e["param"].split(".")[0] == param, e
+
+
+def test_a_field_of_two_types_reports_the_branch_that_took_the_value(server):
+    # stop is a string or a list: a list too long fails as a list, not as "not a string"
+    body = {"model": "x", "prompt": "hi", "stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}
+    r = requests.post(server.base + "/completions", json=body, headers=server.headers())
+    e = assert_error_schema(r.content, 400)
+    assert e["code"] == "too_long" and e["param"].startswith("stop") and "8" in e["message"], e
 
 
 def test_oversized_wrong_method_and_unknown_route(server):

@@ -431,7 +431,9 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
-        errs = e.errors()
+        # A field of several types (stop: a string or a list) fails once per type; the branch that
+        # took the value's type and refused the value says what is wrong, so it goes first.
+        errs = sorted(e.errors(), key=lambda x: str(x.get("type", "")).endswith("_type"))
         first = errs[0] if errs else {}
         state.metrics.rejected.inc(reason="invalid")
         if first.get("type") == "json_invalid":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16
 MAX_STOP = 8
@@ -115,6 +115,16 @@ class _Sampling(_Base):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     skip_special_tokens: bool = True
     return_token_ids: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_is_text(cls, v):
+        for s in [v] if isinstance(v, str) else v or []:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" is legal JSON): no text can match it
+                raise ValueError(f"stop string {s!r} is not valid Unicode") from None
+        return v
 
 
 class ChatCompletionRequest(_Sampling):
