@@ -938,7 +938,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
 
         head = {**base, "object": "text_completion"}
         offsets = {i: TextOffsets(state.tokens, body.skip_special_tokens, len(echo_text[i // n]))
-                   for i in range(len(stream.seq_ids))}
+                   for i in range(len(stream.seq_ids))} if logprobs is not None else {}
         opening = [{"index": i, "text": echo_text[i // n], "logprobs": scored[i // n], "finish_reason": None}
                    for i in range(len(stream.seq_ids)) if echo_text[i // n] or scored[i // n]]
 
