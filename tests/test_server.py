@@ -628,6 +628,11 @@ BAD_BODIES = [
     ("/v1/completions", b'{"model": "x", "prompt": "hi", "seed": 1e400}', None),
     ("/v1/completions", b'{"model": "x", "prompt": "hi", "logprobs": true, "top_p": -1}', "top_p"),
     ("/v1/completions", b'{"model": "x", "prompt": "hi", "stream": "maybe"}', "stream"),
+    # booleans are JSON true/false, as OpenAI checks them: lax parsing would stream on "yes" and echo on 1
+    ("/v1/completions", b'{"model": "x", "prompt": "hi", "stream": "yes"}', "stream"),
+    ("/v1/completions", b'{"model": "x", "prompt": "hi", "echo": 1}', "echo"),
+    ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "logprobs": "on"}',
+     "logprobs"),
     ("/v1/completions", b'\xff\xfe\x00garbage', None),
     # lone UTF-16 surrogates: valid JSON, not valid Unicode text
     ("/v1/completions", b'{"model": "x", "prompt": "\\ud800"}', "prompt"),

@@ -1,8 +1,9 @@
 """OpenAI request schemas (pydantic: validation and the OpenAPI document) and error bodies.
 
 Field names, types and ranges are OpenAI's (temperature in [0, 2], penalties in [-2, 2], top_logprobs
-<= 20, ...). Unknown fields are ignored, as OpenAI-compatible servers do. A few extensions use
-vLLM's names: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, skip_special_tokens,
+<= 20, ...). Unknown fields are ignored, as OpenAI-compatible servers do. Booleans are strict: JSON
+true or false only, as OpenAI checks them (pydantic's lax mode would read "yes", "off", 1 and 0 as
+booleans). A few extensions use vLLM's names: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, skip_special_tokens,
 chat_template_kwargs ({"thinking": true} opens the DeepSeek-R1 reasoning block), and
 return_token_ids (adds prompt_token_ids / token_ids to each choice).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 MAX_N = 16
 MAX_STOP = 8
@@ -27,7 +28,7 @@ class _Base(BaseModel):
 
 
 class StreamOptions(_Base):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class TextPart(_Base):
@@ -52,7 +53,7 @@ class ChatMessage(_Base):
     name: str | None = None
     tool_calls: Annotated[list[ToolCallItem], Field(min_length=1)] | None = None
     tool_call_id: str | None = None
-    prefix: bool = Field(False, description="DeepSeek's chat prefix completion: on the last message, an assistant "
+    prefix: StrictBool = Field(False, description="DeepSeek's chat prefix completion: on the last message, an assistant "
                                             "turn, the model goes on writing it (the reply holds the rest only)")
 
     def text(self) -> str:
@@ -67,7 +68,7 @@ class FunctionDefinition(_Base):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class Tool(_Base):
@@ -81,8 +82,8 @@ class NamedToolChoice(_Base):
 
 
 class ChatTemplateKwargs(_Base):
-    thinking: bool = False
-    enable_thinking: bool = False  # the name other servers' clients send (Qwen3-style templates); same effect
+    thinking: StrictBool = False
+    enable_thinking: StrictBool = False  # the name other servers' clients send (Qwen3-style templates); same effect
 
     @property
     def wants_thinking(self) -> bool:
@@ -96,7 +97,7 @@ class ThinkingToggle(_Base):
 
 class _Sampling(_Base):
     model: str = Field(description="any name: this server serves one model (see GET /v1/models)")
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -111,10 +112,10 @@ class _Sampling(_Base):
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
-    skip_special_tokens: bool = True
-    return_token_ids: bool = False
+    skip_special_tokens: StrictBool = True
+    return_token_ids: StrictBool = False
 
     @field_validator("stop")
     @classmethod
@@ -131,17 +132,17 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=0, description="deprecated by OpenAI; max_completion_tokens wins")
     max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool | None = False
+    logprobs: StrictBool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: ChatTemplateKwargs | None = None
     thinking: ThinkingToggle | None = Field(None, description="DeepSeek's name for chat_template_kwargs.thinking")
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: StrictBool = True
     response_format: dict[str, Any] | None = None
     # vLLM's names for the same: render the last (assistant) message open, or no assistant opening at all
-    continue_final_message: bool = False
-    add_generation_prompt: bool = True
+    continue_final_message: StrictBool = False
+    add_generation_prompt: StrictBool = True
 
 
 class CompletionRequest(_Sampling):
@@ -150,7 +151,7 @@ class CompletionRequest(_Sampling):
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)])
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
