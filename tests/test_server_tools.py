@@ -369,15 +369,19 @@ def test_chat_template_file_replaces_the_models_own(tmp_path):
         Engine(str(d), chat_template=tmp_path / "missing.jinja")
 
 
-def test_a_lone_surrogate_in_a_parameter_name_is_a_400(server):
-    """Valid JSON (an escaped lone surrogate as a key), not valid Unicode text: 400, not a crash."""
+@pytest.mark.parametrize("field,value", [
+    ("tools", '[{"type": "function", "function": {"name": "f", "parameters": {"properties": {"\\ud800": {}}}}}]'),
+    ("tools", '[{"type": "function", "function": {"name": "f", "description": "a\\udfff"}}]'),
+    ("response_format", '{"type": "json_schema", "json_schema": {"name": "s", "schema": {"enum": ["\\ud800"]}}}'),
+])
+def test_a_lone_surrogate_in_tools_or_a_schema_is_a_400_naming_the_field(server, field, value):
+    """Valid JSON (an escaped lone surrogate), not valid Unicode text: 400 naming the field, not a crash."""
     import urllib.request
 
-    body = ('{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
-            '"function": {"name": "f", "parameters": {"properties": {"\\ud800": {}}}}}]}').encode()
+    body = ('{"model": "m", "messages": [{"role": "user", "content": "x"}], "%s": %s}' % (field, value)).encode()
     req = urllib.request.Request(server.base + "/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
-    assert e.value.code == 400 and assert_error_schema(e.value.read())["param"] == "messages"
+    assert e.value.code == 400 and assert_error_schema(e.value.read())["param"].split(".")[0] == field
     assert server.alive()

@@ -95,6 +95,33 @@ class ThinkingToggle(_Base):
     type: Literal["enabled", "disabled"]
 
 
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) in a JSON value that is not valid Unicode text, or None."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, BaseModel):
+            stack.append(v.model_dump())
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" is legal JSON)
+                return v
+    return None
+
+
+def _unicode_only(v):
+    bad = _lone_surrogate(v)
+    if bad is not None:
+        raise ValueError(f"{bad!r} is not valid Unicode text")
+    return v
+
+
 class _Sampling(_Base):
     model: str = Field(description="any name: this server serves one model (see GET /v1/models)")
     stream: StrictBool = False
@@ -119,13 +146,8 @@ class _Sampling(_Base):
 
     @field_validator("stop")
     @classmethod
-    def _stop_is_text(cls, v):
-        for s in [v] if isinstance(v, str) else v or []:
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate ("\ud800" is legal JSON): no text can match it
-                raise ValueError(f"stop string {s!r} is not valid Unicode") from None
-        return v
+    def _stop_is_text(cls, v):  # no text can match a lone surrogate
+        return _unicode_only(v)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -143,6 +165,11 @@ class ChatCompletionRequest(_Sampling):
     # vLLM's names for the same: render the last (assistant) message open, or no assistant opening at all
     continue_final_message: StrictBool = False
     add_generation_prompt: StrictBool = True
+
+    @field_validator("tools", "tool_choice", "response_format")
+    @classmethod
+    def _tools_are_text(cls, v):  # the template renders them into the prompt, the schema into constraints
+        return _unicode_only(v)
 
 
 class CompletionRequest(_Sampling):
