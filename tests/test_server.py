@@ -643,6 +643,7 @@ BAD_BODIES = [
      "messages"),
     ("/v1/completions", b'{"model": "x", "prompt": "hi", "stop": ["ok", "\\ud800"]}', "stop"),
     ("/v1/completions", b"[" * 50000 + b"]" * 50000, None),
+    ("/v1/completions", b'{"model": "x", "prompt": "hi", "max_tokens": ' + b"1" * 5000 + b"}", "json"),
 ]
 
 

@@ -476,7 +476,14 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return JSONResponse(error_body(e.status_code, str(e.detail), None, None), status_code=e.status_code,
+        msg, code = str(e.detail), None
+        if e.status_code == 400 and msg == "There was an error parsing the body":
+            # FastAPI's answer when json.loads raises something other than a decode error: an integer
+            # of more than 4,300 digits (Python's int-from-text limit)
+            state.metrics.rejected.inc(reason="invalid")
+            msg, code = ("The body is not valid JSON (it holds a value the parser refuses, such as an integer of "
+                         "more than 4,300 digits)."), "json_invalid"
+        return JSONResponse(error_body(e.status_code, msg, None, code), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
