@@ -10,6 +10,7 @@ raw bodies) that must never produce a 5xx nor hurt the server.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -548,6 +549,25 @@ def test_flag_combinations_are_checked_before_the_model_loads(flags, message, ca
             ServerConfig(api_key=key)
     assert main(["serve", "/nonexistent-model-dir", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_max_model_len_beyond_the_model_is_told_before_loading(model_dir, monkeypatch, capsys):
+    """A preset's limit and a directory's config.json are read without the weights; the check after
+    loading stays for models found otherwise (a Hub id)."""
+    import nanoseek.server.cli as serve_cli
+    from nanoseek.cli import main
+    from nanoseek.config import preset
+
+    def no_loading(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(serve_cli, "build", no_loading)
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        limit = json.load(f)["max_position_embeddings"]
+    for model, lim in ((model_dir, limit), ("tiny", preset("tiny").max_position_embeddings)):
+        assert main(["serve", str(model), "--port", "0", "--max-model-len", str(lim + 1)]) == 2
+        assert f"--max-model-len must be in [2, {lim}]" in capsys.readouterr().err
+        assert main(["serve", str(model), "--port", "0", "--max-model-len", "1"]) == 2
 
 
 def test_api_key_is_compared_in_constant_time(engine, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import socket
@@ -119,8 +120,7 @@ def build(args: argparse.Namespace):
     engine = model_thread.call(lambda: Engine(args.model, seed=args.seed, **engine_kwargs(args)))
     ctx = args.max_model_len or min(engine.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     if args.max_model_len is not None and not 2 <= args.max_model_len <= engine.config.max_position_embeddings:
-        raise SamplingError(f"--max-model-len must be in [2, {engine.config.max_position_embeddings}] (the model's "
-                            f"max_position_embeddings), got {args.max_model_len}")
+        raise SamplingError(_max_model_len_problem(args.max_model_len, engine.config.max_position_embeddings))
     if args.compile:  # compile every decode shape before the first request, not during one
         print("nanoseek serve: compiling the decode step for every batch shape (minutes the first time)...",
               file=sys.stderr, flush=True)
@@ -149,6 +149,31 @@ def _flag_problem(args: argparse.Namespace) -> str | None:
         ServerConfig(api_key=_api_key(args))
     except ValueError as e:
         return str(e)
+    limit = _position_limit(args.model)
+    if args.max_model_len is not None and limit is not None and not 2 <= args.max_model_len <= limit:
+        return _max_model_len_problem(args.max_model_len, limit)
+    return None
+
+
+def _max_model_len_problem(value: int, limit: int) -> str:
+    return f"--max-model-len must be in [2, {limit}] (the model's max_position_embeddings), got {value}"
+
+
+def _position_limit(model: str) -> int | None:
+    """The model's max_position_embeddings where it can be read without loading weights (a preset,
+    or a local directory's config.json), else None: the check then runs after loading."""
+    from ..config import PRESETS, ConfigError, preset
+
+    try:
+        if model in PRESETS and not os.path.exists(model):
+            return preset(model).max_position_embeddings
+        cfg = os.path.join(model, "config.json")
+        if os.path.isfile(cfg):
+            with open(cfg, encoding="utf-8") as f:
+                value = json.load(f).get("max_position_embeddings")
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+    except (OSError, ValueError, AttributeError, ConfigError):  # loading will say what is wrong with it
+        return None
     return None
 
 
