@@ -107,6 +107,33 @@ def test_chat_streaming_equals_non_streaming(client):
         full.usage.model_dump(include={"prompt_tokens", "completion_tokens"})
 
 
+def test_an_explicit_null_means_the_default(client, server):
+    """The openai client sends null for a parameter passed as None (n=None, stream=None, echo=None):
+    OpenAI reads that as the default, and so does this server (completions' max_tokens: 16)."""
+    r = client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=3, n=None, stream=None,
+                                       temperature=None, extra_body={"ignore_eos": True})
+    assert len(r.choices) == 1 and r.usage.completion_tokens == 3
+    c = client.completions.create(model="tiny-test", prompt="Hello", echo=None, max_tokens=None, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert not c.choices[0].text.startswith("Hello") and c.usage.completion_tokens == 16
+    r = requests.post(server.base + "/completions", headers=server.headers(),
+                      json={"model": None, "prompt": "Hello"})  # a required field stays required
+    assert assert_error_schema(r.content, 400)["param"] == "model"
+
+
+@pytest.mark.parametrize("route", ["/chat/completions", "/completions"])
+def test_with_include_usage_every_other_chunk_has_usage_null(server, route):
+    body = {"model": "x", "max_tokens": 3, "ignore_eos": True, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    body.update({"messages": MSGS} if route == "/chat/completions" else {"prompt": "Hello"})
+    r = requests.post(server.base + route, headers=server.headers(), json=body, stream=True)
+    chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != b"data: [DONE]"]
+    assert [("usage" in c, c["usage"] is None) for c in chunks] == [(True, True)] * (len(chunks) - 1) + [(True, False)]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    r = requests.post(server.base + route, headers=server.headers(), json={**body, "stream_options": None})
+    assert all("usage" not in json.loads(line[6:]) for line in r.iter_lines() if line and line != b"data: [DONE]")
+
+
 def test_completions_streaming_and_not_equal_engine(client, engine):
     prompt = "def add(a, b):"
     ref = one_thread(lambda: engine.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True))
@@ -219,6 +246,14 @@ def test_logprobs(client, engine):
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
     assert all(len(t) <= 2 for t in lp.top_logprobs)
+    # sampled tokens outside the top alternatives: OpenAI's legacy API always adds the chosen token
+    # (up to logprobs + 1 entries), so that top_logprobs[i][tokens[i]] is there
+    c = client.completions.create(model="tiny-test", prompt="Hello", max_tokens=24, temperature=2, top_p=1,
+                                  logprobs=1, seed=3, extra_body={"ignore_eos": True})
+    lp = c.choices[0].logprobs
+    assert all(t[tok] == pytest.approx(x) and len(t) <= 2 for tok, x, t in zip(lp.tokens, lp.token_logprobs,
+                                                                                 lp.top_logprobs))
+    assert any(len(t) == 2 for t in lp.top_logprobs)  # (temperature 2: some chosen token was not the best)
     # logprobs without alternatives (the common call): every token has its entry, streamed or not
     kw = dict(model="tiny-test", messages=MSGS, max_tokens=5, temperature=0, logprobs=True,
               extra_body={"ignore_eos": True})
@@ -230,7 +265,7 @@ def test_logprobs(client, engine):
     kw = dict(model="tiny-test", prompt="Hello", max_tokens=4, temperature=0, logprobs=0, extra_body={"ignore_eos": True})
     whole = client.completions.create(**kw).choices[0].logprobs
     tops = [t for ch in client.completions.create(**kw, stream=True) for c in ch.choices for t in c.logprobs.top_logprobs]
-    assert tops == whole.top_logprobs == [{}] * 4
+    assert tops == whole.top_logprobs == [{t: x} for t, x in zip(whole.tokens, whole.token_logprobs)]
 
 
 def test_completion_logprobs_name_every_token_apart_and_offsets_follow_the_text(client):
@@ -265,7 +300,8 @@ def test_echo_with_logprobs_scores_the_prompt(client, engine):
     assert c.text == prompt and len(lp.tokens) == len(ids) == r.usage.prompt_tokens
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.token_logprobs[1:] == pytest.approx(lps[1:], abs=1e-4)
-    assert all(len(t) == 2 and max(t.values()) >= x - 1e-6 for t, x in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert all(len(t) in (2, 3) and max(t.values()) >= x - 1e-6 and t[tok] == pytest.approx(x)
+               for tok, t, x in zip(lp.tokens[1:], lp.top_logprobs[1:], lp.token_logprobs[1:]))
     for token, off in zip(lp.tokens[1:], lp.text_offset[1:]):  # after the BOS: each token sits at its offset
         assert prompt[off:].startswith(token), (token, off)
     # and the generated tokens follow, scored as generate scores them: the prompt + completion,

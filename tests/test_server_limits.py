@@ -138,12 +138,16 @@ def timeout_server(model_dir, tmp_path_factory):
 
 def test_request_timeout(timeout_server):
     server = timeout_server
+    timeouts = 'nanoseek_requests_total{route="/v1/completions",status="408"}'
+    before = server.metrics().get(timeouts, 0.0)
     t0 = time.time()
-    with pytest.raises(openai.APIStatusError) as e:
-        server.client().completions.create(model="x", prompt="Hello", max_tokens=2000, temperature=0,
-                                           extra_body={"ignore_eos": True})
+    with pytest.raises(openai.APIStatusError) as e:  # the client's default retries: a 408 says not to
+        server.client(max_retries=2).completions.create(model="x", prompt="Hello", max_tokens=2000, temperature=0,
+                                                        extra_body={"ignore_eos": True})
     assert e.value.status_code == 408 and e.value.code == "request_timeout"
+    assert e.value.response.headers["x-should-retry"] == "false"
     assert SHORT_TIMEOUT - 0.5 <= time.time() - t0 < SHORT_TIMEOUT + 5
+    assert server.metrics()[timeouts] == before + 1  # one run, not three
     server.wait_metric("nanoseek_running_batch_size", lambda v: v == 0, timeout=2.0)
     assert server.metrics()['nanoseek_sequences_finished_total{reason="timeout"}'] >= 1
     # streaming: an error event, then [DONE]

@@ -75,6 +75,14 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0  # OpenAI's stand-in for -inf
 
 
+def _tops_with(tt: "TokenText", top: dict[int, float], token: int, logprob: float) -> dict[str, float]:
+    """A completions top_logprobs entry: the top alternatives and, as OpenAI's legacy API always
+    gives it (up to logprobs + 1 entries), the token that was chosen, last when it is not among them."""
+    out = {tt.label_of(t): _finite(v) for t, v in top.items()}
+    out.setdefault(tt.label_of(token), _finite(logprob))
+    return out
+
+
 class TokenText:
     """Each token's bytes and display string (byte-level BPE: through the byte map)."""
 
@@ -727,8 +735,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                 tracker.apply(await _next(stream, deadline))
         except (TimeoutError, asyncio.TimeoutError):
             tracker.close("timeout")
-            raise APIError(408, f"The request did not finish within the server's timeout of "
-                                f"{config.request_timeout:g} s.", None, "request_timeout") from None
+            raise _timed_out("The request") from None
         except _ClientGone:
             tracker.close("abort")
             raise
@@ -739,6 +746,12 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             watcher.cancel()
             if not tracker.done:
                 tracker.close("abort")
+
+    def _timed_out(what: str) -> APIError:
+        # x-should-retry: the openai client retries a 408 (twice by default), and a request that ran
+        # out of time would run out of it again, at the same cost each time
+        return APIError(408, f"{what} did not finish within the server's timeout of {config.request_timeout:g} s.",
+                        None, "request_timeout", {"x-should-retry": "false"})
 
     def _usage(tracker: Tracker, lens: list[int], reasoning: int | None = None) -> dict:
         completion = sum(len(s.ids) for s in tracker.seqs.values())
@@ -770,7 +783,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         """OpenAI's legacy logprobs object; `offsets` where each token starts in the returned text."""
         tt = state.tokens
         return {"tokens": [tt.label_of(i) for i in ids], "token_logprobs": [_finite(x) for x in lps],
-                "top_logprobs": [{tt.label_of(t): _finite(v) for t, v in d.items()} for d in tops],
+                "top_logprobs": [_tops_with(tt, d, i, lp) for i, lp, d in zip(ids, lps, tops)],
                 "text_offset": offsets}
 
     async def _events(tracker: Tracker, head: dict, opening: list[dict],
@@ -781,6 +794,8 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         event, the usage chunk when asked for, and [DONE]."""
         stream = tracker.stream
         deadline = stream.arrival + config.request_timeout
+        if usage is not None:  # OpenAI: with include_usage, every other chunk has "usage": null
+            head = {**head, "usage": None}
         for choice in opening:
             yield _sse({**head, "choices": [choice]})
         try:
@@ -801,8 +816,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                     raise error
         except (TimeoutError, asyncio.TimeoutError):
             tracker.close("timeout")
-            yield _sse(error_body(408, f"The request did not finish within the server's timeout of "
-                                       f"{config.request_timeout:g} s.", None, "request_timeout"))
+            yield _sse(_timed_out("The request").body())
         except StreamEnded as e:
             tracker.close(e.reason)
             yield _sse(error_body(e.status, str(e), None, e.code))
@@ -820,15 +834,14 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         except SamplingError as e:
             raise APIError(400, str(e), "prompt", "invalid_value") from None
         except (TimeoutError, asyncio.TimeoutError):
-            raise APIError(408, "Scoring the prompt did not finish within the server's timeout of "
-                                f"{config.request_timeout:g} s.", None, "request_timeout") from None
+            raise _timed_out("Scoring the prompt") from None
         tt = state.tokens
         text = isinstance(prompt, str)
         bos = text and getattr(engine.tokenizer, "bos_id", None) is not None  # Engine.encode added it
         # (a text prompt is echoed as sent, special tokens' text included; token ids as decoded)
         offsets = TextOffsets(tt, skip_special=not text)
         return {"tokens": [tt.label_of(i) for i in ids], "token_logprobs": [None if x is None else _finite(x) for x in lps],
-                "top_logprobs": [None if d is None else {tt.label_of(t): _finite(v) for t, v in d.items()} for d in tops],
+                "top_logprobs": [None if d is None else _tops_with(tt, d, i, lp) for i, lp, d in zip(ids, lps, tops)],
                 "text_offset": [0] + offsets.feed(ids[1:]) if bos else offsets.feed(ids)}
 
     def _joined(first: dict | None, then: dict) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP = 8
@@ -25,6 +25,16 @@ TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """An explicit null for an optional field means its default, as OpenAI reads it: the openai
+        client sends `"n": null` for n=None, and `"max_tokens": null` asks completions for 16."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            data = {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+        return data
 
 
 class StreamOptions(_Base):
