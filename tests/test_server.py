@@ -575,6 +575,7 @@ def test_flags_are_checked_before_the_model_loads(flags, message, capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--api-key", "sk-ключ"], "the API key must be printable ASCII"),
     (["--enable-prefix-caching", "--speculative"], "--enable-prefix-caching does not combine with --speculative"),
+    (["--allowed-origins", "http://localhost:3000/"], "an allowed origin is scheme://host[:port]"),
 ])
 def test_flag_combinations_are_checked_before_the_model_loads(flags, message, capsys):
     from nanoseek.cli import main
@@ -604,6 +605,42 @@ def test_max_model_len_beyond_the_model_is_told_before_loading(model_dir, monkey
         assert main(["serve", str(model), "--port", "0", "--max-model-len", str(lim + 1)]) == 2
         assert f"--max-model-len must be in [2, {lim}]" in capsys.readouterr().err
         assert main(["serve", str(model), "--port", "0", "--max-model-len", "1"]) == 2
+
+
+def test_cors_only_for_the_origins_allowed(engine):
+    """A browser page on another origin (the openai JS client, a web UI) may call the API only when
+    --allowed-origins names it: its preflight (OPTIONS, which carries no key) is answered, and
+    responses carry the Access-Control headers; other origins, and every origin by default, get none."""
+    from nanoseek.engine.scheduler import Scheduler
+    from nanoseek.server.app import ServerConfig, create_app
+
+    ui = "http://localhost:3000"
+    preflight = {"Origin": ui, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+    app = create_app(engine, Scheduler(engine, max_batch=1),
+                     ServerConfig(model_name="tiny-test", api_key=KEY, allowed_origins=(ui,)))
+    got = {}
+    status, _ = asgi_request(app, "OPTIONS", "/v1/chat/completions", preflight, response_headers=got)
+    assert status == 200 and got["access-control-allow-origin"] == ui
+    assert "POST" in got["access-control-allow-methods"] and "x-stainless-os" in got["access-control-allow-headers"]
+    got = {}
+    assert asgi_request(app, "GET", "/v1/models", {"Origin": ui, "Authorization": f"Bearer {KEY}"},
+                        response_headers=got)[0] == 200
+    assert got["access-control-allow-origin"] == ui
+    got = {}
+    assert asgi_request(app, "GET", "/v1/models", {"Origin": ui}, response_headers=got)[0] == 401  # the key still counts
+    assert got["access-control-allow-origin"] == ui  # (so that the page can read the 401)
+    got = {}
+    status, _ = asgi_request(app, "OPTIONS", "/v1/chat/completions", {**preflight, "Origin": "http://evil.example"},
+                             response_headers=got)
+    assert status == 400 and "access-control-allow-origin" not in got
+    default = create_app(engine, Scheduler(engine, max_batch=1), ServerConfig(model_name="tiny-test"))
+    got = {}
+    asgi_request(default, "GET", "/v1/models", {"Origin": ui}, response_headers=got)
+    assert not any(k.startswith("access-control") for k in got)
+    for bad in ("http://localhost:3000/", "localhost:3000", "http://x/path"):
+        with pytest.raises(ValueError, match="scheme://host"):
+            ServerConfig(allowed_origins=(bad,))
 
 
 def test_api_key_is_compared_in_constant_time(engine, monkeypatch):

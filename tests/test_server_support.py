@@ -283,8 +283,10 @@ class LiveServer:
         self._log.close()
 
 
-def asgi_request(app, method: str, path: str, headers: dict | None = None, body: bytes = b"") -> tuple[int, bytes]:
-    """One HTTP request straight into an ASGI app, in this process (no socket, no lifespan)."""
+def asgi_request(app, method: str, path: str, headers: dict | None = None, body: bytes = b"",
+                 response_headers: dict | None = None) -> tuple[int, bytes]:
+    """One HTTP request straight into an ASGI app, in this process (no socket, no lifespan);
+    `response_headers`, when given, receives the response's headers (lower-case names)."""
     import asyncio
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
@@ -305,6 +307,8 @@ def asgi_request(app, method: str, path: str, headers: dict | None = None, body:
     async def send(msg):
         if msg["type"] == "http.response.start":
             out["status"] = msg["status"]
+            if response_headers is not None:
+                response_headers.update((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in msg["headers"])
         elif msg["type"] == "http.response.body":
             out["body"] += msg.get("body", b"")
 

@@ -61,12 +61,20 @@ class ServerConfig:
     max_queue: int = 64
     request_timeout: float = 600.0  # seconds, per request, from arrival to the last token
     max_body_bytes: int = 2 * 1024 * 1024
+    # origins whose web pages may call the API from a browser (CORS); none by default: with "*" any
+    # page the user opens could use a local model that has no key
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         key = self.api_key
         if key is not None and not (key and key.isascii() and key.isprintable() and " " not in key):
             # an HTTP header carries ASCII: a key outside it could never be sent, every client locked out
             raise ValueError("the API key must be printable ASCII without spaces (it travels in an HTTP header)")
+        for origin in self.allowed_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                # a browser sends its origin as scheme://host[:port]: a path or a slash would never match
+                raise ValueError(f"an allowed origin is scheme://host[:port] (no path, no trailing slash) or *, "
+                                 f"got {origin!r}")
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -457,6 +465,11 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                   description="OpenAI-compatible API for a nanoseek (DeepSeek-V3) model")
     app.state.nanoseek = state
     app.add_middleware(Guard, state=state)
+    if config.allowed_origins:  # outside Guard: a browser's preflight (OPTIONS) carries no key
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Retry-After", "x-should-retry"], max_age=600)
 
     # -- errors: always OpenAI's error JSON ------------------------------------------------------
     @app.exception_handler(APIError)

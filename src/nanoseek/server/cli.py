@@ -79,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "/v1/models, /health, /metrics, and a chat page at /.")
     p.add_argument("model", help="run directory, Hugging Face directory, Hub id, or preset name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="web origins allowed to call the API from a browser (CORS), e.g. http://localhost:3000, "
+                        "or * for any (default: none; the chat page at / needs none)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free port, printed at start)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANOSEEK_API_KEY, else none)")
@@ -134,7 +137,8 @@ def build(args: argparse.Namespace):
                                                     prefix_cache_bytes=prefix))
     name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model))) or str(args.model)
     config = ServerConfig(model_name=name, api_key=_api_key(args), max_queue=args.max_queue,
-                          request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes)
+                          request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                          allowed_origins=tuple(args.allowed_origins))
     return create_app(engine, scheduler, config, model_thread), config, scheduler
 
 
@@ -146,7 +150,7 @@ def _flag_problem(args: argparse.Namespace) -> str | None:
         return ("--enable-prefix-caching does not combine with --speculative (the MTP layer's cache at a prefix's "
                 "last position depends on the token after it)")
     try:
-        ServerConfig(api_key=_api_key(args))
+        ServerConfig(api_key=_api_key(args), allowed_origins=tuple(args.allowed_origins))
     except ValueError as e:
         return str(e)
     limit = _position_limit(args.model)
