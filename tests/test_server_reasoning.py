@@ -105,8 +105,33 @@ def scripted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(scripted, tmp_path_factory):
-    s = LiveServer(scripted["dir"], "--max-model-len", "64", "--served-model-name", "r1-tiny", api_key=KEY,
+def site():
+    """Another web origin: a blank page on its own port, for the cross-origin (CORS) check."""
+    import http.server
+    import threading
+
+    class Blank(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<!doctype html><title>another site</title>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Blank)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(scripted, site, tmp_path_factory):
+    s = LiveServer(scripted["dir"], "--max-model-len", "64", "--served-model-name", "r1-tiny",
+                   "--allowed-origins", f"http://127.0.0.1:{site}", api_key=KEY,
                    log_dir=tmp_path_factory.mktemp("logs"), name="reasoning")
     yield s
     s.stop()
@@ -350,6 +375,29 @@ def test_chat_page_streams_the_answer_and_shows_reasoning_apart(server, scripted
     page.press("#input", "Enter")
     page.wait_for_selector(".assistant[data-state=done]", timeout=20_000)
     assert [m["content"] for m in sent[-1]] == ["A new conversation"], sent
+
+
+def test_a_page_on_an_allowed_origin_may_call_the_api_and_no_other(server, scripted, site, page):
+    """In the browser: the server names http://127.0.0.1:SITE in --allowed-origins. A page there
+    streams a chat answer with fetch (preflight and all); the same page reached as localhost, another
+    origin, is refused by the browser itself."""
+    call = """async ([url, key]) => {
+        try {
+            const r = await fetch(url + "/v1/chat/completions", {method: "POST", headers: {
+                "Authorization": "Bearer " + key, "Content-Type": "application/json"},
+                body: JSON.stringify({model: "m", messages: [{role: "user", content: "Hi"}], max_tokens: 30,
+                                      temperature: 0, stream: true})});
+            return [r.status, await r.text()];
+        } catch (e) { return ["refused", String(e)]; }
+    }"""
+    page.goto(f"http://127.0.0.1:{site}/")
+    status, body = page.evaluate(call, [server.url, KEY])
+    assert status == 200 and body.rstrip().endswith("data: [DONE]"), (status, body[:300])
+    chunks = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+    text = "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"])
+    assert text == scripted["answer"]
+    page.goto(f"http://localhost:{site}/")
+    assert page.evaluate(call, [server.url, KEY])[0] == "refused"
 
 
 def test_the_rendered_prompt_decides_whether_the_output_starts_in_reasoning(tmp_path):
