@@ -210,6 +210,39 @@ def test_prompt_logprobs_score_what_generate_produced(engine):
 
 # ---- the fast path -----------------------------------------------------------------------------
 
+def test_packed_products_run_at_few_row_counts(monkeypatch):
+    """oneDNN compiles and caches a primitive per input row count, memory it never gives back: row
+    counts are padded up to a few sizes per power of two, so prompts of 60 lengths reach the packed
+    product at a bounded set of sizes, and the padding changes no output."""
+    from nanoseek.engine import fastpath
+
+    counts = [fastpath.rows_bucket(m) for m in range(1, 16385)]
+    assert counts[:16] == list(range(1, 17))  # decode-sized products run exactly
+    assert all(m <= b <= 1.25 * m for m, b in enumerate(counts, 1)) and len(set(counts)) <= 60
+    monkeypatch.setattr(fastpath, "PACK_MIN_FP32", 0)
+    model = _model(seed=4)
+    fast_engine = Engine(model, fast=True)
+    if fast_engine.packed is None or not fast_engine.packed.linears:
+        pytest.skip("oneDNN linear not available on this CPU/build")
+    real, seen = torch.ops.mkldnn._linear_pointwise, set()
+
+    def spy(x, w, *rest):
+        seen.add(x.shape[:-1])
+        return real(x, w, *rest)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in range(17, 77)]
+    kw = dict(max_tokens=2, temperature=0, logprobs=0, ignore_eos=True)
+    fast = [fast_engine.generate(p, **kw) for p in prompts]
+    assert seen and all(len(s) == 1 and s[0] == fastpath.rows_bucket(s[0]) for s in seen)
+    assert len({s[0] for s in seen if s[0] > 16}) <= 20  # 60 prompt lengths, a few sizes
+    plain = Engine(model, fast=False)
+    for p, f in zip(prompts[::7], fast[::7]):
+        ref = plain.generate(p, **kw)
+        assert ref.token_ids == f.token_ids and max(abs(x - y) for x, y in zip(ref.logprobs, f.logprobs)) <= TOL
+
+
 def test_prepacked_fast_path_matches_plain_and_leaves_training_alone(monkeypatch):
     from nanoseek.engine import fastpath
 
