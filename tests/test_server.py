@@ -643,6 +643,26 @@ def test_cors_only_for_the_origins_allowed(engine):
             ServerConfig(allowed_origins=(bad,))
 
 
+def test_a_request_validated_after_shutdown_began_is_refused_with_503(engine):
+    """close_streams (the server's SIGTERM / Ctrl-C handler) ends the streams it finds; a request
+    still being tokenized then (in a thread) used to be submitted afterwards and decode to the end,
+    until uvicorn's grace period cut it. Now nothing new is taken once the server is stopping."""
+    from nanoseek.engine.scheduler import Scheduler
+    from nanoseek.server.app import ServerConfig, create_app
+    from nanoseek.server.worker import ServerShuttingDown
+
+    app = create_app(engine, Scheduler(engine, max_batch=1), ServerConfig(model_name="tiny-test"))
+    worker = app.state.nanoseek.worker
+    worker.close_streams()
+    body = json.dumps({"model": "x", "prompt": "Hello", "max_tokens": 4, "echo": True, "logprobs": 1}).encode()
+    status, answer = asgi_request(app, "POST", "/v1/completions", {"Content-Type": "application/json"}, body,
+                                  timeout=20)  # (no step loop runs here: a request taken would wait forever)
+    assert status == 503 and assert_error_schema(answer)["code"] == "server_shutting_down"
+    assert worker.queue_depth == 0 and not worker._inbox
+    with pytest.raises(ServerShuttingDown):
+        worker.run(lambda: None)  # (scoring an echoed prompt: refused the same way)
+
+
 def test_api_key_is_compared_in_constant_time(engine, monkeypatch):
     """The key check goes through hmac.compare_digest (timing-safe) on fixed-size digests: spied on an
     app built in this process (its worker never starts; /v1/models needs none)."""

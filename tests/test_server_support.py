@@ -284,7 +284,7 @@ class LiveServer:
 
 
 def asgi_request(app, method: str, path: str, headers: dict | None = None, body: bytes = b"",
-                 response_headers: dict | None = None) -> tuple[int, bytes]:
+                 response_headers: dict | None = None, timeout: float = 60.0) -> tuple[int, bytes]:
     """One HTTP request straight into an ASGI app, in this process (no socket, no lifespan);
     `response_headers`, when given, receives the response's headers (lower-case names)."""
     import asyncio
@@ -312,7 +312,7 @@ def asgi_request(app, method: str, path: str, headers: dict | None = None, body:
         elif msg["type"] == "http.response.body":
             out["body"] += msg.get("body", b"")
 
-    asyncio.run(app(scope, receive, send))
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout))  # (a hang fails the test)
     return out["status"], out["body"]
 
 

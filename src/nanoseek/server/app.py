@@ -732,6 +732,8 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         except QueueFull as e:
             state.metrics.rejected.inc(reason="queue_full")
             raise APIError(429, str(e), None, "rate_limit_exceeded", {"Retry-After": str(e.retry_after)}) from None
+        except StreamEnded as e:  # (the server began to stop while this request was being validated)
+            raise APIError(e.status, str(e), None, e.code) from None
         state.metrics.prompt_tokens.inc(sum(lens))
         return rid, stream, lens
 
@@ -848,6 +850,8 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             raise APIError(400, str(e), "prompt", "invalid_value") from None
         except (TimeoutError, asyncio.TimeoutError):
             raise _timed_out("Scoring the prompt") from None
+        except StreamEnded as e:  # (the server is stopping)
+            raise APIError(e.status, str(e), None, e.code) from None
         tt = state.tokens
         text = isinstance(prompt, str)
         bos = text and getattr(engine.tokenizer, "bos_id", None) is not None  # Engine.encode added it

@@ -95,6 +95,11 @@ class ServerShuttingDown(StreamEnded):
     status, code, reason = 503, "server_shutting_down", "abort"
 
 
+def _shutting_down() -> ServerShuttingDown:
+    return ServerShuttingDown("The server is shutting down; this request was stopped. Send it again once the "
+                              "server is back.")
+
+
 class GenerationFailed(StreamEnded):
     """The model step raised (no traceback in the message)."""
 
@@ -200,6 +205,7 @@ class Worker:
         self.snapshot = self._snapshot()
         self.failures = 0
         self._running: concurrent.futures.Future | None = None
+        self.closing = False  # set by close_streams: nothing new is taken from then on
 
     # -- event-loop side ------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -227,6 +233,8 @@ class Worker:
         return len(self._queued)
 
     def submit(self, seqs: list[ScheduledSequence], arrival: float | None = None) -> GenStream:
+        if self.closing:  # (a request still being validated when the server began to stop)
+            raise _shutting_down()
         if len(self._queued) >= self.max_queue:
             raise QueueFull(len(self._queued))
         stream = GenStream(self, seqs, arrival if arrival is not None else time.perf_counter())
@@ -239,13 +247,16 @@ class Worker:
         """The server is shutting down (event loop): every unfinished stream reads ServerShuttingDown
         next and its sequences stop, so that each client gets an answer that says so, at once,
         rather than a connection cut when the server's grace period runs out."""
+        self.closing = True  # requests past validation but not yet submitted are refused in submit
         for stream in list(self._streams):
             if not stream.done:
-                stream.end(ServerShuttingDown("The server is shutting down; this request was stopped. Send it again "
-                                              "once the server is back."))
+                stream.end(_shutting_down())
 
     def run(self, fn: Callable) -> asyncio.Future:
-        """Run fn() on the model thread between two steps (e.g. scoring a prompt); await the result."""
+        """Run fn() on the model thread between two steps (e.g. scoring a prompt); await the result.
+        Raises ServerShuttingDown once the server is stopping."""
+        if self.closing:
+            raise _shutting_down()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._send(("call", fn, fut))
         return asyncio.wrap_future(fut)
