@@ -60,3 +60,8 @@ def test_gpu_decode_benchmark(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert [c["batch"] for c in report["cases"]] == [1, 2] and report["fp32_identical"]
     assert all(c[name] > 0 for c in report["cases"] for name in ("graphs", "plain", "transformers"))
+
+
+def test_prefill_rows_benchmark_compares_padded_and_exact_row_counts():
+    out = _run(["benchmarks/prefill_rows.py", "--preset", "tiny", "--rounds", "1", "--lengths", "4", "--threads", "1"])
+    assert "| bucket |" in out and "| exact |" in out and "exact / padded time" in out
