@@ -26,8 +26,11 @@ it, within the budget, and is freed when the batch empties.
 admitted sequence never runs out of cache and nothing is ever preempted. Waiting sequences are
 admitted first-come first-served while the batch has fewer than `max_batch` rows and the pool
 (rows x the longest reservation x bytes per position) fits `kv_cache_bytes`; the head of the
-queue is never skipped, so a long request is not starved by short ones. A sequence that could not
-fit even alone is refused in `add` (SamplingError).
+queue is never skipped, so a long request is not starved by short ones. A prompt that fills the
+per-sequence limit (`max_tokens_per_sequence`: the context, or what the budget holds for one row)
+is refused in `make_sequence` / `add` (SamplingError); a shorter one has its max_tokens clipped to
+the room left, as `Engine.generate` clips it to the context (it then ends with "length"). The
+server checks prompt + an explicit max_tokens first and answers 400.
 
 **Prefix caching** (`prefix_cache_bytes`, off by default; see prefix_cache.py). A joining prompt
 that begins like an earlier one copies that prefix's latent blocks into its row and prefills only
