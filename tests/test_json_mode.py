@@ -357,6 +357,30 @@ def test_nested_anyof_is_flattened_not_expanded_at_every_byte():
     assert state.feed(b'{"d":1}' + b"}" * 31).done
 
 
+def test_the_compiled_schema_cache_is_bounded_by_text_as_well_as_count():
+    """Clients choose the schemas: 64 of the largest accepted ones (20,000 subschemas each) once
+    held 1.3 GiB of compiled trees. The cache keeps at most SCHEMA_CACHE_CHARS of schema text."""
+    from nanoseek.engine import constraints as C
+
+    C._schema_cache.clear()
+
+    def big(tag: int, n: int, pad: int = 0) -> dict:
+        return {"type": "object", "properties": {f"k{tag}_{i}" + "x" * pad: {"type": "integer"} for i in range(n)}}
+
+    small = {"type": "object", "properties": {"a": {"type": "string"}}}
+    assert compile_schema(small) is compile_schema(dict(small))  # a request's choices share one tree
+    n = 6000  # ~0.2 MB of text each
+    for tag in range(30):
+        compile_schema(big(tag, n))
+    assert C._schema_cache.chars <= C.SCHEMA_CACHE_CHARS and 5 <= len(C._schema_cache) < 30
+    huge = big(99, 19_000, pad=100)  # larger than the whole budget: compiled, not kept
+    assert compile_schema(huge) is not compile_schema(huge)
+    assert C._schema_cache.chars <= C.SCHEMA_CACHE_CHARS
+    for tag in range(100):  # and by count
+        compile_schema({"type": "object", "properties": {f"p{tag}": {"type": "null"}}})
+    assert len(C._schema_cache) == C.SCHEMA_CACHE_ENTRIES
+
+
 def test_keys_are_found_by_prefix_among_many():
     names = [f"k{i}" for i in range(5000)] + ["a", "ab", "abc"]
     node = compile_schema({"type": "object", "properties": {n: {"type": "null"} for n in names},

@@ -43,8 +43,9 @@ cannot fill max_tokens with blank lines inside the document.
 from __future__ import annotations
 
 import bisect
-import functools
+import collections
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,13 +103,14 @@ OBJECT = Node(kinds=frozenset({"object"}), additional=ANY, items=ANY)  # JSON mo
 
 def compile_schema(schema: Any) -> Node:
     """A JSON Schema (a dict) as a `Node` tree; SchemaError for what is not supported. The trees of
-    the last 64 schemas are kept (a request's n choices and its retries share one)."""
+    recent schemas are kept (a request's n choices and its retries share one): at most 64, and at
+    most SCHEMA_CACHE_CHARS characters of schema text in all (see _SchemaCache)."""
     try:
         try:
             text = json.dumps(schema, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError):  # not JSON: let the compiler say what is wrong
             return _compile(schema)
-        return _compile_text(text)
+        return _schema_cache.get(text)
     except RecursionError:
         raise SchemaError("the schema nests too deeply") from None
     except SchemaError:
@@ -117,9 +119,53 @@ def compile_schema(schema: Any) -> Node:
         raise SchemaError(f"the schema cannot be read ({type(e).__name__}: {e})") from None
 
 
-@functools.lru_cache(maxsize=64)
-def _compile_text(text: str) -> Node:
-    return _compile(json.loads(text))
+SCHEMA_CACHE_ENTRIES = 64
+# A compiled tree takes ~20x its schema's JSON text (a 0.94 MB schema of 20,000 subschemas, the
+# largest accepted, took ~20 MiB): counted by entries alone, 64 such schemas held 1.3 GiB that any
+# client could fill. ~2 MB of text is ~40 MiB of trees; a larger schema is compiled and not kept.
+SCHEMA_CACHE_CHARS = 2_000_000
+
+
+class _SchemaCache:
+    """Least-recently-used compiled schemas, bounded by count and by total text length; thread-safe
+    (the server compiles in worker threads)."""
+
+    def __init__(self) -> None:
+        self._items: collections.OrderedDict[str, Node] = collections.OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> Node:
+        with self._lock:
+            node = self._items.get(text)
+            if node is not None:
+                self._items.move_to_end(text)
+                return node
+        node = _compile(json.loads(text))  # (outside the lock: a large schema must not block others)
+        if len(text) <= SCHEMA_CACHE_CHARS:
+            with self._lock:
+                if text not in self._items:
+                    self._items[text] = node
+                    self._chars += len(text)
+                while len(self._items) > SCHEMA_CACHE_ENTRIES or self._chars > SCHEMA_CACHE_CHARS:
+                    old, _ = self._items.popitem(last=False)
+                    self._chars -= len(old)
+        return node
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._chars = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def chars(self) -> int:
+        return self._chars
+
+
+_schema_cache = _SchemaCache()
 
 
 def _compile(schema: Any) -> Node:
