@@ -576,6 +576,7 @@ def test_flags_are_checked_before_the_model_loads(flags, message, capsys):
     (["--api-key", "sk-ключ"], "the API key must be printable ASCII"),
     (["--enable-prefix-caching", "--speculative"], "--enable-prefix-caching does not combine with --speculative"),
     (["--allowed-origins", "http://localhost:3000/"], "an allowed origin is scheme://host[:port]"),
+    (["--allowed-origins", "http://a:1,http://b/"], "got 'http://b/'"),  # comma-separated, each checked
 ])
 def test_flag_combinations_are_checked_before_the_model_loads(flags, message, capsys):
     from nanoseek.cli import main
@@ -586,6 +587,9 @@ def test_flag_combinations_are_checked_before_the_model_loads(flags, message, ca
             ServerConfig(api_key=key)
     assert main(["serve", "/nonexistent-model-dir", *flags]) == 2
     assert message in capsys.readouterr().err
+    if flags[0] == "--allowed-origins":  # before the model, the flag leaves the model argument be
+        assert main(["serve", *flags, "/nonexistent-model-dir"]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_max_model_len_beyond_the_model_is_told_before_loading(model_dir, monkeypatch, capsys):
@@ -641,6 +645,22 @@ def test_cors_only_for_the_origins_allowed(engine):
     for bad in ("http://localhost:3000/", "localhost:3000", "http://x/path"):
         with pytest.raises(ValueError, match="scheme://host"):
             ServerConfig(allowed_origins=(bad,))
+    # spelled as a browser sends it (lower case, no default port), or the exact comparison never matches
+    assert ServerConfig(allowed_origins=("HTTP://LocalHost:3000", "https://example.com:443", "http://a.b:80",
+                                         "*")).allowed_origins == (ui, "https://example.com", "http://a.b", "*")
+    # a refused preflight is OpenAI's error JSON too, and a 500 carries the headers (the page can read it)
+    got = {}
+    status, answer = asgi_request(app, "OPTIONS", "/v1/chat/completions", {**preflight, "Origin": "http://evil.example"})
+    assert status == 400 and assert_error_schema(answer)["code"] == "cors_refused"
+    state = app.state.nanoseek
+
+    def broken():
+        raise RuntimeError("boom")
+
+    state.metrics.render = broken
+    with pytest.raises(RuntimeError):  # (Starlette re-raises after sending the 500, for the server's log)
+        asgi_request(app, "GET", "/metrics", {"Origin": ui}, response_headers=got)
+    assert got["access-control-allow-origin"] == ui
 
 
 def test_a_request_validated_after_shutdown_began_is_refused_with_503(engine):

@@ -72,7 +72,8 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
 # a new prefill size, or a new expert token count, with every request grew by ~2 MB per prompt
 # length (tiny preset: 350 MiB -> 1 GiB after 300 lengths). Row counts above EXACT_ROWS are padded
 # up to one of ROW_STEPS_PER_OCTAVE sizes per power of two, so each weight sees at most ~56 sizes up
-# to 16k rows: at most 25% more rows (~10% on average) in prefill-sized products, and none at decode.
+# to 16k rows: at most 25% more rows (~10% on average), none up to 16 rows (a batch of 17-32 decode
+# rows is padded too, at no cost: decode reads weights, and the extra rows reuse what was read).
 EXACT_ROWS = 16
 ROW_STEPS_PER_OCTAVE = 4
 

@@ -70,11 +70,20 @@ class ServerConfig:
         if key is not None and not (key and key.isascii() and key.isprintable() and " " not in key):
             # an HTTP header carries ASCII: a key outside it could never be sent, every client locked out
             raise ValueError("the API key must be printable ASCII without spaces (it travels in an HTTP header)")
-        for origin in self.allowed_origins:
-            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
-                # a browser sends its origin as scheme://host[:port]: a path or a slash would never match
-                raise ValueError(f"an allowed origin is scheme://host[:port] (no path, no trailing slash) or *, "
-                                 f"got {origin!r}")
+        self.allowed_origins = tuple(_origin(o) for o in self.allowed_origins)
+
+
+def _origin(origin: str) -> str:
+    """An allowed origin as a browser sends it (lower case, no default port), so that the exact
+    comparison of the CORS check can match; ValueError for what could never match."""
+    m = re.fullmatch(r"(https?)://([^/\s:@]+)(?::(\d{1,5}))?", origin.strip(), re.IGNORECASE)
+    if origin == "*":
+        return origin
+    if m is None:  # a browser sends its origin as scheme://host[:port]: a path or a slash never matches
+        raise ValueError(f"an allowed origin is scheme://host[:port] (no path, no trailing slash) or *, got {origin!r}")
+    scheme, host, port = m.group(1).lower(), m.group(2).lower(), m.group(3)
+    default = {"http": "80", "https": "443"}[scheme]
+    return f"{scheme}://{host}" + (f":{int(port)}" if port and int(port) != int(default) else "")
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -445,6 +454,29 @@ class Guard:
             m.requests.inc(route=route, status=status[0])
 
 
+def _allow_origins(app: FastAPI, origins: tuple[str, ...]) -> None:
+    """CORS for `origins`, outermost: a browser's preflight (OPTIONS) carries no key, so it is
+    answered before Guard; and 500s, which Starlette's error middleware sends from outside every
+    added middleware, carry the headers too (a page can read them)."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    class CORS(CORSMiddleware):
+        def preflight_response(self, request_headers):
+            r = super().preflight_response(request_headers)
+            if r.status_code >= 400:  # "Disallowed CORS origin" as text: OpenAI's error JSON instead
+                msg = f"CORS preflight refused: {r.body.decode('utf-8', 'replace')}."
+                return JSONResponse(error_body(r.status_code, msg, None, "cors_refused"), status_code=r.status_code)
+            return r
+
+    build = app.build_middleware_stack
+
+    def build_with_cors():
+        return CORS(build(), allow_origins=list(origins), allow_methods=["GET", "POST"], allow_headers=["*"],
+                    expose_headers=["Retry-After", "x-should-retry"], max_age=600)
+
+    app.build_middleware_stack = build_with_cors
+
+
 def create_app(engine: Engine, scheduler: Scheduler | None = None, config: ServerConfig | None = None,
                model_thread: ModelThread | None = None) -> FastAPI:
     """The application. model_thread: the thread that loaded the engine (see worker.ModelThread);
@@ -465,11 +497,8 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
                   description="OpenAI-compatible API for a nanoseek (DeepSeek-V3) model")
     app.state.nanoseek = state
     app.add_middleware(Guard, state=state)
-    if config.allowed_origins:  # outside Guard: a browser's preflight (OPTIONS) carries no key
-        from starlette.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["Retry-After", "x-should-retry"], max_age=600)
+    if config.allowed_origins:
+        _allow_origins(app, config.allowed_origins)
 
     # -- errors: always OpenAI's error JSON ------------------------------------------------------
     @app.exception_handler(APIError)

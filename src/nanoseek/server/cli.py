@@ -79,9 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "/v1/models, /health, /metrics, and a chat page at /.")
     p.add_argument("model", help="run directory, Hugging Face directory, Hub id, or preset name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
-                   help="web origins allowed to call the API from a browser (CORS), e.g. http://localhost:3000, "
-                        "or * for any (default: none; the chat page at / needs none)")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
+                   help="web origins allowed to call the API from a browser (CORS), comma-separated or the flag "
+                        "repeated, e.g. http://localhost:3000, or * for any (default: none; the chat page at / "
+                        "needs none)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free port, printed at start)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANOSEEK_API_KEY, else none)")
@@ -138,7 +139,7 @@ def build(args: argparse.Namespace):
     name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model))) or str(args.model)
     config = ServerConfig(model_name=name, api_key=_api_key(args), max_queue=args.max_queue,
                           request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                          allowed_origins=tuple(args.allowed_origins))
+                          allowed_origins=_origins(args))
     return create_app(engine, scheduler, config, model_thread), config, scheduler
 
 
@@ -150,13 +151,17 @@ def _flag_problem(args: argparse.Namespace) -> str | None:
         return ("--enable-prefix-caching does not combine with --speculative (the MTP layer's cache at a prefix's "
                 "last position depends on the token after it)")
     try:
-        ServerConfig(api_key=_api_key(args), allowed_origins=tuple(args.allowed_origins))
+        ServerConfig(api_key=_api_key(args), allowed_origins=_origins(args))
     except ValueError as e:
         return str(e)
     limit = _position_limit(args.model)
     if args.max_model_len is not None and limit is not None and not 2 <= args.max_model_len <= limit:
         return _max_model_len_problem(args.max_model_len, limit)
     return None
+
+
+def _origins(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(o.strip() for flag in args.allowed_origins for o in flag.split(",") if o.strip())
 
 
 def _max_model_len_problem(value: int, limit: int) -> str:

@@ -128,7 +128,9 @@ def _lone_surrogate(value: Any) -> str | None:
 def _unicode_only(v):
     bad = _lone_surrogate(v)
     if bad is not None:
-        raise ValueError(f"{bad!r} is not valid Unicode text")
+        at = next(i for i, ch in enumerate(bad) if "\ud800" <= ch <= "\udfff")
+        excerpt = bad[max(0, at - 20):at + 20]  # (the string may be megabytes long)
+        raise ValueError(f"a string holds a lone surrogate at character {at} ({excerpt!r}): not valid Unicode text")
     return v
 
 
