@@ -182,3 +182,36 @@ def test_bf16_fp32_weight_copies_follow_in_place_updates(update):
         m.__dict__.pop("_fp32_cache", None)
         m.__dict__.pop("_absorbed_cache", None)
     assert torch.equal(decode(model), decode(fresh))
+
+
+def test_a_long_absorbed_prefill_runs_in_query_chunks_with_the_same_result(monkeypatch):
+    """A prefill on the absorbed path (the rest of a prompt after a cached prefix, at one start or
+    per-row starts) builds [B, T*H, S] scores: in chunks of queries its memory stays bounded and the
+    logits equal the full forward's."""
+    from nanoseek.model import attention
+
+    model = _model()
+    B, T, cached_len = 2, 48, 9
+    ids = torch.randint(0, 1024, (B, T), generator=torch.Generator().manual_seed(1))
+    calls = []
+    cls = next(type(m) for m in model.modules() if hasattr(type(m), "forward_absorbed"))
+    real = cls.forward_absorbed
+
+    def spy(self, qn, qp, cached, pos):
+        calls.append(qn.shape[0] * qn.shape[1] * qn.shape[2] * cached.shape[1])
+        return real(self, qn, qp, cached, pos)
+
+    monkeypatch.setattr(cls, "forward_absorbed", spy)
+    monkeypatch.setattr(attention, "ABSORBED_SCORES_MAX", 2000)
+    with torch.no_grad():
+        full = model(ids).logits
+        for per_row in (False, True):
+            cache = model.new_cache(B, T)
+            model(ids[:, :cached_len], cache=cache)  # the cached prefix (expanded path)
+            start = torch.full((B,), cached_len) if per_row else cached_len
+            calls.clear()
+            rest = model(ids[:, cached_len:], start_pos=start, cache=cache).logits
+            chunked = [c for c in calls if c <= 2000]
+            assert len(chunked) > len(calls) // 2 and max(chunked) <= 2000, calls  # it ran in chunks
+            diff = (rest - full[:, cached_len:]).abs().max().item()
+            assert diff <= TOL, (per_row, diff)

@@ -140,16 +140,45 @@ def test_a_joiner_with_a_hit_enters_a_running_batch(engine):
                              for k, v in ups.items()})
 
 
-def test_a_hit_beside_a_longer_miss_stays_within_the_pool(engine):
+def test_a_late_hit_beside_a_longer_rest_stays_within_the_pool(engine):
     """Review regression: one prefill pads every row to the longest rest, so a row that starts
-    late (a 96-token hit) beside a long miss wrote past the pool (a crash that failed the batch);
-    the late row now starts early enough to fit."""
+    late (a 96-token hit) beside a row with a long rest wrote past the pool (a crash that failed the
+    batch); the late row now starts early enough to fit."""
     sched = Scheduler(engine, max_batch=4, prefix_cache_bytes=1 << 24)
     warm = list(range(2, 102))
     _run(sched, [[("warm", warm)]])
-    prompts = {"hit": warm + [5, 6], "miss": [7] * 200}
+    prompts = {"hit": warm + [5, 6], "longer rest": warm[:64] + [7] * 40}
+    block = sched.prefix.block
+    assert [len(sched._usable_hit(p)) * block for p in prompts.values()] == [96, 64]
+    starts = []
+    real = sched._prefix_starts
+    sched._prefix_starts = lambda lens, st: starts.append(list(st)) or real(lens, st)
     _check(engine, prompts, _run(sched, [list(prompts.items())]))
-    assert sched.prefix.hit_tokens > 0
+    assert starts == [[96, 64]] and sched.capacity < 96 + 40  # (one prefill, and 96 + 40 would not fit)
+
+
+def test_a_short_hit_on_a_long_prompt_is_computed_whole_and_apart_from_hits(engine, monkeypatch):
+    """The rest of a prompt after a hit runs on the absorbed path, which reads every cached position
+    for each query: a short hit on a long prompt costs more than the whole prompt cold (bench, 3,000
+    tokens, 25% cached: 1.81 s against 0.51 s), and a row with a hit used to take every row of its
+    prefill onto that path. Short hits are now ignored, and hit and cold rows prefill apart."""
+    from nanoseek.model.attention import MLA
+
+    sched = Scheduler(engine, max_batch=4, prefix_cache_bytes=1 << 24)
+    stem = list(range(2, 66))  # 64 tokens
+    _run(sched, [[("stem", stem + [3])]])
+    long_tail = stem[:16] + [9] * 300  # 16 cached of 316
+    assert sched._usable_hit(long_tail) == [] and len(sched.prefix.lookup(long_tail)) == 1
+    absorbed_rows = []
+    real = MLA.forward_absorbed
+    monkeypatch.setattr(MLA, "forward_absorbed", lambda self, qn, qp, c, pos: (
+        absorbed_rows.append(qn.shape[1]), real(self, qn, qp, c, pos))[1])
+    prompts = {"hit": stem + [4, 5, 6], "cold": [8] * 120, "short hit, long prompt": long_tail}
+    before = sched.prefill_steps
+    got = _run(sched, [list(prompts.items())])
+    assert sched.prefill_steps - before == 2  # the hit, then the two cold prompts together
+    assert max(absorbed_rows) <= 3  # the hit's rest (and decode steps): no cold prompt on the absorbed path
+    _check(engine, prompts, got)
 
 
 def test_cached_prefixes_do_not_count_against_the_prefill_budget(engine):

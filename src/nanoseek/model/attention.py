@@ -36,6 +36,10 @@ LATENT_NORM_EPS = 1e-6
 # CPU prompts of this many tokens run causal attention as two query halves (see causal_attention).
 HALVED_ATTENTION_TOKENS = (320, 576)
 
+# The absorbed path runs its queries in chunks whose scores hold at most this many numbers
+# (64 MiB in fp32; see forward_absorbed). Decode and verify steps are far below it.
+ABSORBED_SCORES_MAX = 1 << 24
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal SDPA of q, k, v [B, H, T, D].
@@ -216,6 +220,21 @@ class MLA(nn.Module):
         """
         B, T, Hh, _ = q_nope.shape
         S, C = cached.shape[1], self.kv_lora_rank
+        step = max(1, ABSORBED_SCORES_MAX // (B * Hh * S))
+        if T > step and not torch.compiler.is_compiling():
+            # A prefill on this path (after a prefix-cache hit, or from a cache offset): the scores
+            # are [B, T*H, S] in fp32, and the mask and softmax make two more, so T x S grows as the
+            # prompt's square (3,000 tokens of `bench`: +611 MiB; V3 at 8K: ~96 GiB). Queries in
+            # chunks keep them at ABSORBED_SCORES_MAX; each chunk sees the cache up to its last query.
+            outs = []
+            for t0 in range(0, T, step):
+                t1 = min(T, t0 + step)
+                if isinstance(start_pos, torch.Tensor):
+                    part, sp = cached, start_pos[:, t0:t1]
+                else:
+                    part, sp = cached[:, :start_pos + t1], start_pos + t0
+                outs.append(self.forward_absorbed(q_nope[:, t0:t1], q_pe[:, t0:t1], part, sp))
+            return torch.cat(outs, dim=1)
         out_dtype = q_nope.dtype
         if cached.device.type == "cpu" and (q_nope.dtype != torch.float32 or cached.dtype != torch.float32):
             # CPU bf16/fp16 GEMMs with 8-32 rows are 2-10x slower than fp32 ones (docs/engine.md):
