@@ -65,3 +65,9 @@ def test_gpu_decode_benchmark(tmp_path):
 def test_prefill_rows_benchmark_compares_padded_and_exact_row_counts():
     out = _run(["benchmarks/prefill_rows.py", "--preset", "tiny", "--rounds", "1", "--lengths", "4", "--threads", "1"])
     assert "| bucket |" in out and "| exact |" in out and "exact / padded time" in out
+
+
+def test_prefix_hit_cost_benchmark_reports_the_rule_beside_the_timings():
+    out = _run(["benchmarks/prefix_hit_cost.py", "--preset", "tiny", "--lengths", "64", "--shares", "0.5",
+                "--rounds", "1", "--threads", "1"])
+    assert "| 64 | 50% |" in out and "forced / cold" in out
