@@ -203,6 +203,7 @@ def test_a_long_absorbed_prefill_runs_in_query_chunks_with_the_same_result(monke
 
     monkeypatch.setattr(cls, "forward_absorbed", spy)
     monkeypatch.setattr(attention, "ABSORBED_SCORES_MAX", 2000)
+    monkeypatch.setattr(attention, "ABSORBED_CHUNK_MIN_QUERIES", 8)
     with torch.no_grad():
         full = model(ids).logits
         for per_row in (False, True):
@@ -215,3 +216,10 @@ def test_a_long_absorbed_prefill_runs_in_query_chunks_with_the_same_result(monke
             assert len(chunked) > len(calls) // 2 and max(chunked) <= 2000, calls  # it ran in chunks
             diff = (rest - full[:, cached_len:]).abs().max().item()
             assert diff <= TOL, (per_row, diff)
+        # a verify-sized step (2 queries) runs whole: split, each chunk would read the cache again
+        cache = model.new_cache(B, T)
+        model(ids[:, :cached_len], cache=cache)
+        monkeypatch.setattr(attention, "ABSORBED_SCORES_MAX", 100)  # (below one query's scores)
+        calls.clear()
+        model(ids[:, cached_len:cached_len + 2], start_pos=cached_len, cache=cache)
+        assert len(calls) == model.config.num_hidden_layers and min(calls) > 100

@@ -36,9 +36,12 @@ LATENT_NORM_EPS = 1e-6
 # CPU prompts of this many tokens run causal attention as two query halves (see causal_attention).
 HALVED_ATTENTION_TOKENS = (320, 576)
 
-# The absorbed path runs its queries in chunks whose scores hold at most this many numbers
-# (64 MiB in fp32; see forward_absorbed). Decode and verify steps are far below it.
+# The absorbed path runs a prefill's queries (at least ABSORBED_CHUNK_MIN_QUERIES of them) in
+# chunks whose scores hold at most ABSORBED_SCORES_MAX numbers (64 MiB in fp32; see
+# forward_absorbed). Decode and verify steps, a few queries each, always run whole: split, each
+# chunk would read the whole cache again and hold as many scores.
 ABSORBED_SCORES_MAX = 1 << 24
+ABSORBED_CHUNK_MIN_QUERIES = 64
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -220,8 +223,10 @@ class MLA(nn.Module):
         """
         B, T, Hh, _ = q_nope.shape
         S, C = cached.shape[1], self.kv_lora_rank
-        step = max(1, ABSORBED_SCORES_MAX // (B * Hh * S))
-        if T > step and not torch.compiler.is_compiling():
+        # (is_compiling first: a compiled step's S is symbolic, and comparing it would need a guard)
+        step = T if T < ABSORBED_CHUNK_MIN_QUERIES or torch.compiler.is_compiling() else \
+            max(1, ABSORBED_SCORES_MAX // (B * Hh * S))
+        if T > step:
             # A prefill on this path (after a prefix-cache hit, or from a cache offset): the scores
             # are [B, T*H, S] in fp32, and the mask and softmax make two more, so T x S grows as the
             # prompt's square (3,000 tokens of `bench`: +611 MiB; V3 at 8K: ~96 GiB). Queries in
