@@ -179,6 +179,14 @@ def test_a_short_hit_on_a_long_prompt_is_computed_whole_and_apart_from_hits(engi
     assert sched.prefill_steps - before == 2  # the hit, then the two cold prompts together
     assert max(absorbed_rows) <= 3  # the hit's rest (and decode steps): no cold prompt on the absorbed path
     _check(engine, prompts, got)
+    # a short cold prompt shares the hit's prefill (on the absorbed path it costs little more), so
+    # alternating hits and short cold prompts do not take one prefill each
+    short = {"hit 2": stem + [7, 8], "short cold": [6] * 30, "hit 3": stem + [9], "short cold 2": [5] * 20}
+    assert sched._absorbed_cost * 30 <= 0.25  # (MIX_SLACK)
+    before = sched.prefill_steps
+    got = _run(sched, [list(short.items())])
+    assert sched.prefill_steps - before == 1
+    _check(engine, short, got)
 
 
 def test_cached_prefixes_do_not_count_against_the_prefill_budget(engine):

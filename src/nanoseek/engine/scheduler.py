@@ -106,6 +106,9 @@ def _first_of_each(reqs: list[_Request]) -> list[int]:
 # Calibrated on this project's CPU (bench preset, fp32, 2 threads): the absorbed prefill's
 # attention ran at about half the efficiency of the linear layers per flop.
 ABSORBED_OVERHEAD = 1.75
+# A cold prompt joins a prefill with prefix-cache hits (all of it on the absorbed path) while that
+# costs it at most this much more than a prefill of its own (bench: prompts up to ~200 tokens).
+MIX_SLACK = 0.25
 
 
 def absorbed_prefill_cost(config) -> float:
@@ -163,6 +166,7 @@ class Scheduler:
         self.aborted_count = 0
         self.prefix: PrefixCache | None = None
         self._weights_stamp: tuple | None = None  # the weights the prefix cache's blocks were computed with
+        self._absorbed_cost = 0.0  # (see absorbed_prefill_cost; set with the prefix cache)
         if prefix_cache_bytes:
             if self.k:
                 raise SamplingError("prefix caching does not combine with speculative decoding (the MTP layer's "
@@ -303,7 +307,7 @@ class Scheduler:
         # the widest: its work is rows x width, which max_prefill_tokens bounds.
         prompts: set[tuple[int, ...]] = set()
         width = 0
-        with_hits = False
+        with_hits, longest_cold = False, 0
         while self.waiting and len(self.running) + len(joiners) < self.max_batch:
             s = self.waiting[0]
             if s.req.finished:  # max_tokens 0: nothing to run
@@ -323,10 +327,14 @@ class Scheduler:
                 if joiners and (len(prompts) + 1) * max(width, cost) > self.max_prefill_tokens:
                     break
                 # Rows with a hit prefill on the absorbed path (per-row starts), and take every row
-                # of their prefill with them: a cold prompt waits for a prefill of its own kind.
-                if joiners and bool(hit) != with_hits:
+                # of their prefill with them: a cold prompt shares their prefill only while that
+                # costs it at most MIX_SLACK more (kappa x length <= MIX_SLACK); a longer one waits
+                # for a prefill without hits (first come, first served).
+                hits_after = with_hits or bool(hit)
+                cold_after = max(longest_cold, 0 if hit else len(s.prompt))
+                if joiners and hits_after and self._absorbed_cost * cold_after > MIX_SLACK:
                     break
-                with_hits = bool(hit)
+                with_hits, longest_cold = hits_after, cold_after
                 prompts.add(key)
                 width = max(width, cost)
             joiners.append(self.waiting.popleft())

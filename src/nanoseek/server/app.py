@@ -76,10 +76,11 @@ class ServerConfig:
 def _origin(origin: str) -> str:
     """An allowed origin as a browser sends it (lower case, no default port), so that the exact
     comparison of the CORS check can match; ValueError for what could never match."""
-    m = re.fullmatch(r"(https?)://([^/\s:@]+)(?::(\d{1,5}))?", origin.strip(), re.IGNORECASE)
+    m = re.fullmatch(r"(https?)://([^/\s:@\[\]]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?", origin.strip(), re.IGNORECASE)
     if origin == "*":
         return origin
-    if m is None:  # a browser sends its origin as scheme://host[:port]: a path or a slash never matches
+    if m is None or (m.group(3) and int(m.group(3)) > 65535):
+        # a browser sends its origin as scheme://host[:port]: a path or a slash never matches
         raise ValueError(f"an allowed origin is scheme://host[:port] (no path, no trailing slash) or *, got {origin!r}")
     scheme, host, port = m.group(1).lower(), m.group(2).lower(), m.group(3)
     default = {"http": "80", "https": "443"}[scheme]
