@@ -157,6 +157,23 @@ def test_a_late_hit_beside_a_longer_rest_stays_within_the_pool(engine):
     assert starts == [[96, 64]] and sched.capacity < 96 + 40  # (one prefill, and 96 + 40 would not fit)
 
 
+def test_an_empty_store_still_reports_its_counters(engine):
+    """PrefixCache has a length, so an empty store is falsy: the metrics snapshot read `if s.prefix`
+    and reported 0 hit tokens after the store was emptied (a Prometheus counter going back), and the
+    serve banner left out the prefix cache until its first block."""
+    from nanoseek.server.worker import Worker
+
+    sched = Scheduler(engine, max_batch=2, prefix_cache_bytes=1 << 24)
+    stem = list(range(2, 66))
+    _run(sched, [[("a", stem + [3])], [("b", stem + [4])]])
+    hits = sched.prefix.hit_tokens
+    assert hits > 0
+    sched.prefix.clear()  # (as when the weights change)
+    assert len(sched.prefix) == 0
+    snap = Worker(sched)._snapshot()
+    assert snap["prefix_hit"] == hits and snap["prefix_queried"] == sched.prefix.queried_tokens
+
+
 def test_a_short_hit_on_a_long_prompt_is_computed_whole_and_apart_from_hits(engine, monkeypatch):
     """The rest of a prompt after a hit runs on the absorbed path, which reads every cached position
     for each query: a short hit on a long prompt costs more than the whole prompt cold (bench, 3,000

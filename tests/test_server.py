@@ -562,6 +562,7 @@ def test_deepseek_api_paths_are_the_v1_routes(server, client):
     (["--max-batch", "0"], "--max-batch: must be >= 1"),
     (["--kv-cache-bytes", "lots"], "--kv-cache-bytes: cannot parse size 'lots'"),
     (["--max-body-bytes", "0"], "--max-body-bytes: size must be positive"),
+    (["--threads", "-1"], "--threads: must be >= 1"),  # (a traceback from torch.set_num_threads before)
 ])
 def test_flags_are_checked_before_the_model_loads(flags, message, capsys):
     # the model directory does not even exist: every one of these is told first, with argparse's exit code

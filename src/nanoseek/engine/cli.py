@@ -14,13 +14,23 @@ import sys
 import time
 
 
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return n
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """How the model is loaded and run; shared by generate, chat, bench and serve."""
     p.add_argument("--speculative", nargs="?", type=int, const=1, default=0, metavar="K",
                    help="MTP speculative decoding with K drafts per step (default K: 1)")
     p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) when MODEL has none")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a jinja chat template to use instead of the model's own (e.g. one that lists the tools)")

@@ -322,7 +322,7 @@ class Scheduler:
             key = tuple(s.prompt)
             if key not in prompts:
                 # (prompt tokens to compute: a prefix the cache holds costs nothing)
-                hit = len(self._usable_hit(s.prompt)) * self.prefix.block if self.prefix else 0
+                hit = len(self._usable_hit(s.prompt)) * self.prefix.block if self.prefix is not None else 0
                 cost = len(s.prompt) - hit
                 if joiners and (len(prompts) + 1) * max(width, cost) > self.max_prefill_tokens:
                     break

@@ -227,7 +227,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"nanoseek serve: {config.model_name} on http://{shown}:{port} ({auth}; max batch {scheduler.max_batch}, "
           f"context {scheduler.max_tokens_per_sequence}, cache budget {_fmt_bytes(scheduler.kv_cache_bytes)}"
           f"{', speculative k=' + str(scheduler.k) if scheduler.k else ''}"
-          f"{', prefix cache ' + _fmt_bytes(scheduler.prefix.max_bytes) if scheduler.prefix else ''})", flush=True)
+          f"{', prefix cache ' + _fmt_bytes(scheduler.prefix.max_bytes) if scheduler.prefix is not None else ''})", flush=True)
     if scheduler.max_tokens_per_sequence < _context(app):
         print(f"nanoseek serve: warning: --kv-cache-bytes holds {scheduler.max_tokens_per_sequence} positions per "
               f"sequence, fewer than the context of {_context(app)}: prompt + output are limited to that",

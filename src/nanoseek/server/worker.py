@@ -275,9 +275,9 @@ class Worker:
                     cache_reserved=s.cache_bytes_reserved, cache_used=s.cache_bytes_used,
                     decode_forwards=st.decode_forwards, row_steps=st.row_steps, prefill_steps=s.prefill_steps,
                     drafted=st.drafted, accepted=st.accepted,
-                    prefix_hit=s.prefix.hit_tokens if s.prefix else 0,
-                    prefix_queried=s.prefix.queried_tokens if s.prefix else 0,
-                    prefix_bytes=s.prefix.bytes_used if s.prefix else 0)
+                    prefix_hit=s.prefix.hit_tokens if s.prefix is not None else 0,
+                    prefix_queried=s.prefix.queried_tokens if s.prefix is not None else 0,
+                    prefix_bytes=s.prefix.bytes_used if s.prefix is not None else 0)
 
     def _drain(self) -> None:
         while self._inbox:
