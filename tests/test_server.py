@@ -119,6 +119,12 @@ def test_an_explicit_null_means_the_default(client, server):
     r = requests.post(server.base + "/completions", headers=server.headers(),
                       json={"model": None, "prompt": "Hello"})  # a required field stays required
     assert assert_error_schema(r.content, 400)["param"] == "model"
+    # and the OpenAPI document says so (clients and fuzzers generated from it send nulls)
+    doc = requests.get(server.url + "/openapi.json").json()["components"]["schemas"]
+    for model, field in (("ChatCompletionRequest", "n"), ("ChatCompletionRequest", "stream"),
+                         ("CompletionRequest", "echo"), ("CompletionRequest", "max_tokens")):
+        assert {"type": "null"} in doc[model]["properties"][field]["anyOf"], (model, field)
+    assert "anyOf" not in doc["CompletionRequest"]["properties"]["model"]
 
 
 @pytest.mark.parametrize("route", ["/chat/completions", "/completions"])

@@ -23,8 +23,21 @@ NonNegInt = Annotated[int, Field(ge=0)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
+def _null_allowed(schema: dict, cls: type) -> None:
+    """The OpenAPI document says what `_null_is_the_default` accepts: null for every optional field."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        branches = prop.get("anyOf", [prop])
+        if name in required or any(b.get("type") == "null" for b in branches):
+            continue
+        meta = {k: prop[k] for k in ("title", "description", "default") if k in prop}
+        core = {k: v for k, v in prop.items() if k not in meta}
+        if core:
+            schema["properties"][name] = {**meta, "anyOf": [core, {"type": "null"}]}
+
+
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, json_schema_extra=_null_allowed)
 
     @model_validator(mode="before")
     @classmethod
