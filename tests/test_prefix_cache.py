@@ -204,6 +204,16 @@ def test_a_short_hit_on_a_long_prompt_is_computed_whole_and_apart_from_hits(engi
     got = _run(sched, [list(short.items())])
     assert sched.prefill_steps - before == 1
     _check(engine, short, got)
+    # but not beside a hit on a long prompt: every query of a mixed prefill reads up to the
+    # furthest row's end, so the short cold prompt would attend over the whole long history
+    long_stem = list(range(100, 300))
+    _run(sched, [[("long stem", long_stem + [3])]])
+    mixed = {"long hit": long_stem + [7, 8], "short cold 3": [4] * 20}
+    assert sched._usable_hit(mixed["long hit"]) and sched._absorbed_cost * len(mixed["long hit"]) > 0.25
+    before = sched.prefill_steps
+    got = _run(sched, [list(mixed.items())])
+    assert sched.prefill_steps - before == 2
+    _check(engine, mixed, got)
 
 
 def test_cached_prefixes_do_not_count_against_the_prefill_budget(engine):

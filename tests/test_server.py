@@ -649,13 +649,14 @@ def test_cors_only_for_the_origins_allowed(engine):
     got = {}
     asgi_request(default, "GET", "/v1/models", {"Origin": ui}, response_headers=got)
     assert not any(k.startswith("access-control") for k in got)
-    for bad in ("http://localhost:3000/", "localhost:3000", "http://x/path", "http://localhost:99999"):
-        with pytest.raises(ValueError, match="scheme://host"):
+    for bad in ("http://localhost:3000/", "localhost:3000", "http://x/path", "http://localhost:99999",
+                "http://[:::]"):
+        with pytest.raises(ValueError, match="allowed origin"):
             ServerConfig(allowed_origins=(bad,))
     # spelled as a browser sends it (lower case, no default port), or the exact comparison never matches
     assert ServerConfig(allowed_origins=("HTTP://LocalHost:3000", "https://example.com:443", "http://a.b:80",
-                                         "*", "http://[::1]:3000")).allowed_origins == \
-        (ui, "https://example.com", "http://a.b", "*", "http://[::1]:3000")
+                                         "*", "http://[0:0:0:0:0:0:0:1]:3000", "http://bücher.de")).allowed_origins == \
+        (ui, "https://example.com", "http://a.b", "*", "http://[::1]:3000", "http://xn--bcher-kva.de")
     # a refused preflight is OpenAI's error JSON too, and a 500 carries the headers (the page can read it)
     got = {}
     status, answer = asgi_request(app, "OPTIONS", "/v1/chat/completions", {**preflight, "Origin": "http://evil.example"})

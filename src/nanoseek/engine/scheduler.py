@@ -106,8 +106,8 @@ def _first_of_each(reqs: list[_Request]) -> list[int]:
 # Calibrated on this project's CPU (bench preset, fp32, 2 threads): the absorbed prefill's
 # attention ran at about half the efficiency of the linear layers per flop.
 ABSORBED_OVERHEAD = 1.75
-# A cold prompt joins a prefill with prefix-cache hits (all of it on the absorbed path) while that
-# costs it at most this much more than a prefill of its own (bench: prompts up to ~200 tokens).
+# Hit and cold rows share a prefill (all of it on the absorbed path) while kappa x the longest
+# prompt in it is at most this (bench: prompts up to ~200 tokens).
 MIX_SLACK = 0.25
 
 
@@ -307,7 +307,7 @@ class Scheduler:
         # the widest: its work is rows x width, which max_prefill_tokens bounds.
         prompts: set[tuple[int, ...]] = set()
         width = 0
-        with_hits, longest_cold = False, 0
+        with_hits, with_cold, longest_prompt = False, False, 0
         while self.waiting and len(self.running) + len(joiners) < self.max_batch:
             s = self.waiting[0]
             if s.req.finished:  # max_tokens 0: nothing to run
@@ -327,14 +327,15 @@ class Scheduler:
                 if joiners and (len(prompts) + 1) * max(width, cost) > self.max_prefill_tokens:
                     break
                 # Rows with a hit prefill on the absorbed path (per-row starts), and take every row
-                # of their prefill with them: a cold prompt shares their prefill only while that
-                # costs it at most MIX_SLACK more (kappa x length <= MIX_SLACK); a longer one waits
-                # for a prefill without hits (first come, first served).
-                hits_after = with_hits or bool(hit)
-                cold_after = max(longest_cold, 0 if hit else len(s.prompt))
-                if joiners and hits_after and self._absorbed_cost * cold_after > MIX_SLACK:
+                # of their prefill with them, each row's queries reading up to the furthest row's
+                # end: hit and cold rows share a prefill only while every prompt in it is short
+                # (kappa x longest <= MIX_SLACK: at most that much more than apart); otherwise the
+                # next kind waits for a prefill of its own (first come, first served).
+                hits_after, cold_after = with_hits or bool(hit), with_cold or not hit
+                longest_after = max(longest_prompt, len(s.prompt))
+                if joiners and hits_after and cold_after and self._absorbed_cost * longest_after > MIX_SLACK:
                     break
-                with_hits, longest_cold = hits_after, cold_after
+                with_hits, with_cold, longest_prompt = hits_after, cold_after, longest_after
                 prompts.add(key)
                 width = max(width, cost)
             joiners.append(self.waiting.popleft())

@@ -223,7 +223,7 @@ class MLA(nn.Module):
         """
         B, T, Hh, _ = q_nope.shape
         S, C = cached.shape[1], self.kv_lora_rank
-        # (is_compiling first: a compiled step's S is symbolic, and comparing it would need a guard)
+        # (a compiled step never compares S, which is symbolic there: that would need a guard)
         step = T if T < ABSORBED_CHUNK_MIN_QUERIES or torch.compiler.is_compiling() else \
             max(1, ABSORBED_SCORES_MAX // (B * Hh * S))
         if T > step:

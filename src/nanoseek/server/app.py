@@ -12,6 +12,7 @@ import copy
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -83,6 +84,13 @@ def _origin(origin: str) -> str:
         # a browser sends its origin as scheme://host[:port]: a path or a slash never matches
         raise ValueError(f"an allowed origin is scheme://host[:port] (no path, no trailing slash) or *, got {origin!r}")
     scheme, host, port = m.group(1).lower(), m.group(2).lower(), m.group(3)
+    try:
+        if host.startswith("["):  # an IPv6 literal, as a browser writes it: compressed
+            host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        elif not host.isascii():  # an international name, as a browser sends it: punycode
+            host = host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):
+        raise ValueError(f"an allowed origin's host is not a valid name or IPv6 address: {origin!r}") from None
     default = {"http": "80", "https": "443"}[scheme]
     return f"{scheme}://{host}" + (f":{int(port)}" if port and int(port) != int(default) else "")
 
