@@ -34,8 +34,10 @@ server checks prompt + an explicit max_tokens first and answers 400.
 
 **Prefix caching** (`prefix_cache_bytes`, off by default; see prefix_cache.py). A joining prompt
 that begins like an earlier one copies that prefix's latent blocks into its row and prefills only
-the rest, at per-row start positions on the absorbed path. Every prompt's blocks are stored after
-its prefill and a finished sequence's prompt-and-output blocks when it finishes. Not with
+the rest, at per-row start positions on the absorbed path, where that is cheaper than the whole
+prompt cold (`_usable_hit`: the absorbed path's attention grows as rest x length); rows with a hit
+and cold rows share a prefill only while all its prompts are short (`_admit`). Every prompt's blocks
+are stored after its prefill and a finished sequence's prompt-and-output blocks when it finishes. Not with
 speculation (the MTP layer's cache at a prefix's last position depends on the token after it).
 
 **Steps.** One `step()` runs one forward: a prefill of newly admitted sequences (each
