@@ -131,9 +131,57 @@ SHORT_TIMEOUT = 1.0  # 2,000 tokens of the tiny model take 3 s or more on 2 core
 @pytest.fixture(scope="module")
 def timeout_server(model_dir, tmp_path_factory):
     s = LiveServer(model_dir, "--max-batch", "16", "--request-timeout", str(SHORT_TIMEOUT), "--max-model-len", "2048",
-                   log_dir=tmp_path_factory.mktemp("logs"), name="timeout")
+                   "--header-timeout", "1.5", log_dir=tmp_path_factory.mktemp("logs"), name="timeout")
     yield s
     s.stop()
+
+
+def _raw(server, data: bytes = b"", wait: float = 10.0) -> tuple[bytes, float]:
+    """Send `data` on a fresh connection and read until the server closes it: (reply, seconds)."""
+    import socket
+
+    host, port = server.url.split("//")[1].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=wait)
+    t0 = time.time()
+    try:
+        if data:
+            sock.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        sock.close()
+    return out, time.time() - t0
+
+
+def test_the_http_layer_bounds_headers_and_slow_clients(timeout_server):
+    """Below the API key check, uvicorn's httptools protocol left open: a header block or path of
+    any size (joined quadratically: 64 MiB held the event loop for seconds), any number of headers,
+    and connections that never finish their headers (a client could hold every descriptor)."""
+    server = timeout_server
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    reply, _ = _raw(server, head + b"X-Big: " + b"a" * 200_000 + b"\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 431") and b'"request_header_fields_too_large"' in reply
+    reply, _ = _raw(server, b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 431")
+    reply, _ = _raw(server, head + b"".join(b"X-%d: 1\r\n" % i for i in range(300)) + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 431") and b"more than" in reply
+    reply, took = _raw(server)  # connects and sends nothing
+    assert reply.startswith(b"HTTP/1.1 408") and 1.0 < took < 6
+    reply, took = _raw(server, head)  # headers never finished
+    assert reply.startswith(b"HTTP/1.1 408") and took < 6
+    # ordinary requests, a body in the same packet as the headers included, are untouched
+    body = json.dumps({"model": "x", "prompt": "Hi", "max_tokens": 1, "user": "u" * 90_000}).encode()
+    reply, _ = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body, wait=60)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert server.get("/health")[0] == 200
 
 
 def test_request_timeout(timeout_server):

@@ -103,6 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: max(max-model-len, 2048))")
     p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--max-body-bytes", type=_size, default="2MiB", help="request body size limit (default 2MiB)")
+    p.add_argument("--header-timeout", type=_seconds, default=10.0,
+                   help="seconds a connection has to send a request's headers before it is closed (default 10)")
     add_model_flags(p)
     p.add_argument("--seed", type=int, default=None, help="seed of the shared sampler (unseeded requests)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -158,6 +160,16 @@ def _flag_problem(args: argparse.Namespace) -> str | None:
     if args.max_model_len is not None and limit is not None and not 2 <= args.max_model_len <= limit:
         return _max_model_len_problem(args.max_model_len, limit)
     return None
+
+
+def _http_protocol(header_timeout: float):
+    """uvicorn's httptools protocol with limits on headers and slow clients (server/http.py), or
+    uvicorn's choice where httptools is missing (h11 caps the head at 16 KiB itself)."""
+    try:
+        from .http import GuardedHttpToolsProtocol
+    except ImportError:
+        return "auto"
+    return type("Protocol", (GuardedHttpToolsProtocol,), {"header_timeout": header_timeout})
 
 
 def _origins(args: argparse.Namespace) -> tuple[str, ...]:
@@ -246,6 +258,6 @@ def run_serve(args: argparse.Namespace) -> int:
                 worker.loop.call_soon_threadsafe(worker.close_streams)
 
     server = Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
-                                   timeout_graceful_shutdown=5))
+                                   timeout_graceful_shutdown=5, http=_http_protocol(args.header_timeout)))
     server.run(sockets=[sock])
     return 0
