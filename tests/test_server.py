@@ -71,6 +71,7 @@ def test_models_health_and_page(server, client):
     assert models.data[0].model_extra["max_model_len"] == 128
     status, body = server.get("/health")  # no key needed
     assert status == 200 and json.loads(body)["status"] == "ok"
+    assert requests.head(server.url + "/health").status_code == 200  # (load balancers probe with HEAD)
     status, body = server.get("/")
     assert status == 200 and b"<title>tiny-test" in body and b"/v1/chat/completions" in body
 

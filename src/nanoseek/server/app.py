@@ -551,7 +551,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         return JSONResponse(error_body(500, "internal server error", None, None), status_code=500)
 
     # -- plain routes ----------------------------------------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: load balancers' probes)
     async def health():
         ok = state.worker.alive
         body = {"status": "ok" if ok else "worker stopped", "running": state.worker.snapshot["running"],
