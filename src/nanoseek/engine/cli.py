@@ -14,11 +14,17 @@ import sys
 import time
 
 
-def _threads(text: str) -> int:
+def whole_number(text: str) -> int:
+    """argparse type: an integer (argparse's message names the flag)."""
     try:
-        n = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    n = whole_number(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return n
@@ -30,7 +36,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding with K drafts per step (default K: 1)")
     p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
-    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) when MODEL has none")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a jinja chat template to use instead of the model's own (e.g. one that lists the tools)")

@@ -10,31 +10,17 @@ import os
 import socket
 import sys
 
-from ..engine.cli import add_model_flags, engine_kwargs
+from ..engine.cli import add_model_flags, engine_kwargs, positive_int, whole_number
 
 DEFAULT_MAX_MODEL_LEN = 8192
 SWITCH_INTERVAL_S = 0.0001  # GIL hand-off between the model thread and the event loop (see run_serve)
 
 
 def _port(text: str) -> int:
-    port = _whole(text)
+    port = whole_number(text)
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port in [0, 65535] (0: any free port), got {text}")
     return port
-
-
-def _whole(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-
-
-def _positive(text: str) -> int:
-    n = _whole(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return n
 
 
 def _seconds(text: str) -> float:
@@ -87,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANOSEEK_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the MODEL's name)")
-    p.add_argument("--max-batch", type=_positive, default=32, help="most sequences decoded together (default 32)")
-    p.add_argument("--max-model-len", type=_positive, default=None,
+    p.add_argument("--max-batch", type=positive_int, default=32, help="most sequences decoded together (default 32)")
+    p.add_argument("--max-model-len", type=positive_int, default=None,
                    help=f"context per sequence, prompt + output (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
     p.add_argument("--kv-cache-bytes", type=_size, default=None,
                    help="latent-cache budget for admission, e.g. 2GiB (default: max-batch full-length sequences)")
@@ -97,8 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(a shared system prompt, a chat's earlier turns); not with --speculative")
     p.add_argument("--prefix-cache-bytes", type=_size, default="256MiB",
                    help="memory for the prefix cache, least recently used blocks dropped first (default 256MiB)")
-    p.add_argument("--max-queue", type=_positive, default=64, help="requests that may wait for a slot before 429 (default 64)")
-    p.add_argument("--max-prefill-tokens", type=_positive, default=None,
+    p.add_argument("--max-queue", type=positive_int, default=64, help="requests that may wait for a slot before 429 (default 64)")
+    p.add_argument("--max-prefill-tokens", type=positive_int, default=None,
                    help="positions prefilled in one step: distinct prompts x the longest, rows being padded to it "
                         "(default: max(max-model-len, 2048))")
     p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds per request (default 600)")
