@@ -771,7 +771,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             state.metrics.rejected.inc(reason="queue_full")
             raise APIError(429, str(e), None, "rate_limit_exceeded", {"Retry-After": str(e.retry_after)}) from None
         except StreamEnded as e:  # (the server began to stop while this request was being validated)
-            raise APIError(e.status, str(e), None, e.code) from None
+            raise _ended(e) from None
         state.metrics.prompt_tokens.inc(sum(lens))
         return rid, stream, lens
 
@@ -794,11 +794,15 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             raise
         except StreamEnded as e:  # (the model step failed, or the server is shutting down)
             tracker.close(e.reason)
-            raise APIError(e.status, str(e), None, e.code) from None
+            raise _ended(e) from None
         finally:
             watcher.cancel()
             if not tracker.done:
                 tracker.close("abort")
+
+    def _ended(e: StreamEnded) -> APIError:
+        """What a stream the server ended (a failed step, shutdown) answers: its status and code."""
+        return APIError(e.status, str(e), None, e.code)
 
     def _timed_out(what: str) -> APIError:
         # x-should-retry: the openai client retries a 408 (twice by default), and a request that ran
@@ -872,7 +876,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
             yield _sse(_timed_out("The request").body())
         except StreamEnded as e:
             tracker.close(e.reason)
-            yield _sse(error_body(e.status, str(e), None, e.code))
+            yield _sse(_ended(e).body())
         if usage is not None:
             yield _sse({**head, "choices": [], "usage": usage()})
         yield _sse("[DONE]")
@@ -889,7 +893,7 @@ def create_app(engine: Engine, scheduler: Scheduler | None = None, config: Serve
         except (TimeoutError, asyncio.TimeoutError):
             raise _timed_out("Scoring the prompt") from None
         except StreamEnded as e:  # (the server is stopping)
-            raise APIError(e.status, str(e), None, e.code) from None
+            raise _ended(e) from None
         tt = state.tokens
         text = isinstance(prompt, str)
         bos = text and getattr(engine.tokenizer, "bos_id", None) is not None  # Engine.encode added it
