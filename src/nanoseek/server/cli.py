@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import socket
@@ -169,17 +168,15 @@ def _max_model_len_problem(value: int, limit: int) -> str:
 def _position_limit(model: str) -> int | None:
     """The model's max_position_embeddings where it can be read without loading weights (a preset,
     or a local directory's config.json), else None: the check then runs after loading."""
+    from ..checkpoint import CheckpointError, load_config
     from ..config import PRESETS, ConfigError, preset
 
     try:
         if model in PRESETS and not os.path.exists(model):
             return preset(model).max_position_embeddings
-        cfg = os.path.join(model, "config.json")
-        if os.path.isfile(cfg):
-            with open(cfg, encoding="utf-8") as f:
-                value = json.load(f).get("max_position_embeddings")
-            return value if isinstance(value, int) and not isinstance(value, bool) else None
-    except (OSError, ValueError, AttributeError, ConfigError):  # loading will say what is wrong with it
+        if os.path.isfile(os.path.join(model, "config.json")):
+            return load_config(model).max_position_embeddings  # (the config the loader reads)
+    except (OSError, ConfigError, CheckpointError):  # loading will say what is wrong with it
         return None
     return None
 
