@@ -79,10 +79,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self._in_head:  # the next request on a kept-alive connection
             self._head_open()
 
-    def on_url(self, url: bytes) -> None:
-        if self._rejection is None:
-            super().on_url(url)
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._n_headers += 1
         if self._n_headers > MAX_HEADERS:
