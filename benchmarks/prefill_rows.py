@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", choices=["bucket", "exact"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not 1 <= args.rounds <= 14 or args.lengths < 1 or args.threads < 1:
+        p.error("--rounds must be in [1, 14]; --lengths and --threads >= 1")
     if args.child:
         return child(args)
     times = timing(args)

@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.rounds < 1 or args.threads < 1 or min(args.lengths) < 2 or not all(0 < x < 1 for x in args.shares):
+        p.error("--rounds and --threads must be >= 1, --lengths >= 2, --shares between 0 and 1")
     torch.set_num_threads(args.threads)
     eng = Engine(args.preset, seed=0, tokenizer=None)
     vocab = eng.config.vocab_size
