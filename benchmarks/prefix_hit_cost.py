@@ -3,6 +3,7 @@ whole prompt computed cold, and what the scheduler's rule (`Scheduler._usable_hi
 
     python3 benchmarks/prefix_hit_cost.py                       # bench preset, 256 / 1,024 / 3,000 tokens
     python3 benchmarks/prefix_hit_cost.py --preset tiny --lengths 128 --rounds 1
+    python3 benchmarks/prefix_hit_cost.py --device cuda --dtype bf16 --rounds 3
 
 The rest of a prompt after a hit runs on the absorbed attention path, whose work grows as rest x
 length; a cold prefill runs fused causal attention and costs mostly its linear layers. Each case
@@ -30,11 +31,13 @@ def main() -> None:
     p.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--dtype", default=None, help="float32 (default), bf16, ...")
     args = p.parse_args()
     if args.rounds < 1 or args.threads < 1 or min(args.lengths) < 2 or not all(0 < x < 1 for x in args.shares):
         p.error("--rounds and --threads must be >= 1, --lengths >= 2, --shares between 0 and 1")
     torch.set_num_threads(args.threads)
-    eng = Engine(args.preset, seed=0, tokenizer=None)
+    eng = Engine(args.preset, seed=0, tokenizer=None, device=args.device, dtype=args.dtype)
     vocab = eng.config.vocab_size
     rng = random.Random(0)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
@@ -46,7 +49,8 @@ def main() -> None:
         sched.run_until_done()
         return time.perf_counter() - t0
 
-    print(f"{args.preset}, {args.threads} threads, best of {args.rounds}; seconds for a one-token generation")
+    where = f"{eng.device}, {str(eng.dtype).removeprefix('torch.')}"
+    print(f"{args.preset} ({where}), {args.threads} threads, best of {args.rounds}; seconds for a one-token generation")
     print("| prompt | cached | hit forced | cold | forced / cold | the rule uses the hit |")
     print("|---|---|---|---|---|---|")
     for length in args.lengths:

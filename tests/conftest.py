@@ -10,6 +10,11 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# The scheduler and prefix-cache suites compare batched outputs with the engine's one-by-one
+# outputs on one device. They run on CPU in CI; NANOSEEK_TEST_DEVICE=cuda runs the same oracles on
+# a GPU (CUDA graphs, the GPU expert path), where a batching bug could hide behind other kernels.
+TEST_DEVICE = os.environ.get("NANOSEEK_TEST_DEVICE", "cpu")
+
 TINY = dict(
     vocab_size=1024, hidden_size=128, intermediate_size=352, moe_intermediate_size=64,
     num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64,

@@ -79,6 +79,7 @@ def test_the_budget_drops_least_recently_used_blocks_and_their_followers():
 
 # ---- the scheduler against the engine ---------------------------------------------------------------
 
+from conftest import TEST_DEVICE  # noqa: E402
 from test_server_support import random_model_dir  # noqa: E402
 
 SYSTEM = "You are a careful assistant. Answer in one short sentence, in plain English, and cite nothing. " * 2
@@ -86,7 +87,7 @@ SYSTEM = "You are a careful assistant. Answer in one short sentence, in plain En
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return Engine(str(random_model_dir(tmp_path_factory.mktemp("prefix"))), seed=0)
+    return Engine(str(random_model_dir(tmp_path_factory.mktemp("prefix"))), seed=0, device=TEST_DEVICE)
 
 
 def _run(sched: Scheduler, batches: list[list[tuple[str, list[int] | str]]]) -> dict:
@@ -263,7 +264,8 @@ from test_server_support import served  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory):
-    yield from served(engine.model_dir, tmp_path_factory, "prefix", "--max-model-len", "512", "--enable-prefix-caching")
+    yield from served(engine.model_dir, tmp_path_factory, "prefix", "--max-model-len", "512", "--enable-prefix-caching",
+                      "--device", TEST_DEVICE)
 
 
 def test_served_chat_turns_reuse_the_cache(server, engine):

@@ -10,7 +10,7 @@ import random
 import pytest
 
 import nanoseek
-from conftest import randomize
+from conftest import TEST_DEVICE, randomize
 from nanoseek.engine import Engine, SamplingError, SamplingParams
 from nanoseek.engine.scheduler import Scheduler
 from test_server_support import tokenizer_for
@@ -20,7 +20,7 @@ from test_server_support import tokenizer_for
 def engine():
     model = nanoseek.DeepseekV3ForCausalLM(nanoseek.preset("tiny")).eval()
     randomize(model, 1, bias_std=0.05)
-    return Engine(model, seed=0, tokenizer=tokenizer_for(1024))
+    return Engine(model, seed=0, tokenizer=tokenizer_for(1024), device=TEST_DEVICE)
 
 
 def _workload(seed: int):
