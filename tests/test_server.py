@@ -23,6 +23,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
+from conftest import TEST_DEVICE  # noqa: E402
 from nanoseek.engine import Engine  # noqa: E402
 from test_server_support import LiveServer, asgi_request, assert_error_schema, random_model_dir  # noqa: E402
 
@@ -38,14 +39,14 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     s = LiveServer(model_dir, "--max-model-len", "128", "--max-batch", "16", "--served-model-name", "tiny-test",
-                   api_key=KEY, log_dir=tmp_path_factory.mktemp("logs"), name="main")
+                   "--device", TEST_DEVICE, api_key=KEY, log_dir=tmp_path_factory.mktemp("logs"), name="main")
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    return Engine(model_dir, seed=0)
+    return Engine(model_dir, seed=0, device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="module")
