@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 import nanoseek
 from conftest import TEST_DEVICE, randomize
@@ -283,3 +284,121 @@ def test_reset_after_a_failed_step(engine):
     out = sched.run_until_done()
     assert [t for u in out["c"] for t in u.token_ids] == engine.generate([5, 6], max_tokens=5, temperature=0,
                                                                         ignore_eos=True).token_ids
+
+
+# ---- a failed prefill ends only its own sequences ------------------------------------------------------
+
+POISON = 1000  # a token id: the prefill of a prompt holding it raises
+
+
+class _FailingPrefill(torch.nn.Module):
+    """The model, except that a forward over ids holding POISON raises (a prompt too large for the
+    device's memory, say). Decode steps go through the engine's own model, not this one."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, ids, **kw):
+        if bool((ids == POISON).any()):
+            raise RuntimeError("out of memory (test)")
+        return self.inner(ids, **kw)
+
+
+def _tokens(out, sid):
+    return [t for u in out.get(sid, []) for t in u.token_ids]
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_a_failed_prefill_ends_only_its_own_sequence(engine, k):
+    sched = Scheduler(engine, max_batch=8, speculative=k)
+    sched.model = _FailingPrefill(engine.model)
+    greedy = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = {"a": [5, 6, 7], "b": [8, 9], "poisoned": [11, POISON, 12], "d": [13, 14, 15, 16]}
+    out: dict = {}
+    for sid in ("a", "b"):
+        sched.add(sid, prompts[sid], SamplingParams(**greedy))
+    for _ in range(3):  # a and b are decoding when the next two join in one prefill
+        for u in sched.step():
+            out.setdefault(u.seq_id, []).append(u)
+    sched.add("poisoned", prompts["poisoned"], SamplingParams(**greedy))
+    sched.add("d", prompts["d"], SamplingParams(**greedy))
+    for sid, ups in sched.run_until_done().items():
+        out.setdefault(sid, []).extend(ups)
+    [failed] = out["poisoned"]
+    assert failed.error == "RuntimeError" and failed.finished and not failed.token_ids
+    assert sched.failed_count == 1 and not sched.has_work
+    for sid in ("a", "b", "d"):  # the running batch went on, and the joiner beside the failed one too
+        ref = engine.generate(prompts[sid], speculative=k, **greedy).token_ids
+        assert _tokens(out, sid) == ref, sid
+        assert out[sid][-1].finish_reason == "length" and out[sid][-1].error is None
+
+
+def test_a_prefill_that_fails_after_sampling_ends_its_joiners_and_leaves_the_batch_intact(engine, monkeypatch):
+    """Past the first token a joiner cannot start again from its prompt: it ends, not retried. The
+    running rows' state is assigned only once the whole join is computed (with k = 1 the draft
+    distributions are joined last: failing there used to leave the batch's positions longer than
+    its rows)."""
+    sched = Scheduler(engine, max_batch=8, speculative=1)
+    greedy = dict(max_tokens=10, temperature=0, ignore_eos=True)
+    sched.add("a", [5, 6, 7], SamplingParams(**greedy))
+    out: dict = {}
+    for _ in range(2):
+        for u in sched.step():
+            out.setdefault(u.seq_id, []).append(u)
+    real = Scheduler._cat_q
+
+    def failing(self, *a):
+        raise RuntimeError("late failure (test)")
+
+    monkeypatch.setattr(Scheduler, "_cat_q", failing)
+    sched.add("x", [9, 10], SamplingParams(**greedy))
+    sched.add("y", [11], SamplingParams(**greedy))
+    for u in sched.step():
+        out.setdefault(u.seq_id, []).append(u)
+    assert [u.error for u in out["x"] + out["y"]] == ["RuntimeError", "RuntimeError"]
+    monkeypatch.setattr(Scheduler, "_cat_q", real)
+    for sid, ups in sched.run_until_done().items():
+        out.setdefault(sid, []).extend(ups)
+    assert _tokens(out, "a") == engine.generate([5, 6, 7], speculative=1, **greedy).token_ids
+    assert sched.failed_count == 2 and not sched.has_work and len(sched._n if sched._n is not None else []) == 0
+
+
+def test_the_worker_ends_only_the_request_whose_prefill_failed(engine):
+    """The server's side: that request's reader gets GenerationFailed (a 500 with OpenAI's error JSON,
+    or an error event in a stream), its other choices stop, and every other request streams on."""
+    import asyncio
+
+    from nanoseek.server.worker import GenerationFailed, Worker
+
+    sched = Scheduler(engine, max_batch=8)
+    sched.model = _FailingPrefill(engine.model)
+    worker = Worker(sched)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    async def drain(stream) -> dict:
+        got: dict = {}
+        while not (stream.done and stream.queue.empty()):
+            u = await stream.get()
+            got.setdefault(u.seq_id, []).extend(u.token_ids)
+        return got
+
+    async def main():
+        worker.start(asyncio.get_running_loop())
+        try:
+            good = worker.submit([sched.make_sequence("g", [5, 6, 7], greedy)])
+            first = await good.get()  # "g" is in the batch
+            bad = worker.submit([sched.make_sequence(f"p{i}", [11, POISON], greedy) for i in range(2)])  # n = 2
+            other = worker.submit([sched.make_sequence("o", [8, 9], greedy)])
+            with pytest.raises(GenerationFailed, match="generation failed: RuntimeError"):
+                await drain(bad)
+            rest, o = await drain(good), await drain(other)
+            return first.token_ids + rest.get("g", []), o["o"]
+        finally:
+            worker.stop()
+
+    g, o = asyncio.run(main())
+    assert g == engine.generate([5, 6, 7], max_tokens=12, temperature=0, ignore_eos=True).token_ids
+    assert o == engine.generate([8, 9], max_tokens=12, temperature=0, ignore_eos=True).token_ids
+    assert worker.failed_requests == 1 and worker.failures == 0 and not sched.has_work
+    assert sched.failed_count + sched.aborted_count == 2  # each choice ended once: failed, or stopped with it

@@ -46,10 +46,17 @@ their first token from it) or a decode step of the
 whole batch (one token per row, or up to k + 1 with MTP speculation). After a prefill the next
 step is always a decode when older rows are waiting for one, so a stream of arrivals cannot stall
 the running batch for more than one prefill at a time.
+
+**Failures.** A prefill that raises (a prompt whose activations do not fit the device's memory, a
+bug that one request's parameters reach) touches no running row: its joiners are prefilled again
+one by one, and only those whose own prefill fails end, with an update whose `error` is set; the
+batch goes on. A decode step that raises cannot tell its rows apart: `step` raises, and the caller
+`reset`s.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Hashable, Sequence
@@ -61,6 +68,8 @@ from ..model import LatentCache
 from .engine import Engine, GenerationStats, Prompt, _Request, right_padded
 from .prefix_cache import PrefixCache
 from .sampling import LogitsProcessor, SamplingError, SamplingParams
+
+log = logging.getLogger(__name__)
 
 ABORTED = "abort"
 
@@ -79,10 +88,11 @@ class SeqUpdate:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # so far, this update included
     num_cached_tokens: int = 0  # prompt tokens read from the prefix cache rather than computed
+    error: str | None = None  # the sequence failed (its prefill raised): the exception's type; its last update
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.finish_reason is not None or self.error is not None
 
 
 @dataclass(eq=False)
@@ -166,6 +176,7 @@ class Scheduler:
         self.prefill_steps = 0
         self.finished_count = 0
         self.aborted_count = 0
+        self.failed_count = 0
         self.prefix: PrefixCache | None = None
         self._weights_stamp: tuple | None = None  # the weights the prefix cache's blocks were computed with
         self._absorbed_cost = 0.0  # (see absorbed_prefill_cost; set with the prefix cache)
@@ -282,7 +293,7 @@ class Scheduler:
         if not (self._decode_due and self.running):
             joiners = self._admit(updates)
             if joiners:
-                self._prefill(joiners, updates)
+                self._prefill_apart_on_failure(joiners, updates)
                 self._decode_due = True
                 return updates
         if self.running:
@@ -446,17 +457,51 @@ class Scheduler:
         now = time.perf_counter()
         for s in joiners:
             s.admitted = now
-        # join the batch
+        # join the batch: every new value is computed before any is assigned, so that a failure
+        # here too leaves the running batch as it was
         if B0:
-            self._proc = self._combine(self._proc, proc, self.running + joiners)
-            self._n, self._last = torch.cat((self._n, n)), torch.cat((self._last, tok))
-            if k:
-                self._drafts = torch.cat((self._drafts, drafts))
-                self._q = self._cat_q(self._q, q, self._drafts, B0)
+            joined_drafts = torch.cat((self._drafts, drafts)) if k else None
+            joined = (self._combine(self._proc, proc, self.running + joiners), torch.cat((self._n, n)),
+                      torch.cat((self._last, tok)), joined_drafts,
+                      self._cat_q(self._q, q, joined_drafts, B0) if k else None)
         else:
-            self._proc, self._n, self._last, self._drafts, self._q = proc, n, tok, drafts, q
+            joined = (proc, n, tok, drafts, q)
+        self._proc, self._n, self._last, self._drafts, self._q = joined
         self.running.extend(joiners)
         self._collect(joiners, updates, offset=B0)
+
+    def _prefill_apart_on_failure(self, joiners: list[ScheduledSequence], updates: list[SeqUpdate]) -> None:
+        """Prefill the joiners together; if that raises, each alone, so that only a sequence whose own
+        prefill fails ends (the running rows are not touched before a prefill has succeeded: it
+        writes only the free rows B.., and joins them last)."""
+        try:
+            self._prefill(joiners, updates)
+            return
+        except Exception as e:  # noqa: BLE001 - one request's failure is not the batch's
+            if any(s in self.running for s in joiners):
+                raise  # (failed after joining: the rows are no longer apart)
+            # a sequence that already has its first token (the failure came after sampling) cannot
+            # start again from its prompt: it ends
+            retry = [s for s in joiners if not s.req.output] if len(joiners) > 1 else []
+            for s in joiners:
+                if s not in retry:
+                    self._fail_joiner(s, e, updates)
+            if retry:
+                log.warning("a prefill of %d sequences failed (%s: %s); prefilling them one by one",
+                            len(joiners), type(e).__name__, e)
+        for s in retry:
+            try:
+                self._prefill([s], updates)
+            except Exception as e:  # noqa: BLE001
+                if s in self.running:
+                    raise
+                self._fail_joiner(s, e, updates)
+
+    def _fail_joiner(self, s: ScheduledSequence, e: Exception, updates: list[SeqUpdate]) -> None:
+        log.error("the prefill of sequence %r failed; ending it", s.seq_id, exc_info=e)
+        self._by_id.pop(s.seq_id, None)
+        self.failed_count += 1
+        updates.append(SeqUpdate(s.seq_id, [], "", num_prompt_tokens=len(s.req.prompt), error=type(e).__name__))
 
     def _usable_hit(self, prompt: list[int]) -> list:
         """The prefix cache's blocks for `prompt`, where starting from them is cheaper than

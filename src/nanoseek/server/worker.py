@@ -203,7 +203,8 @@ class Worker:
         self._streams: weakref.WeakSet[GenStream] = weakref.WeakSet()  # event loop only: every stream handed out
         self.loop: asyncio.AbstractEventLoop | None = None
         self.snapshot = self._snapshot()
-        self.failures = 0
+        self.failures = 0  # steps that raised (each failed every sequence it had)
+        self.failed_requests = 0  # requests ended alone, by a prefill of theirs that failed
         self._running: concurrent.futures.Future | None = None
         self.closing = False  # set by close_streams: nothing new is taken from then on
 
@@ -321,11 +322,22 @@ class Worker:
                 stream = self._owners.get(u.seq_id)
                 if stream is None:
                     continue
+                if u.error is not None:  # its prefill failed: the request ends, its other choices too
+                    self._end_request(stream, u.error)
+                    by_stream.setdefault(stream, []).append(GenerationFailed(f"generation failed: {u.error}"))
+                    continue
                 by_stream.setdefault(stream, []).append(u)
                 if u.finished:
                     self._owners.pop(u.seq_id, None)
             self._post(by_stream)
             self.snapshot = self._snapshot()
+
+    def _end_request(self, stream: GenStream, error: str) -> None:
+        self.failed_requests += 1
+        for seq_id in stream.seq_ids:
+            if self._owners.get(seq_id) is stream:
+                self._owners.pop(seq_id)
+                self.scheduler.abort(seq_id)
 
     def _fail(self, e: Exception) -> None:
         self.failures += 1
