@@ -8,7 +8,9 @@ whole prompt computed cold, and what the scheduler's rule (`Scheduler._usable_hi
 The rest of a prompt after a hit runs on the absorbed attention path, whose work grows as rest x
 length; a cold prefill runs fused causal attention and costs mostly its linear layers. Each case
 stores a stem of the given share, then times one-token generations of stem + new tokens with the
-hit forced (the rule switched off), with the rule, and with no cache; best of `--rounds`.
+hit forced (the rule switched off) and cold (the cache on but empty: what the rule's "no" costs, the
+prompt's blocks stored as a server with --enable-prefix-caching stores them), and, for reference,
+with no cache at all; best of `--rounds`.
 """
 
 from __future__ import annotations
@@ -51,11 +53,11 @@ def main() -> None:
 
     where = f"{eng.device}, {str(eng.dtype).removeprefix('torch.')}"
     print(f"{args.preset} ({where}), {args.threads} threads, best of {args.rounds}; seconds for a one-token generation")
-    print("| prompt | cached | hit forced | cold | forced / cold | the rule uses the hit |")
-    print("|---|---|---|---|---|---|")
+    print("| prompt | cached | hit forced | cold | forced / cold | the rule uses the hit | no cache |")
+    print("|---|---|---|---|---|---|---|")
     for length in args.lengths:
         for share in args.shares:
-            best = {"forced": float("inf"), "cold": float("inf")}
+            best = {"forced": float("inf"), "cold": float("inf"), "off": float("inf")}
             used = None
             for _ in range(args.rounds):
                 stem = [rng.randrange(3, vocab) for _ in range(int(length * share))]
@@ -65,10 +67,11 @@ def main() -> None:
                 used = bool(forced._usable_hit(prompt))
                 forced._absorbed_cost = -1.0 / length  # (rest x 0 < length: any hit is used)
                 best["forced"] = min(best["forced"], timed(forced, prompt))
-                best["cold"] = min(best["cold"], timed(Scheduler(eng, max_batch=2), prompt))
+                best["cold"] = min(best["cold"], timed(Scheduler(eng, max_batch=2, prefix_cache_bytes=1 << 30), prompt))
+                best["off"] = min(best["off"], timed(Scheduler(eng, max_batch=2), prompt))
             ratio = best["forced"] / best["cold"]
             print(f"| {length:,} | {share:.0%} | {best['forced']:.3f} | {best['cold']:.3f} | {ratio:.2f} | "
-                  f"{'yes' if used else 'no'}{'' if used == (ratio < 1) else ' (!)'} |", flush=True)
+                  f"{'yes' if used else 'no'}{'' if used == (ratio < 1) else ' (!)'} | {best['off']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,29 @@ def test_the_budget_drops_least_recently_used_blocks_and_their_followers():
     assert len(first.children) <= len(cache) <= 3
 
 
+def test_each_block_owns_its_memory_and_a_failed_copy_stores_nothing(monkeypatch):
+    """The new blocks of a sequence are copied out together (one gather, one multi-tensor copy), but
+    into a tensor per block: a view of a shared one would keep all of it alive after its block was
+    evicted, past the budget. A copy that fails leaves no block without data behind."""
+    cache = PrefixCache(2, 3, max_bytes=1 << 20, block=2, dtype=torch.float64)
+    seq = list(range(11))
+    assert cache.store(seq, _rows(seq), 0) == 5
+    blocks = cache.lookup(seq)
+    assert len({b.data.untyped_storage().data_ptr() for b in blocks}) == 5
+    assert all(b.data._base is None and b.data.dtype == torch.float64 and b.data.shape == (2, 2, 3) for b in blocks)
+    assert all(b.data.untyped_storage().nbytes() == cache.block_bytes for b in blocks)
+
+    def broken(*a):
+        raise RuntimeError("out of memory (test)")
+
+    monkeypatch.setattr(torch, "_foreach_copy_", broken)
+    longer = seq + [20, 21, 22, 23]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache.store(longer, _rows(longer), 0)
+    assert len(cache) == 5 and all(b.data is not None for b in cache._blocks.values())
+    assert len(cache.lookup(longer)) == 5
+
+
 # ---- the scheduler against the engine ---------------------------------------------------------------
 
 from conftest import TEST_DEVICE  # noqa: E402
