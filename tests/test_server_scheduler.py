@@ -6,6 +6,7 @@ admission respects the batch size and the latent-cache budget."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -293,15 +294,21 @@ POISON = 1000  # a token id: the prefill of a prompt holding it raises
 
 class _FailingPrefill(torch.nn.Module):
     """The model, except that a forward over ids holding POISON raises (a prompt too large for the
-    device's memory, say). Decode steps go through the engine's own model, not this one."""
+    device's memory, say): every such forward, or only the ones numbered in `fail` (0 = the first
+    with POISON). Decode steps go through the engine's own model, not this one."""
 
-    def __init__(self, model):
+    def __init__(self, model, fail: set[int] | None = None):
         super().__init__()
-        self.inner = model
+        self.inner, self.fail = model, fail
+        self.poisoned = 0
+        self.calls = 0
 
     def forward(self, ids, **kw):
+        self.calls += 1
         if bool((ids == POISON).any()):
-            raise RuntimeError("out of memory (test)")
+            self.poisoned += 1
+            if self.fail is None or self.poisoned - 1 in self.fail:
+                raise RuntimeError("out of memory (test)")
         return self.inner(ids, **kw)
 
 
@@ -309,77 +316,111 @@ def _tokens(out, sid):
     return [t for u in out.get(sid, []) for t in u.token_ids]
 
 
+def _steps(sched, out, n=None, forwards=None):
+    """Step (n times, or to the end), collecting updates; at most one prefill forward per step."""
+    i = 0
+    while sched.has_work and (n is None or i < n):
+        before = forwards.calls if forwards is not None else 0
+        for u in sched.step():
+            out.setdefault(u.seq_id, []).append(u)
+        assert forwards is None or forwards.calls - before <= 1
+        i += 1
+
+
 @pytest.mark.parametrize("k", [0, 1])
 def test_a_failed_prefill_ends_only_its_own_sequence(engine, k):
-    sched = Scheduler(engine, max_batch=8, speculative=k)
-    sched.model = _FailingPrefill(engine.model)
+    """The poisoned joiner and its neighbour fail together, go back to the queue, are prefilled
+    one per step (the batch decodes in between); only the poisoned one ends, with an error update.
+    The others' outputs are the engine's own, their counters count each token once."""
+    sched = Scheduler(engine, max_batch=8, speculative=k, prefix_cache_bytes=None)
+    sched.model = failing = _FailingPrefill(engine.model)
     greedy = dict(max_tokens=12, temperature=0, ignore_eos=True)
     prompts = {"a": [5, 6, 7], "b": [8, 9], "poisoned": [11, POISON, 12], "d": [13, 14, 15, 16]}
     out: dict = {}
     for sid in ("a", "b"):
         sched.add(sid, prompts[sid], SamplingParams(**greedy))
-    for _ in range(3):  # a and b are decoding when the next two join in one prefill
-        for u in sched.step():
-            out.setdefault(u.seq_id, []).append(u)
+    _steps(sched, out, 3)  # a and b are decoding when the next two join in one prefill
     sched.add("poisoned", prompts["poisoned"], SamplingParams(**greedy))
     sched.add("d", prompts["d"], SamplingParams(**greedy))
-    for sid, ups in sched.run_until_done().items():
-        out.setdefault(sid, []).extend(ups)
+    _steps(sched, out, forwards=failing)
     [failed] = out["poisoned"]
     assert failed.error == "RuntimeError" and failed.finished and not failed.token_ids
-    assert sched.failed_count == 1 and not sched.has_work
+    assert sched.failed_count == 1 and not sched.has_work and sched.cache_bytes_allocated == 0
     for sid in ("a", "b", "d"):  # the running batch went on, and the joiner beside the failed one too
         ref = engine.generate(prompts[sid], speculative=k, **greedy).token_ids
         assert _tokens(out, sid) == ref, sid
         assert out[sid][-1].finish_reason == "length" and out[sid][-1].error is None
+    assert sched.stats.generated_tokens == 3 * 12 and sched.stats.prompt_tokens == 2 + 3 + 4
 
 
-def test_a_prefill_that_fails_after_sampling_ends_its_joiners_and_leaves_the_batch_intact(engine, monkeypatch):
-    """Past the first token a joiner cannot start again from its prompt: it ends, not retried. The
-    running rows' state is assigned only once the whole join is computed (with k = 1 the draft
-    distributions are joined last: failing there used to leave the batch's positions longer than
-    its rows)."""
+def test_a_transient_failure_after_sampling_restarts_the_joiners(engine, monkeypatch):
+    """A prefill can fail after its rows sampled their first tokens (k = 1: the MTP drafts, or the
+    join itself). The joiners restart from their prompts, and get the engine's outputs; the
+    running rows' state is assigned only once the whole join is computed (failing in `_cat_q` used
+    to leave the batch's positions longer than its rows)."""
     sched = Scheduler(engine, max_batch=8, speculative=1)
     greedy = dict(max_tokens=10, temperature=0, ignore_eos=True)
-    sched.add("a", [5, 6, 7], SamplingParams(**greedy))
+    seeded = dict(max_tokens=10, temperature=0.9, seed=3, logprobs=1, frequency_penalty=0.5, ignore_eos=True)
     out: dict = {}
-    for _ in range(2):
-        for u in sched.step():
-            out.setdefault(u.seq_id, []).append(u)
-    real = Scheduler._cat_q
+    sched.add("a", [5, 6, 7], SamplingParams(**greedy))
+    _steps(sched, out, 2)
+    real, failed = Scheduler._cat_q, []
 
-    def failing(self, *a):
-        raise RuntimeError("late failure (test)")
+    def once(self, *a):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("late failure (test)")
+        return real(self, *a)
 
-    monkeypatch.setattr(Scheduler, "_cat_q", failing)
+    monkeypatch.setattr(Scheduler, "_cat_q", once)
     sched.add("x", [9, 10], SamplingParams(**greedy))
-    sched.add("y", [11], SamplingParams(**greedy))
-    for u in sched.step():
-        out.setdefault(u.seq_id, []).append(u)
-    assert [u.error for u in out["x"] + out["y"]] == ["RuntimeError", "RuntimeError"]
-    monkeypatch.setattr(Scheduler, "_cat_q", real)
-    for sid, ups in sched.run_until_done().items():
-        out.setdefault(sid, []).extend(ups)
+    sched.add("y", [11], SamplingParams(**seeded))
+    _steps(sched, out)
+    assert failed and sched.failed_count == 0 and not any(u.error for ups in out.values() for u in ups)
     assert _tokens(out, "a") == engine.generate([5, 6, 7], speculative=1, **greedy).token_ids
-    assert sched.failed_count == 2 and not sched.has_work and len(sched._n if sched._n is not None else []) == 0
+    assert _tokens(out, "x") == engine.generate([9, 10], speculative=1, **greedy).token_ids
+    ref = engine.generate([11], speculative=1, **seeded)
+    assert _tokens(out, "y") == ref.token_ids
+    assert [x for u in out["y"] for x in u.logprobs] == pytest.approx(ref.logprobs, abs=1e-5)
 
 
-def test_the_worker_ends_only_the_request_whose_prefill_failed(engine):
+def test_a_failure_after_joining_is_the_step_s(engine, monkeypatch):
+    """Once the new rows are part of the batch they cannot be told apart: step raises (the server
+    then fails every request and resets)."""
+    sched = Scheduler(engine, max_batch=4)
+    sched.add("a", [5, 6, 7], SamplingParams(max_tokens=5, temperature=0))
+    sched.step()
+    sched.step()  # a's decode: the next step is a prefill
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("after the join (test)")
+
+    monkeypatch.setattr(Scheduler, "_collect", broken)
+    sched.add("b", [8], SamplingParams(max_tokens=5, temperature=0))
+    with pytest.raises(RuntimeError, match="after the join"):
+        sched.step()
+    assert len(sched.running) == 2 and sched.failed_count == 0
+    assert sorted(sched.reset()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("fail, sibling_was", [({0, 1}, "waiting"), ({0, 2}, "running")])
+def test_the_worker_ends_only_the_request_whose_prefill_failed(engine, fail, sibling_was):
     """The server's side: that request's reader gets GenerationFailed (a 500 with OpenAI's error JSON,
-    or an error event in a stream), its other choices stop, and every other request streams on."""
+    or an error event in a stream), its other choice stops (still waiting to be prefilled alone, or
+    already running), and every other request streams on to the engine's output."""
     import asyncio
 
     from nanoseek.server.worker import GenerationFailed, Worker
 
     sched = Scheduler(engine, max_batch=8)
-    sched.model = _FailingPrefill(engine.model)
+    sched.model = _FailingPrefill(engine.model, fail)
     worker = Worker(sched)
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
     async def drain(stream) -> dict:
         got: dict = {}
         while not (stream.done and stream.queue.empty()):
-            u = await stream.get()
+            u = await stream.get(time.perf_counter() + 60)
             got.setdefault(u.seq_id, []).extend(u.token_ids)
         return got
 
@@ -387,18 +428,20 @@ def test_the_worker_ends_only_the_request_whose_prefill_failed(engine):
         worker.start(asyncio.get_running_loop())
         try:
             good = worker.submit([sched.make_sequence("g", [5, 6, 7], greedy)])
-            first = await good.get()  # "g" is in the batch
-            bad = worker.submit([sched.make_sequence(f"p{i}", [11, POISON], greedy) for i in range(2)])  # n = 2
-            other = worker.submit([sched.make_sequence("o", [8, 9], greedy)])
+            first = await good.get(time.perf_counter() + 60)  # "g" is in the batch
+            # n = 2: the choices fail together, then one alone (the other then waits, or runs)
+            bad = worker.submit([sched.make_sequence(f"p{i}", [11, POISON], greedy) for i in range(2)])
             with pytest.raises(GenerationFailed, match="generation failed: RuntimeError"):
                 await drain(bad)
+            other = worker.submit([sched.make_sequence("o", [8, 9], greedy)])
             rest, o = await drain(good), await drain(other)
             return first.token_ids + rest.get("g", []), o["o"]
         finally:
             worker.stop()
 
-    g, o = asyncio.run(main())
+    g, o = asyncio.run(asyncio.wait_for(main(), 120))
     assert g == engine.generate([5, 6, 7], max_tokens=12, temperature=0, ignore_eos=True).token_ids
     assert o == engine.generate([8, 9], max_tokens=12, temperature=0, ignore_eos=True).token_ids
     assert worker.failed_requests == 1 and worker.failures == 0 and not sched.has_work
-    assert sched.failed_count + sched.aborted_count == 2  # each choice ended once: failed, or stopped with it
+    assert (sched.failed_count, sched.aborted_count) == (1, 1)  # the other choice stopped with it
+    assert sched.model.poisoned == max(fail) + 1  # ("waiting": the other choice was never prefilled)

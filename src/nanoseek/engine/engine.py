@@ -117,6 +117,7 @@ def unfinished_tail(tokenizer, prompt: Sequence[int]) -> tuple[int, bytes]:
 class _Request:
     def __init__(self, index: int, prompt: list[int], params: SamplingParams, eos_ids: set[int],
                  tokenizer, context: int) -> None:
+        self._args = (index, prompt, params, eos_ids, tokenizer, context)
         self.index = index
         self.prompt = prompt
         self.params = params
@@ -145,6 +146,13 @@ class _Request:
         self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1
         if self.max_tokens <= 0:
             self.finish_reason = "length"
+
+    def restart(self) -> "_Request":
+        """This request as it was before any token was generated (the scheduler runs a failed
+        prefill again), with the same max_tokens (a scheduler may have clipped it)."""
+        fresh = _Request(*self._args)
+        fresh.max_tokens = self.max_tokens
+        return fresh
 
     @property
     def finished(self) -> bool:

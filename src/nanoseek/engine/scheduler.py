@@ -48,14 +48,16 @@ step is always a decode when older rows are waiting for one, so a stream of arri
 the running batch for more than one prefill at a time.
 
 **Failures.** A prefill that raises (a prompt whose activations do not fit the device's memory, a
-bug that one request's parameters reach) touches no running row: its joiners are prefilled again
-one by one, and only those whose own prefill fails end, with an update whose `error` is set; the
-batch goes on. A decode step that raises cannot tell its rows apart: `step` raises, and the caller
-`reset`s.
+bug that one request's parameters reach) has touched no running row: it writes only free rows and
+joins them last. A lone joiner then ends, with an update whose `error` is set; several go back to
+the head of the queue as they were before the attempt, each to be prefilled alone in a step of its
+own, so only those whose own prefill fails end, and the batch decodes on in between. A decode step
+that raises cannot tell its rows apart: `step` raises, and the caller `reset`s.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import deque
@@ -102,6 +104,7 @@ class ScheduledSequence:
     reservation: int  # cache positions this sequence may use
     arrival: float = field(default_factory=time.perf_counter)
     admitted: float | None = None
+    alone: bool = False  # prefilled by itself (a prefill it shared failed)
     cached_tokens: int = 0  # of its prompt, found in the prefix cache at prefill
 
     @property
@@ -170,6 +173,7 @@ class Scheduler:
         self._n = self._last = self._drafts = self._q = None
         self._proc: LogitsProcessor | None = None
         self._decode_due = False
+        self._joined = False  # set by _prefill once its rows are part of the batch
         seed = int(torch.randint(0, 2**62, (), generator=engine._rng))
         self._shared = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = GenerationStats(speculative=self.k)  # cumulative over the scheduler's life
@@ -280,10 +284,14 @@ class Scheduler:
         ids = list(self._by_id)
         self.waiting.clear()
         self._by_id.clear()
+        self._empty_batch()
+        return ids
+
+    def _empty_batch(self) -> None:
+        """No running rows: the pool and the batch's state are freed."""
         self.running = []
         self._pool = self._n = self._last = self._drafts = self._q = self._proc = None
         self._decode_due = False
-        return ids
 
     # -- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -293,7 +301,7 @@ class Scheduler:
         if not (self._decode_due and self.running):
             joiners = self._admit(updates)
             if joiners:
-                self._prefill_apart_on_failure(joiners, updates)
+                self._prefill_or_requeue(joiners, updates)
                 self._decode_due = True
                 return updates
         if self.running:
@@ -329,6 +337,8 @@ class Scheduler:
                 self.finished_count += 1
                 updates.append(self._update(s))
                 continue
+            if s.alone and joiners:
+                break
             need = max(longest, s.reservation)
             if not self._fits(len(self.running) + len(joiners) + 1, need):
                 break
@@ -353,6 +363,8 @@ class Scheduler:
                 width = max(width, cost)
             joiners.append(self.waiting.popleft())
             longest = need
+            if s.alone:
+                break
         if joiners:
             self._ensure_pool(len(self.running) + len(joiners), longest)
         return joiners
@@ -421,7 +433,6 @@ class Scheduler:
             starts = self._prefix_starts(lens[:u], [len(h) * self.prefix.block for h in hits])
             for i, (h, s) in enumerate(zip(hits, starts)):
                 self.prefix.fill(h[:s // self.prefix.block], cache.layers, i)
-                self.prefix.record(lens[i], s)
         for s, j in zip(joiners, src):
             s.cached_tokens = starts[j]
         rest = [n - s for n, s in zip(lens, starts)]
@@ -441,9 +452,6 @@ class Scheduler:
             idx = torch.tensor(src, device=self.device)
             logits = logits[idx]
             hidden = hidden[idx] if hidden is not None else None
-        if self.prefix is not None:
-            for i, r in enumerate(reqs[:u]):
-                self.prefix.store(r.prompt, cache.layers, i)
         tok = proc.sample(logits)
         # the first token is counted (penalties) before the MTP module drafts the next, as in Engine._run
         engine._emit(reqs, proc, tok[:, None], torch.zeros(b, dtype=torch.long, device=self.device),
@@ -451,6 +459,10 @@ class Scheduler:
         if k:  # every row's whole prompt (no prefix cache with speculation)
             ids = right_padded([r.prompt for r in reqs], self.device)
         drafts, q = engine._prefill_drafts(proc, ids, n, tok, hidden, cache, k, lens) if k else (None, None)
+        if self.prefix is not None:  # (once the prefill has succeeded: a failed one is run again)
+            for i, r in enumerate(reqs[:u]):
+                self.prefix.record(lens[i], starts[i])
+                self.prefix.store(r.prompt, cache.layers, i)
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefill_s += time.perf_counter() - t0
         self.prefill_steps += 1
@@ -466,36 +478,35 @@ class Scheduler:
                       self._cat_q(self._q, q, joined_drafts, B0) if k else None)
         else:
             joined = (proc, n, tok, drafts, q)
+        self._joined = True
         self._proc, self._n, self._last, self._drafts, self._q = joined
         self.running.extend(joiners)
         self._collect(joiners, updates, offset=B0)
 
-    def _prefill_apart_on_failure(self, joiners: list[ScheduledSequence], updates: list[SeqUpdate]) -> None:
-        """Prefill the joiners together; if that raises, each alone, so that only a sequence whose own
-        prefill fails ends (the running rows are not touched before a prefill has succeeded: it
-        writes only the free rows B.., and joins them last)."""
+    def _prefill_or_requeue(self, joiners: list[ScheduledSequence], updates: list[SeqUpdate]) -> None:
+        """Prefill the joiners. If that raises before they joined (see "Failures" above), a lone
+        joiner ends; several go back to the head of the queue, restarted, each to be prefilled alone
+        in a later step (one prefill per step, as always)."""
+        saved = copy.copy(self.stats), self.prefill_steps
+        self._joined = False
         try:
             self._prefill(joiners, updates)
             return
         except Exception as e:  # noqa: BLE001 - one request's failure is not the batch's
-            if any(s in self.running for s in joiners):
-                raise  # (failed after joining: the rows are no longer apart)
-            # a sequence that already has its first token (the failure came after sampling) cannot
-            # start again from its prompt: it ends
-            retry = [s for s in joiners if not s.req.output] if len(joiners) > 1 else []
-            for s in joiners:
-                if s not in retry:
-                    self._fail_joiner(s, e, updates)
-            if retry:
-                log.warning("a prefill of %d sequences failed (%s: %s); prefilling them one by one",
+            if self._joined:
+                raise  # (failed after joining: the new rows are part of the batch)
+            vars(self.stats).update(vars(saved[0]))  # (what the failed attempt counted)
+            self.prefill_steps = saved[1]
+            if len(joiners) == 1:
+                self._fail_joiner(joiners[0], e, updates)
+            else:
+                log.warning("a prefill of %d sequences failed (%s: %s); each will be prefilled alone",
                             len(joiners), type(e).__name__, e)
-        for s in retry:
-            try:
-                self._prefill([s], updates)
-            except Exception as e:  # noqa: BLE001
-                if s in self.running:
-                    raise
-                self._fail_joiner(s, e, updates)
+                for s in reversed(joiners):
+                    s.req, s.alone = s.req.restart(), True
+                    self.waiting.appendleft(s)
+            if not self.running:
+                self._empty_batch()
 
     def _fail_joiner(self, s: ScheduledSequence, e: Exception, updates: list[SeqUpdate]) -> None:
         log.error("the prefill of sequence %r failed; ending it", s.seq_id, exc_info=e)
@@ -581,9 +592,7 @@ class Scheduler:
         gone = set(rows)
         keep = B - len(gone)
         if keep == 0:
-            self.running = []
-            self._pool = self._n = self._last = self._drafts = self._q = self._proc = None
-            self._decode_due = False
+            self._empty_batch()
             return
         holes = [i for i in range(keep) if i in gone]
         movers = [i for i in range(keep, B) if i not in gone]

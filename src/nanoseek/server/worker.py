@@ -307,43 +307,50 @@ class Worker:
     def _run(self) -> None:
         while not self._stop:
             self._wake.clear()
+            by_stream: dict[GenStream, list] = {}
             try:
                 self._drain()
                 if not self.scheduler.has_work:
                     self.snapshot = self._snapshot()
                     self._wake.wait(timeout=1.0)
                     continue
-                updates = self.scheduler.step()
+                self._route(self.scheduler.step(), by_stream)
             except Exception as e:  # noqa: BLE001 - the worker must survive anything
-                self._fail(e)
+                self._fail(e, also=by_stream)
                 continue
-            by_stream: dict[GenStream, list] = {}
-            for u in updates:
-                stream = self._owners.get(u.seq_id)
-                if stream is None:
-                    continue
-                if u.error is not None:  # its prefill failed: the request ends, its other choices too
-                    self._end_request(stream, u.error)
-                    by_stream.setdefault(stream, []).append(GenerationFailed(f"generation failed: {u.error}"))
-                    continue
-                by_stream.setdefault(stream, []).append(u)
-                if u.finished:
-                    self._owners.pop(u.seq_id, None)
             self._post(by_stream)
             self.snapshot = self._snapshot()
 
-    def _end_request(self, stream: GenStream, error: str) -> None:
-        self.failed_requests += 1
-        for seq_id in stream.seq_ids:
-            if self._owners.get(seq_id) is stream:
-                self._owners.pop(seq_id)
-                self.scheduler.abort(seq_id)
+    def _route(self, updates: list, by_stream: dict[GenStream, list]) -> None:
+        """Each update to its request's stream; a sequence whose prefill failed ends its request."""
+        for u in updates:
+            stream = self._owners.get(u.seq_id)
+            if stream is None:
+                continue
+            if u.error is not None:
+                self._end_request(stream)
+                by_stream.setdefault(stream, []).append(GenerationFailed(f"generation failed: {u.error}"))
+                continue
+            by_stream.setdefault(stream, []).append(u)
+            if u.finished:
+                self._owners.pop(u.seq_id, None)
 
-    def _fail(self, e: Exception) -> None:
+    def _end_request(self, stream: GenStream) -> None:
+        """Stop the request's other choices (running, waiting, or to be prefilled alone)."""
+        self.failed_requests += 1
+        mine = [seq_id for seq_id in stream.seq_ids if self._owners.get(seq_id) is stream]
+        for seq_id in mine:  # (if an abort raises, _fail ends every stream, this one included)
+            self.scheduler.abort(seq_id)
+        for seq_id in mine:
+            self._owners.pop(seq_id)
+
+    def _fail(self, e: Exception, also: dict[GenStream, list] | None = None) -> None:
+        """A step raised: every request fails (`also`: streams of this step's updates, whose
+        sequences may have finished and left `_owners` already)."""
         self.failures += 1
         log.error("generation step failed; failing %d sequences:\n%s", len(self._owners), traceback.format_exc())
         self.scheduler.reset()
         err = GenerationFailed(f"generation failed: {type(e).__name__}")
-        self._post({stream: [err] for stream in set(self._owners.values())})
+        self._post({stream: [err] for stream in set(self._owners.values()) | set(also or ())})
         self._owners.clear()
         self.snapshot = self._snapshot()
