@@ -81,10 +81,14 @@ def test_each_block_owns_its_memory_and_a_failed_copy_stores_nothing(monkeypatch
     """The new blocks of a sequence are copied out together (one gather, one multi-tensor copy), but
     into a tensor per block: a view of a shared one would keep all of it alive after its block was
     evicted, past the budget. A copy that fails leaves no block without data behind."""
+    monkeypatch.setattr(PrefixCache, "COPY_BLOCKS", 2)  # (gathered 2 blocks at a time: its scratch memory is bounded)
     cache = PrefixCache(2, 3, max_bytes=1 << 20, block=2, dtype=torch.float64)
     seq = list(range(11))
     assert cache.store(seq, _rows(seq), 0) == 5
     blocks = cache.lookup(seq)
+    out = [torch.zeros(1, 12, 3, dtype=torch.float64) for _ in range(2)]
+    cache.fill(blocks, out, 0)
+    assert all(torch.equal(o[0, :10], w[0, :10].double()) for o, w in zip(out, _rows(seq)))
     assert len({b.data.untyped_storage().data_ptr() for b in blocks}) == 5
     assert all(b.data._base is None and b.data.dtype == torch.float64 and b.data.shape == (2, 2, 3) for b in blocks)
     assert all(b.data.untyped_storage().nbytes() == cache.block_bytes for b in blocks)

