@@ -244,6 +244,47 @@ def test_a_short_hit_on_a_long_prompt_is_computed_whole_and_apart_from_hits(engi
     _check(engine, mixed, got)
 
 
+class _NoDeviceReads(torch.nn.Module):
+    """The model, refusing any tensor-to-int read during its forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, ids, **kw):
+        real = torch.Tensor.__int__
+
+        def refuse(t):
+            raise AssertionError("a value read back from the device inside the prefill")
+
+        torch.Tensor.__int__ = refuse
+        try:
+            return self.inner(ids, **kw)
+        finally:
+            torch.Tensor.__int__ = real
+
+
+def test_the_prefill_after_a_hit_reads_nothing_back_from_the_device(engine):
+    """Rows that start at different positions are written up to the furthest one, which the
+    scheduler knows; each layer used to read it off the device instead (`int(pos.max())`): a GPU
+    sync per layer, the queued launches stalled at each."""
+    sched = Scheduler(engine, max_batch=4, prefix_cache_bytes=1 << 24)
+    greedy = dict(max_tokens=3, temperature=0, logprobs=0, ignore_eos=True)
+    stem = list(range(5, 5 + 64))
+    sched.add("stem", stem + [3], **greedy)
+    sched.run_until_done()
+    sched.model = _NoDeviceReads(engine.model)
+    sched.add("a", stem + [7, 8], **greedy)
+    sched.add("b", stem[:32] + [9] * 40, **greedy)
+    out = sched.run_until_done()
+    assert [out[s][-1].error for s in "ab"] == [None, None]
+    assert out["a"][0].num_cached_tokens == 64 and out["b"][0].num_cached_tokens == 32
+    for sid, prompt in (("a", stem + [7, 8]), ("b", stem[:32] + [9] * 40)):
+        ref = engine.generate(prompt, **greedy)
+        assert [t for u in out[sid] for t in u.token_ids] == ref.token_ids
+        assert [x for u in out[sid] for x in u.logprobs] == pytest.approx(ref.logprobs, abs=1e-4)
+
+
 def test_cached_prefixes_do_not_count_against_the_prefill_budget(engine):
     """Joiners whose prompts the cache mostly holds are prefilled together: only the tokens left
     to compute count against max_prefill_tokens."""

@@ -441,8 +441,13 @@ class Scheduler:
         proc = LogitsProcessor([r.params for r in reqs], [r.prompt for r in reqs], self.config.vocab_size,
                                self.device, engine._generators(reqs), self._shared, engine._constraints(reqs))
         # (per-row start positions only where the prefix cache supplied a start; never with k > 0)
-        out = model(ids, cache=self._view(B0, B0 + u), return_hidden=bool(k),
-                    start_pos=torch.tensor(starts, device=self.device) if any(starts) else 0,
+        view, start = self._view(B0, B0 + u), 0
+        if any(starts):
+            start = torch.tensor(starts, device=self.device)
+            # the furthest position written (padding included), known here: without it every layer
+            # reads it off the device, a GPU sync per layer that stalls the queued launches
+            view.attend_len = max(starts) + max(rest)
+        out = model(ids, cache=view, return_hidden=bool(k), start_pos=start,
                     logits_at=torch.tensor(rest, device=self.device) - 1)
         logits, hidden = out.logits, out.hidden_states
         if u < b:
