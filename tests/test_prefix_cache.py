@@ -244,36 +244,40 @@ def test_a_short_hit_on_a_long_prompt_is_computed_whole_and_apart_from_hits(engi
     _check(engine, mixed, got)
 
 
-class _NoDeviceReads(torch.nn.Module):
-    """The model, refusing any tensor-to-int read during its forward."""
+class _NoIntReads(torch.nn.Module):
+    """The model, refusing `int(tensor)` during its forward (how attention read a position back)."""
 
     def __init__(self, model):
         super().__init__()
         self.inner = model
 
     def forward(self, ids, **kw):
-        real = torch.Tensor.__int__
+        own = vars(torch.Tensor).get("__int__")  # (inherited from TensorBase unless set here)
 
         def refuse(t):
-            raise AssertionError("a value read back from the device inside the prefill")
+            raise AssertionError("a position read back from the device inside the prefill")
 
         torch.Tensor.__int__ = refuse
         try:
             return self.inner(ids, **kw)
         finally:
-            torch.Tensor.__int__ = real
+            if own is None:
+                del torch.Tensor.__int__
+            else:
+                torch.Tensor.__int__ = own
 
 
-def test_the_prefill_after_a_hit_reads_nothing_back_from_the_device(engine):
+def test_the_prefill_after_a_hit_reads_no_position_back_from_the_device(engine):
     """Rows that start at different positions are written up to the furthest one, which the
-    scheduler knows; each layer used to read it off the device instead (`int(pos.max())`): a GPU
-    sync per layer, the queued launches stalled at each."""
+    scheduler knows; each attention layer used to read it off the device instead
+    (`int(pos.max())`): a GPU sync per layer, the queued launches stalled at each. (The MoE layers'
+    grouped path still reads its token counts.)"""
     sched = Scheduler(engine, max_batch=4, prefix_cache_bytes=1 << 24)
     greedy = dict(max_tokens=3, temperature=0, logprobs=0, ignore_eos=True)
     stem = list(range(5, 5 + 64))
     sched.add("stem", stem + [3], **greedy)
     sched.run_until_done()
-    sched.model = _NoDeviceReads(engine.model)
+    sched.model = _NoIntReads(engine.model)
     sched.add("a", stem + [7, 8], **greedy)
     sched.add("b", stem[:32] + [9] * 40, **greedy)
     out = sched.run_until_done()

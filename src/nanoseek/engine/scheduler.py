@@ -444,9 +444,12 @@ class Scheduler:
         view, start = self._view(B0, B0 + u), 0
         if any(starts):
             start = torch.tensor(starts, device=self.device)
-            # the furthest position written (padding included), known here: without it every layer
-            # reads it off the device, a GPU sync per layer that stalls the queued launches
-            view.attend_len = max(starts) + max(rest)
+            # the furthest position written (padding included), known here: without it every
+            # attention layer reads it off the device, a GPU sync per layer that stalls the
+            # queued launches (_prefix_starts keeps it within the pool)
+            view.attend_len = max(starts) + ids.shape[1]
+            if view.attend_len > view.max_len:
+                raise ValueError(f"a prefill would write position {view.attend_len - 1} of {view.max_len}")
         out = model(ids, cache=view, return_hidden=bool(k), start_pos=start,
                     logits_at=torch.tensor(rest, device=self.device) - 1)
         logits, hidden = out.logits, out.hidden_states
