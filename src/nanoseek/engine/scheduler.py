@@ -517,8 +517,8 @@ class Scheduler:
     def _remember(self, reqs: list[_Request], lens: list[int], starts: list[int], cache: LatentCache) -> None:
         """Count the prefill's prompts for the prefix cache and store their blocks. The cache is a
         help, not a duty: a store that fails (out of memory) is logged, and the prefill stands."""
-        for i, r in enumerate(reqs):
-            self.prefix.record(lens[i], starts[i])
+        for n, start in zip(lens, starts):
+            self.prefix.record(n, start)
         try:
             for i, r in enumerate(reqs):
                 self.prefix.store(r.prompt, cache.layers, i)
