@@ -21,8 +21,9 @@ import time
 
 import torch
 
+from nanoseek.config import ConfigError
 from nanoseek.engine.engine import Engine
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.sampling import SamplingError, SamplingParams
 from nanoseek.engine.scheduler import Scheduler
 
 
@@ -39,7 +40,10 @@ def main() -> None:
     if args.rounds < 1 or args.threads < 1 or min(args.lengths) < 2 or not all(0 < x < 1 for x in args.shares):
         p.error("--rounds and --threads must be >= 1, --lengths >= 2, --shares between 0 and 1")
     torch.set_num_threads(args.threads)
-    eng = Engine(args.preset, seed=0, tokenizer=None, device=args.device, dtype=args.dtype)
+    try:
+        eng = Engine(args.preset, seed=0, tokenizer=None, device=args.device, dtype=args.dtype)
+    except (SamplingError, ConfigError, FileNotFoundError) as e:  # an unknown or missing device, dtype or preset
+        p.error(str(e))
     vocab = eng.config.vocab_size
     rng = random.Random(0)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)

@@ -70,4 +70,13 @@ def test_prefill_rows_benchmark_compares_padded_and_exact_row_counts():
 def test_prefix_hit_cost_benchmark_reports_the_rule_beside_the_timings():
     out = _run(["benchmarks/prefix_hit_cost.py", "--preset", "tiny", "--lengths", "64", "--shares", "0.5",
                 "--rounds", "1", "--threads", "1"])
-    assert "| 64 | 50% |" in out and "forced / cold" in out
+    assert "| 64 | 50% |" in out and "forced / cold" in out and "| no cache |" in out
+
+
+@pytest.mark.parametrize("flags, message", [(["--device", "bogus"], "unknown device"),
+                                            (["--dtype", "bogus"], "unknown dtype"),
+                                            (["--preset", "nonesuch"], "no model directory")])
+def test_prefix_hit_cost_benchmark_refuses_a_bad_device_dtype_or_preset(flags, message):
+    proc = subprocess.run([sys.executable, "benchmarks/prefix_hit_cost.py", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
